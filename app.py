@@ -380,6 +380,25 @@ def _finite_int(text: str) -> int:
     return number
 
 
+def request_body() -> bytes:
+    """Return the request body, or stop with a 413 when it is over MAX_BODY_BYTES."""
+    limit = current_app.config["MAX_BODY_BYTES"]
+    too_large = f"the body is larger than {limit} bytes (MAX_BODY_BYTES)"
+    if request.content_length is not None:
+        if request.content_length > limit:
+            abort(413, too_large)
+        return request.get_data(cache=False)
+    # A chunked body has no length to check up front. Read one byte past the limit
+    # from the server's stream, which ends with the body: werkzeug's own limited
+    # stream would cut such a body at the limit and let the rest pass unseen.
+    if not request.environ.get("wsgi.input_terminated"):
+        return b""
+    body = request.environ["wsgi.input"].read(limit + 1)
+    if len(body) > limit:
+        abort(413, too_large)
+    return body
+
+
 def parse_json(body: bytes, what: str) -> Any:
     """Parse a body as one JSON value, or stop with a 400 that says what is wrong."""
     try:
@@ -470,7 +489,7 @@ def check_queue_name(endpoint: str | None, values: dict[str, Any] | None) -> Non
 @job_token
 def set_progress(queue: str, job_id: str, token: bytes) -> tuple[str, dict[str, str]]:
     """Set the progress of the job the caller holds."""
-    progress = progress_json(request.get_data(cache=False))
+    progress = progress_json(request_body())
     check(store().set_progress(queue, job_id, token, progress), queue, job_id)
     return "OK", PLAIN
 
@@ -479,7 +498,7 @@ def set_progress(queue: str, job_id: str, token: bytes) -> tuple[str, dict[str, 
 @job_token
 def add_log(queue: str, job_id: str, token: bytes) -> tuple[str, dict[str, str]]:
     """Append one line to the logs of the job the caller holds."""
-    line = log_line(request.get_data(cache=False))
+    line = log_line(request_body())
     check(store().add_log(queue, job_id, token, line), queue, job_id)
     return "OK", PLAIN
 
