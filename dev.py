@@ -114,7 +114,7 @@ def main() -> int:
     env = dict(os.environ)
     server = None
     if not env.get("REDIS_URL"):
-        server = RedisServer(Path(".run") / "redis").start()
+        server = RedisServer().start()
         env["REDIS_URL"] = server.url
         env.setdefault("AUTH_TOKENS", secrets.token_urlsafe(24))
         queue, job_id, job_token = seed_demo_job(server.url)
@@ -142,6 +142,7 @@ def main() -> int:
     finally:
         if server:
             server.stop()
+            shutil.rmtree(server.directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,10 @@ keepalive = 30
 # any worker forks, and the workers share the loaded code.
 preload_app = True
 
+# No runtime control socket: nothing here uses it, and instances sharing a host would
+# contend for its one default path.
+control_socket_disable = True
+
 accesslog = "-"
 errorlog = "-"
 

@@ -1,0 +1,130 @@
+"""Settings: defaults, then environment variables, then the factory's overrides."""
+
+import logging
+
+import pytest
+
+from app import DEFAULTS, ConfigError, create_app, settings_from_env
+
+
+def test_defaults_match_the_reference_proxy():
+    assert DEFAULTS["QUEUE_PREFIX"] == "bull"
+    assert DEFAULTS["MIN_QUEUE_NAME_LENGTH"] == 3
+    assert DEFAULTS["MAX_QUEUE_NAME_LENGTH"] == 100
+    assert DEFAULTS["MAX_BODY_BYTES"] == 1024 * 1024
+    assert settings_from_env({}) == {}
+
+
+def test_environment_is_parsed(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# rotated monthly\nfrom-file-1\n\n  from-file-2  \n")
+    settings = settings_from_env(
+        {
+            "REDIS_URL": "rediss://user:secret@redis.internal:6380/2",
+            "REDIS_PORT": "6380",
+            "REDIS_TLS": "true",
+            "REDIS_TIMEOUT": "0.5",
+            "QUEUE_PREFIX": "{jobs}",
+            "AUTH_TOKENS": "one, two,,",
+            "AUTH_TOKENS_FILE": str(tokens),
+            "MIN_QUEUE_NAME_LENGTH": "1",
+            "MAX_QUEUE_NAME_LENGTH": "50",
+            "MAX_BODY_BYTES": "2048",
+            "UNRELATED": "ignored",
+        }
+    )
+    assert settings == {
+        "REDIS_URL": "rediss://user:secret@redis.internal:6380/2",
+        "REDIS_PORT": 6380,
+        "REDIS_TLS": True,
+        "REDIS_TIMEOUT": 0.5,
+        "QUEUE_PREFIX": "{jobs}",
+        "AUTH_TOKENS": ("one", "two", "from-file-1", "from-file-2"),
+        "MIN_QUEUE_NAME_LENGTH": 1,
+        "MAX_QUEUE_NAME_LENGTH": 50,
+        "MAX_BODY_BYTES": 2048,
+    }
+
+
+def test_empty_variables_are_unset_but_empty_auth_tokens_means_none():
+    assert settings_from_env({"REDIS_URL": "", "QUEUE_PREFIX": ""}) == {}
+    assert settings_from_env({"AUTH_TOKENS": ""}) == {"AUTH_TOKENS": ()}
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        (
+            {"REDIS_URL": "http://x"},
+            "REDIS_URL='http://x' must start with redis://, rediss:// or unix://",
+        ),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL='localhost:6379' must start with redis://"),
+        ({"REDIS_PORT": "0"}, "REDIS_PORT='0' must be a whole number from 1 to 65535"),
+        ({"REDIS_PORT": "six"}, "REDIS_PORT='six' must be a whole number from 1 to 65535"),
+        ({"REDIS_TLS": "maybe"}, "REDIS_TLS='maybe' must be true or false"),
+        ({"REDIS_TIMEOUT": "0"}, "REDIS_TIMEOUT='0' must be a number of seconds above 0"),
+        ({"REDIS_TIMEOUT": "nan"}, "REDIS_TIMEOUT='nan' must be a number of seconds above 0"),
+        (
+            {"MAX_BODY_BYTES": "1M"},
+            "MAX_BODY_BYTES='1M' must be a whole number from 1 to 536870912",
+        ),
+        ({"MIN_QUEUE_NAME_LENGTH": "-1"}, "MIN_QUEUE_NAME_LENGTH='-1' must be a whole number"),
+        ({"AUTH_TOKENS_FILE": "/no/such/file"}, "AUTH_TOKENS_FILE='/no/such/file' cannot be read"),
+    ],
+)
+def test_bad_environment_is_one_clear_error(environ, message):
+    with pytest.raises(ConfigError) as raised:
+        settings_from_env(environ)
+    assert str(raised.value).startswith(message)
+    assert "\n" not in str(raised.value)
+
+
+def test_the_factory_reads_the_environment_and_overrides_win(monkeypatch):
+    monkeypatch.setenv("QUEUE_PREFIX", "from-env")
+    monkeypatch.setenv("MAX_BODY_BYTES", "100")
+    app = create_app({"MAX_BODY_BYTES": 200})
+    assert app.config["QUEUE_PREFIX"] == "from-env"
+    assert app.config["MAX_CONTENT_LENGTH"] == 200
+    assert app.extensions["bullmq_http"].key("q", "1", "lock") == "from-env:q:1:lock"
+
+
+def test_bad_environment_stops_the_factory(monkeypatch):
+    monkeypatch.setenv("REDIS_PORT", "99999")
+    with pytest.raises(ConfigError, match="REDIS_PORT='99999' must be a whole number"):
+        create_app()
+
+
+def test_contradicting_settings_stop_the_factory():
+    with pytest.raises(
+        ConfigError, match="MIN_QUEUE_NAME_LENGTH=10 is above MAX_QUEUE_NAME_LENGTH=5"
+    ):
+        create_app({"MIN_QUEUE_NAME_LENGTH": 10, "MAX_QUEUE_NAME_LENGTH": 5})
+
+
+def test_no_api_token_is_warned_about(caplog, monkeypatch):
+    monkeypatch.delenv("AUTH_TOKENS", raising=False)
+    with caplog.at_level(logging.WARNING, logger="app"):
+        create_app()
+    assert "no API token configured (AUTH_TOKENS): GET logs will answer 401" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("settings", "connection"),
+    [
+        ({}, {"host": "localhost", "port": 6379}),
+        (
+            {"REDIS_HOST": "cache", "REDIS_PORT": 6390, "REDIS_PASSWORD": "pw"},
+            {"host": "cache", "port": 6390, "password": "pw"},
+        ),
+        (
+            {"REDIS_URL": "redis://:pw@cache:6391/3"},
+            {"host": "cache", "port": 6391, "db": 3, "password": "pw"},
+        ),
+        ({"REDIS_URL": "unix:///run/redis.sock"}, {"path": "/run/redis.sock"}),
+    ],
+)
+def test_redis_connection_settings(settings, connection):
+    app = create_app(settings)
+    kwargs = app.extensions["bullmq_http"].client.connection_pool.connection_kwargs
+    assert {name: kwargs.get(name) for name in connection} == connection
+    assert kwargs["socket_timeout"] == 2.0

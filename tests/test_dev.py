@@ -1,0 +1,56 @@
+"""`make run`: the local stack serves, and the curl lines it prints work as printed."""
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from tests.conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_printed_curl_lines_work(tmp_path):
+    env = {**os.environ, "PORT": str(free_port())}
+    for variable in ("REDIS_URL", "AUTH_TOKENS", "AUTH_TOKENS_FILE", "BIND"):
+        env.pop(variable, None)
+    log = tmp_path / "out"
+    with log.open("w") as output:
+        stack = subprocess.Popen(
+            [sys.executable, "dev.py"],
+            cwd=ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal gives it
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while "Booting worker" not in log.read_text():
+            assert stack.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        printed = log.read_text()
+        curls = [line.strip() for line in printed.splitlines() if line.startswith("  curl ")]
+        assert len(curls) == 3
+        answers = [
+            subprocess.run(
+                [*shlex.split(line), "-sS", "-w", " %{http_code}"], capture_output=True, text=True
+            )
+            for line in curls
+        ]
+        assert [answer.stdout for answer in answers[:2]] == ["OK 200", "OK 200"]
+        assert answers[2].stdout == '{"count":1,"logs":["hello"]} 200'
+    finally:
+        os.killpg(stack.pid, signal.SIGINT)  # Ctrl-C
+        code = stack.wait(timeout=30)
+    assert code == 0
+    redis_url = next(line for line in printed.splitlines() if "Throwaway Redis at" in line)
+    socket_path = redis_url.split("unix://")[1].split(",")[0]
+    assert not os.path.exists(socket_path)  # Redis stopped and its directory is gone

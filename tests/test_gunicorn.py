@@ -1,0 +1,104 @@
+"""The service as deployed: gunicorn with its production config, and many clients at once."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.conftest import API_TOKEN, JOB_TOKEN, ROOT, bearer, gunicorn
+
+THREADS, LINES = 8, 40
+
+
+def test_concurrent_appends_store_every_line_once_in_order(tmp_path, redis_url, r, job):
+    job()
+    env = {"REDIS_URL": redis_url, "AUTH_TOKENS": API_TOKEN, "WEB_CONCURRENCY": "2", "THREADS": "4"}
+    with gunicorn(tmp_path, env) as connect:
+        failures: list[str] = []
+
+        def worker(n: int) -> None:
+            conn = connect()  # one keep-alive connection per client
+            for i in range(LINES):
+                conn.request("POST", "/queues/orders/jobs/1/logs", f"t{n}-{i}", bearer(JOB_TOKEN))
+                response = conn.getresponse()
+                if (response.status, response.read()) != (200, b"OK"):
+                    failures.append(f"t{n}-{i}: {response.status}")
+            conn.close()
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        conn = connect()
+        conn.request("GET", "/queues/orders/jobs/1/logs?length=1", headers=bearer(API_TOKEN))
+        response = conn.getresponse()
+        assert response.status == 200
+        assert b'"count":320' in response.read()
+        conn.close()
+
+    assert failures == []
+    stored = r.lrange("bull:orders:1:logs", 0, -1)
+    assert sorted(stored) == sorted(f"t{n}-{i}" for n in range(THREADS) for i in range(LINES))
+    for n in range(THREADS):
+        mine = [line for line in stored if line.startswith(f"t{n}-")]
+        assert mine == [f"t{n}-{i}" for i in range(LINES)]
+
+
+def test_chunked_body_over_the_limit_is_a_413(tmp_path, redis_url, r, job):
+    job()
+    with gunicorn(tmp_path, {"REDIS_URL": redis_url, "MAX_BODY_BYTES": "1000"}) as connect:
+        conn = connect()
+        body = iter([b"x" * 600, b"y" * 600])  # an iterable body is sent chunked
+        conn.request(
+            "POST", "/queues/orders/jobs/1/logs", body, bearer(JOB_TOKEN), encode_chunked=True
+        )
+        response = conn.getresponse()
+        assert response.status == 413
+        assert response.read() == b"the body is larger than 1000 bytes (MAX_BODY_BYTES)"
+        conn.close()
+        conn = connect()
+        conn.request(
+            "POST",
+            "/queues/orders/jobs/1/logs",
+            iter([b"a", b"b"]),
+            bearer(JOB_TOKEN),
+            encode_chunked=True,
+        )
+        assert conn.getresponse().status == 200
+        conn.close()
+    assert r.lrange("bull:orders:1:logs", 0, -1) == ["ab"]
+
+
+def start_with(env):
+    """Start gunicorn with the production config and a bad setting; return (code, stderr)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+        cwd=ROOT,
+        env={**os.environ, "BIND": "127.0.0.1:0", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return result.returncode, result.stderr.strip()
+
+
+def test_a_bad_app_setting_stops_start_up_with_one_line():
+    code, stderr = start_with({"REDIS_PORT": "six"})
+    assert code == 1
+    assert stderr == "Error: REDIS_PORT='six' must be a whole number from 1 to 65535"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("PORT", "http", "PORT='http' must be a whole number from 1 to 65535"),
+        ("THREADS", "0", "THREADS='0' must be a whole number from 1 to 1024"),
+    ],
+)
+def test_a_bad_server_setting_stops_start_up_with_one_line(variable, value, message):
+    code, stderr = start_with({"BIND": "", variable: value})
+    assert (code, stderr) == (1, message)

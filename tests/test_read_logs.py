@@ -1,0 +1,110 @@
+"""GET /queues/<queue>/jobs/<id>/logs: a page of a job's logs, for an API token."""
+
+import json
+
+import pytest
+
+from tests.conftest import API_TOKEN, JOB_TOKEN, bearer, snapshot
+
+URL = "/queues/orders/jobs/1/logs"
+LINES = [f"line {n}" for n in range(25)]
+
+
+@pytest.fixture
+def logged(job, r):
+    job()
+    r.rpush("bull:orders:1:logs", *LINES)
+
+
+def get(client, query="", token=API_TOKEN):
+    return client.get(f"{URL}{query}", headers=bearer(token))
+
+
+@pytest.mark.parametrize(
+    ("query", "logs"),
+    [
+        ("", LINES[:10]),
+        ("?start=0&length=10", LINES[:10]),
+        ("?start=10", LINES[10:20]),
+        ("?start=20&length=10", LINES[20:]),
+        ("?start=24&length=1", ["line 24"]),
+        ("?start=25", []),
+        ("?start=1000", []),
+        ("?length=100", LINES),
+        ("?order=asc&start=3&length=2", ["line 3", "line 4"]),
+        ("?order=desc", LINES[::-1][:10]),
+        ("?order=desc&start=10&length=10", LINES[::-1][10:20]),
+        ("?order=desc&start=20&length=10", LINES[::-1][20:]),
+        ("?order=desc&start=25", []),
+        (f"?start={2**53 - 1}", []),
+        (f"?order=desc&start={2**53 - 1}&length=100", []),
+    ],
+)
+def test_pages(client, r, logged, query, logs):
+    before = snapshot(r)
+    response = get(client, query)
+    assert response.status_code == 200
+    assert response.mimetype == "application/json"
+    assert response.get_json() == {"count": 25, "logs": logs}
+    assert snapshot(r) == before
+
+
+def test_non_ascii_lines_come_back_as_utf8(client, r, job):
+    job()
+    r.rpush("bull:orders:1:logs", "Größe 東京 ✓", b"\xff broken")
+    response = get(client)
+    assert json.loads(response.data.decode("utf-8")) == {
+        "count": 2,
+        "logs": ["Größe 東京 ✓", "\ufffd broken"],
+    }
+    assert "Größe".encode() in response.data
+
+
+def test_a_job_without_logs_has_none(client, job):
+    job()
+    response = get(client)
+    assert (response.status_code, response.get_json()) == (200, {"count": 0, "logs": []})
+
+
+def test_a_job_that_does_not_exist_is_a_404(client, r):
+    r.rpush("bull:orders:1:logs", "orphan line")  # logs left behind by a removed job
+    response = get(client)
+    assert response.status_code == 404
+    assert response.data == b"job '1' not found in queue 'orders'"
+
+
+def test_a_queue_level_key_is_not_a_job(client, r, job):
+    job()
+    r.xadd("bull:orders:events", {"event": "x"})
+    response = client.get("/queues/orders/jobs/events/logs", headers=bearer(API_TOKEN))
+    assert response.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("?start=-1", "start must be a whole number from 0 to 9007199254740991"),
+        ("?start=abc", "start must be a whole number from 0 to 9007199254740991"),
+        ("?start=", "start must be a whole number from 0 to 9007199254740991"),
+        ("?start=1.5", "start must be a whole number from 0 to 9007199254740991"),
+        ("?start=%C2%B2", "start must be a whole number from 0 to 9007199254740991"),
+        ("?start=9007199254740992", "start must be a whole number from 0 to 9007199254740991"),
+        ("?start=" + "9" * 40, "start must be a whole number from 0 to 9007199254740991"),
+        ("?length=0", "length must be a whole number from 1 to 100"),
+        ("?length=101", "length must be a whole number from 1 to 100"),
+        ("?length=+5", "length must be a whole number from 1 to 100"),
+        ("?order=newest", "order must be asc or desc"),
+        ("?order=DESC", "order must be asc or desc"),
+    ],
+)
+def test_bad_parameters_are_a_400(client, r, logged, query, reason):
+    before = snapshot(r)
+    response = get(client, query)
+    assert (response.status_code, response.get_data(as_text=True)) == (400, reason)
+    assert snapshot(r) == before
+
+
+def test_job_token_is_not_an_api_token(client, logged):
+    response = get(client, token=JOB_TOKEN)
+    assert response.status_code == 401
+    assert response.data == b"the API token is not valid"

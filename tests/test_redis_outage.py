@@ -1,0 +1,84 @@
+"""Redis going away: 503 with Retry-After, and 200 again once it is back, same process."""
+
+import os
+import signal
+
+import pytest
+import redis
+
+from app import create_app
+from dev import RedisServer
+from tests.conftest import API_TOKEN, JOB_TOKEN, add_active_job, bearer
+
+PROGRESS = "/queues/orders/jobs/1/progress"
+LOGS = "/queues/orders/jobs/1/logs"
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A Redis server of this test's own, which the test stops and starts."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+def seed(server):
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    add_active_job(client, "orders", "1", JOB_TOKEN)
+    return client
+
+
+def requests(client):
+    return [
+        client.post(PROGRESS, data=b"50", headers=bearer(JOB_TOKEN)),
+        client.post(LOGS, data=b"a line", headers=bearer(JOB_TOKEN)),
+        client.get(LOGS, headers=bearer(API_TOKEN)),
+        client.get("/readyz"),
+    ]
+
+
+def assert_unavailable(responses):
+    for response in responses:
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "1"
+        assert response.data == b"Redis is unavailable; retry shortly"
+
+
+def test_stopped_redis_is_a_503_then_recovers(server):
+    app = create_app({"REDIS_URL": server.url, "AUTH_TOKENS": [API_TOKEN], "REDIS_TIMEOUT": 0.5})
+    client = app.test_client()
+    seed(server)
+    assert [response.status_code for response in requests(client)] == [200] * 4
+
+    server.stop()
+    assert_unavailable(requests(client))
+    assert client.get("/healthz").status_code == 200  # alive, just not ready
+
+    server.start()
+    data = seed(server)
+    assert [response.status_code for response in requests(client)] == [200] * 4
+    assert data.hget("bull:orders:1", "progress") == "50"
+    assert data.lrange("bull:orders:1:logs", 0, -1) == ["a line"]
+
+
+def test_unresponsive_redis_times_out_as_a_503_then_recovers(server):
+    app = create_app({"REDIS_URL": server.url, "AUTH_TOKENS": [API_TOKEN], "REDIS_TIMEOUT": 0.3})
+    client = app.test_client()
+    data = seed(server)
+    assert client.get("/readyz").status_code == 200
+
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        response = client.get(LOGS, headers=bearer(API_TOKEN))
+        assert_unavailable([response, client.get("/readyz")])
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+    assert [response.status_code for response in requests(client)] == [200] * 4
+    assert data.hget("bull:orders:1", "progress") == "50"
+
+
+def test_unreachable_redis_at_start_up_does_not_stop_the_app(tmp_path):
+    url = f"unix://{tmp_path}/nothing-here.sock"
+    client = create_app({"REDIS_URL": url, "AUTH_TOKENS": [API_TOKEN]}).test_client()
+    assert client.get("/healthz").status_code == 200
+    assert_unavailable(requests(client))

@@ -1,0 +1,116 @@
+"""Requests the service refuses before touching a job: names, routes, methods, sizes."""
+
+import io
+
+import pytest
+
+from app import create_app
+from tests.conftest import API_TOKEN, JOB_TOKEN, bearer, snapshot
+
+ROUTES = [
+    ("POST", "progress", JOB_TOKEN),
+    ("POST", "logs", JOB_TOKEN),
+    ("GET", "logs", API_TOKEN),
+]
+
+
+@pytest.mark.parametrize(("method", "route", "token"), ROUTES)
+@pytest.mark.parametrize(
+    ("queue", "reason"),
+    [
+        ("ab", "the queue name must be 3 to 100 characters long"),
+        ("q" * 101, "the queue name must be 3 to 100 characters long"),
+        ("my:queue", "the queue name must not contain ':'"),
+        ("%3Aqueue", "the queue name must not contain ':'"),
+    ],
+)
+def test_bad_queue_name_is_a_400(client, r, job, method, route, token, queue, reason):
+    job(queue=queue.replace("%3A", ":"))
+    before = snapshot(r)
+    response = client.open(
+        f"/queues/{queue}/jobs/1/{route}", method=method, data=b"1", headers=bearer(token)
+    )
+    assert (response.status_code, response.get_data(as_text=True)) == (400, reason)
+    assert snapshot(r) == before
+
+
+def test_queue_name_lengths_are_configurable(redis_url, r, job):
+    key = job(queue="q")
+    app = create_app({"REDIS_URL": redis_url, "MIN_QUEUE_NAME_LENGTH": 1})
+    response = app.test_client().post(
+        "/queues/q/jobs/1/progress", data=b"1", headers=bearer(JOB_TOKEN)
+    )
+    assert response.status_code == 200
+    assert r.hget(key, "progress") == "1"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/queues",
+        "/queues/orders/jobs/1",
+        "/queues/orders/jobs/1/other",
+        "/queues/orders/jobs//progress",
+        "/queues/orders/progress",
+    ],
+)
+def test_unknown_route_is_a_404(client, path):
+    response = client.post(path, data=b"1", headers=bearer(JOB_TOKEN))
+    assert response.status_code == 404
+    assert response.mimetype == "text/plain"
+    assert b"<" not in response.data  # plain text, not an HTML page
+
+
+@pytest.mark.parametrize(
+    ("method", "route", "allowed"),
+    [
+        ("GET", "progress", {"POST", "OPTIONS"}),
+        ("PUT", "progress", {"POST", "OPTIONS"}),
+        ("DELETE", "logs", {"GET", "HEAD", "POST", "OPTIONS"}),
+        ("PATCH", "logs", {"GET", "HEAD", "POST", "OPTIONS"}),
+    ],
+)
+def test_wrong_method_is_a_405_with_allow(client, r, job, method, route, allowed):
+    job()
+    before = snapshot(r)
+    response = client.open(
+        f"/queues/orders/jobs/1/{route}", method=method, headers=bearer(JOB_TOKEN)
+    )
+    assert response.status_code == 405
+    assert set(response.headers["Allow"].split(", ")) == allowed
+    assert snapshot(r) == before
+
+
+@pytest.mark.parametrize("route", ["progress", "logs"])
+def test_oversized_body_is_a_413_and_writes_nothing(redis_url, r, job, route):
+    job()
+    client = create_app({"REDIS_URL": redis_url, "MAX_BODY_BYTES": 64}).test_client()
+    before = snapshot(r)
+    url = f"/queues/orders/jobs/1/{route}"
+    response = client.post(url, data=b"1" * 65, headers=bearer(JOB_TOKEN))
+    assert response.status_code == 413
+    assert response.data == b"the body is larger than 64 bytes (MAX_BODY_BYTES)"
+    # Without a Content-Length (chunked), reading stops at the limit too.
+    stream = io.BytesIO(b'"' + b"x" * 100 + b'"')
+    response = client.post(url, input_stream=stream, headers=bearer(JOB_TOKEN))
+    assert response.status_code == 413
+    assert snapshot(r) == before
+    # Exactly the limit is accepted.
+    response = client.post(url, data=b"7" * 64, headers=bearer(JOB_TOKEN))
+    assert response.status_code == 200
+
+
+def test_default_body_limit_is_one_mebibyte(client, r, job):
+    job()
+    line = b"x" * (1024 * 1024)
+    assert (
+        client.post("/queues/orders/jobs/1/logs", data=line, headers=bearer(JOB_TOKEN)).status_code
+        == 200
+    )
+    assert r.lindex("bull:orders:1:logs", 0) == line.decode()
+    response = client.post(
+        "/queues/orders/jobs/1/logs", data=line + b"x", headers=bearer(JOB_TOKEN)
+    )
+    assert response.status_code == 413
+    assert r.llen("bull:orders:1:logs") == 1
