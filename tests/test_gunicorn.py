@@ -97,6 +97,7 @@ def test_a_bad_app_setting_stops_start_up_with_one_line():
     [
         ("PORT", "http", "PORT='http' must be a whole number from 1 to 65535"),
         ("THREADS", "0", "THREADS='0' must be a whole number from 1 to 1024"),
+        ("WEB_CONCURRENCY", "0", "WEB_CONCURRENCY='0' must be a whole number from 1 to 256"),
     ],
 )
 def test_a_bad_server_setting_stops_start_up_with_one_line(variable, value, message):
