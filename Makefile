@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+NODE_DEPS := tests/interop/node_modules/.package-lock.json
 
 .DEFAULT_GOAL := help
 .PHONY: help run test lint clean
@@ -15,10 +16,19 @@ $(VENV)/installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	@touch $@
 
+# The Node BullMQ library for the compatibility suite; without npm that suite is
+# skipped, except under CI=true, where it fails.
+$(NODE_DEPS): tests/interop/package.json tests/interop/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error; \
+	else \
+		echo "npm not found: the Node BullMQ suite will be skipped"; \
+	fi
+
 run: $(VENV)/installed ## Serve under gunicorn (with a throwaway Redis unless REDIS_URL is set)
 	$(PY) dev.py
 
-test: $(VENV)/installed lint ## Run the test suite against a real, throwaway Redis server
+test: $(VENV)/installed $(NODE_DEPS) lint ## Run the test suite against a real, throwaway Redis server
 	$(PY) -m pytest
 
 lint: $(VENV)/installed ## Check style with ruff
@@ -26,4 +36,4 @@ lint: $(VENV)/installed ## Check style with ruff
 	$(VENV)/bin/ruff format --check .
 
 clean: ## Remove the virtualenv and local state
-	rm -rf $(VENV) .run .pytest_cache .ruff_cache
+	rm -rf $(VENV) tests/interop/node_modules .pytest_cache .ruff_cache

@@ -140,37 +140,54 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.path)
 
 
-@contextmanager
-def gunicorn(tmp_path: Path, env: Mapping[str, str]) -> Iterator[Callable[[], UnixHTTPConnection]]:
-    """Run the app under gunicorn with its production config on a unix socket.
+def free_port() -> int:
+    """Return a TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
-    Yields a factory of connections to it; the server's output is in tmp_path/gunicorn.log.
+
+def connect_to(bind: str) -> http.client.HTTPConnection:
+    """Open an HTTP connection to a gunicorn BIND address (host:port or unix:path)."""
+    if bind.startswith("unix:"):
+        return UnixHTTPConnection(bind.removeprefix("unix:"))
+    host, port = bind.rsplit(":", 1)
+    return http.client.HTTPConnection(host, int(port), timeout=10)
+
+
+@contextmanager
+def gunicorn(
+    directory: Path, env: Mapping[str, str], bind: str | None = None
+) -> Iterator[Callable[[], http.client.HTTPConnection]]:
+    """Run the app under gunicorn with its production config, by default on a unix socket.
+
+    Yields a factory of connections to it; its output goes to directory/gunicorn.log.
     """
-    sock = tmp_path / "gunicorn.sock"
-    output = (tmp_path / "gunicorn.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
-        cwd=ROOT,
-        env={**os.environ, "BIND": f"unix:{sock}", **env},
-        stdout=output,
-        stderr=subprocess.STDOUT,
-    )
+    bind = bind or f"unix:{directory / 'gunicorn.sock'}"
+    log = directory / "gunicorn.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+            cwd=ROOT,
+            env={**os.environ, **env, "BIND": bind},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 20
         while True:
-            conn = UnixHTTPConnection(str(sock))
+            conn = connect_to(bind)
             try:
                 conn.request("GET", "/healthz")
                 if conn.getresponse().status == 200:
                     break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((tmp_path / "gunicorn.log").read_text()) from None
+                    raise RuntimeError(log.read_text()) from None
                 time.sleep(0.05)
             finally:
                 conn.close()
-        yield lambda: UnixHTTPConnection(str(sock))
+        yield lambda: connect_to(bind)
     finally:
         process.terminate()
         process.wait(timeout=30)
-        output.close()

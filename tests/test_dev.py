@@ -3,18 +3,11 @@
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-from tests.conftest import ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from tests.conftest import ROOT, free_port
 
 
 def test_printed_curl_lines_work(tmp_path):

@@ -1,0 +1,179 @@
+// bullmq-http against the real BullMQ library for Node.
+//
+// Run by tests/interop/test_node.py with the service already serving:
+//   BULLMQ_HTTP_URL  the service, e.g. http://127.0.0.1:8080
+//   REDIS_URL        the Redis server it uses (redis:// or unix://)
+//   QUEUE_PREFIX     the prefix both sides use
+//   API_TOKEN        one of the service's AUTH_TOKENS
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { test } from 'node:test';
+
+import { Job, Queue, QueueEvents, Worker } from 'bullmq';
+
+const service = process.env.BULLMQ_HTTP_URL;
+const prefix = process.env.QUEUE_PREFIX;
+const apiToken = process.env.API_TOKEN;
+const connection = redisOptions(process.env.REDIS_URL);
+
+function redisOptions(url) {
+  const parsed = new URL(url);
+  // Workers block on Redis, which BullMQ wants retried for ever.
+  const options = { maxRetriesPerRequest: null };
+  if (parsed.protocol === 'unix:') return { ...options, path: parsed.pathname };
+  return { ...options, host: parsed.hostname, port: Number(parsed.port || 6379) };
+}
+
+async function call(method, path, token, body, contentType) {
+  const headers = { Authorization: `Bearer ${token}` };
+  if (contentType) headers['Content-Type'] = contentType;
+  const response = await fetch(`${service}${path}`, { method, headers, body });
+  return { status: response.status, text: await response.text() };
+}
+
+const jobPath = (queue, id) => `/queues/${queue}/jobs/${encodeURIComponent(id)}`;
+const postProgress = (queue, id, token, value) =>
+  call('POST', `${jobPath(queue, id)}/progress`, token, JSON.stringify(value), 'application/json');
+const postLog = (queue, id, token, body, contentType) =>
+  call('POST', `${jobPath(queue, id)}/logs`, token, body, contentType);
+async function getLogs(queue, id, query) {
+  const response = await call('GET', `${jobPath(queue, id)}/logs?${query}`, apiToken);
+  assert.equal(response.status, 200, response.text);
+  return JSON.parse(response.text);
+}
+
+async function until(condition, what, ms = 5000) {
+  const deadline = Date.now() + ms;
+  while (!condition()) {
+    if (Date.now() > deadline) assert.fail(`timed out waiting for ${what}`);
+    await sleep(10);
+  }
+}
+
+// A queue of this test's own, and a worker that processes by hand, so the test holds
+// each job's lock token as an HTTP worker would.
+async function openQueue(t, workerOptions = {}) {
+  const name = `interop-${randomUUID().slice(0, 8)}`;
+  const queue = new Queue(name, { connection, prefix });
+  const worker = new Worker(name, null, { connection, prefix, ...workerOptions });
+  t.after(async () => {
+    await worker.close();
+    await queue.close();
+  });
+  const take = async (jobOptions = {}) => {
+    const added = await queue.add('report', { n: 1 }, jobOptions);
+    const token = randomUUID();
+    const job = await worker.getNextJob(token);
+    assert.equal(job.id, added.id);
+    return { job, token };
+  };
+  return { name, queue, worker, take };
+}
+
+test('progress over HTTP is what Job.fromId reads and QueueEvents hears', async (t) => {
+  const { name, queue, take } = await openQueue(t);
+  const events = new QueueEvents(name, { connection, prefix });
+  t.after(() => events.close());
+  const heard = [];
+  events.on('progress', ({ jobId, data }) => heard.push({ jobId, data }));
+  await events.waitUntilReady();
+
+  const { job, token } = await take();
+  const values = [42, { step: 3, of: 10 }, 'halfway', { msg: 'Größe 東京 ✓', ratio: 0.5 }];
+  for (const value of values) {
+    const response = await postProgress(name, job.id, token, value);
+    assert.deepEqual(response, { status: 200, text: 'OK' });
+    assert.deepEqual((await Job.fromId(queue, job.id)).progress, value);
+  }
+  await until(() => heard.length === values.length, 'progress events');
+  assert.deepEqual(heard, values.map((data) => ({ jobId: job.id, data })));
+});
+
+test('log lines over HTTP come back from getJobLogs in order', async (t) => {
+  const { name, queue, take } = await openQueue(t);
+  const { job, token } = await take();
+  const sent = [
+    [JSON.stringify('a JSON line'), 'application/json'],
+    ['a plain line', 'text/plain'],
+    ['Größe 東京 ✓', 'text/plain; charset=utf-8'],
+    ['no content type at all', undefined],
+  ];
+  for (const [body, contentType] of sent) {
+    assert.deepEqual(await postLog(name, job.id, token, body, contentType), { status: 200, text: 'OK' });
+  }
+  assert.deepEqual(await queue.getJobLogs(job.id), {
+    logs: ['a JSON line', 'a plain line', 'Größe 東京 ✓', 'no content type at all'],
+    count: 4,
+  });
+});
+
+test('job.log lines come back from GET logs, paged, in both orders', async (t) => {
+  const { name, queue, take } = await openQueue(t);
+  const { job } = await take();
+  for (let n = 0; n < 25; n += 1) await job.log(`line ${n}`);
+
+  for (const [start, length] of [[0, 10], [10, 10], [20, 10], [24, 1], [30, 5]]) {
+    const end = start + length - 1;
+    for (const asc of [true, false]) {
+      const page = await getLogs(name, job.id, `start=${start}&length=${length}&order=${asc ? 'asc' : 'desc'}`);
+      assert.deepEqual(page, await queue.getJobLogs(job.id, start, end, asc));
+      assert.equal(page.count, 25);
+    }
+  }
+  assert.deepEqual((await getLogs(name, job.id, 'order=desc&length=2')).logs, ['line 24', 'line 23']);
+});
+
+test('keepLogs keeps the same newest lines over HTTP as with job.log', async (t) => {
+  const { name, queue, take } = await openQueue(t);
+  const overHttp = await take({ keepLogs: 3 });
+  const direct = await take({ keepLogs: 3 });
+  for (let n = 0; n < 5; n += 1) {
+    assert.equal((await postLog(name, overHttp.job.id, overHttp.token, `line ${n}`)).status, 200);
+    await direct.job.log(`line ${n}`);
+  }
+  const kept = { logs: ['line 2', 'line 3', 'line 4'], count: 3 };
+  assert.deepEqual(await queue.getJobLogs(overHttp.job.id), kept);
+  assert.deepEqual(await queue.getJobLogs(direct.job.id), kept);
+});
+
+test('a finished job, or another job, refuses the token and keeps its state', async (t) => {
+  const { name, queue, take } = await openQueue(t);
+  const completed = await take();
+  const failed = await take();
+  const active = await take();
+
+  assert.equal((await postProgress(name, completed.job.id, completed.token, 50)).status, 200);
+  assert.equal((await postLog(name, completed.job.id, completed.token, 'before')).status, 200);
+  await completed.job.moveToCompleted('done', completed.token, false);
+  await failed.job.moveToFailed(new Error('broken'), failed.token, false);
+
+  for (const { job, token } of [completed, failed]) {
+    const refused = await postProgress(name, job.id, token, 99);
+    assert.equal(refused.status, 401);
+    assert.match(refused.text, /lock/);
+    assert.equal((await postLog(name, job.id, token, 'after')).status, 401);
+  }
+  assert.equal((await Job.fromId(queue, completed.job.id)).progress, 50);
+  assert.deepEqual(await queue.getJobLogs(completed.job.id), { logs: ['before'], count: 1 });
+  assert.equal(await completed.job.getState(), 'completed');
+  assert.equal(await failed.job.getState(), 'failed');
+
+  // The lock token of one active job opens no other.
+  assert.equal((await postProgress(name, completed.job.id, active.token, 1)).status, 401);
+  assert.equal((await postLog(name, failed.job.id, active.token, 'x')).status, 401);
+  assert.deepEqual(await queue.getJobLogs(failed.job.id), { logs: [], count: 0 });
+  assert.equal((await postProgress(name, active.job.id, active.token, 1)).status, 200);
+});
+
+test('a lock that BullMQ extends keeps the token valid past its first duration', async (t) => {
+  const { name, queue, take } = await openQueue(t, { lockDuration: 600 });
+  const extended = await take();
+  const lapsed = await take();
+  await extended.job.extendLock(extended.token, 30000);
+  await sleep(900);
+
+  assert.deepEqual(await postProgress(name, extended.job.id, extended.token, 75), { status: 200, text: 'OK' });
+  assert.equal((await Job.fromId(queue, extended.job.id)).progress, 75);
+  assert.equal((await postProgress(name, lapsed.job.id, lapsed.token, 75)).status, 401);
+});

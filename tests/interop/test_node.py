@@ -1,0 +1,49 @@
+"""The Node BullMQ suite (bullmq.test.mjs), run against the service once per prefix."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import API_TOKEN
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """Return the node binary; without it, skip locally but fail in CI."""
+    found = shutil.which("node")
+    installed = (HERE / "node_modules" / "bullmq").is_dir()
+    if found and installed:
+        return found
+    reason = "node is not installed" if not found else "run `make test` to install tests/interop"
+    if os.environ.get("CI"):
+        pytest.fail(f"the Node BullMQ suite must run in CI: {reason}")
+    pytest.skip(f"Node BullMQ suite skipped: {reason}")
+
+
+def test_node_bullmq_suite(node, service, r):
+    result = subprocess.run(
+        [node, "--test", "--test-reporter=tap", "bullmq.test.mjs"],
+        cwd=HERE,
+        env={
+            **os.environ,
+            "BULLMQ_HTTP_URL": service.url,
+            "REDIS_URL": service.redis_url,
+            "QUEUE_PREFIX": service.prefix,
+            "API_TOKEN": API_TOKEN,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "# fail 0" in result.stdout
+    assert "# pass 6" in result.stdout  # every scenario ran
+    # What the suite wrote is in Redis under this prefix, and under no other.
+    assert r.keys(f"{service.prefix}:interop-*:events")
+    for other in {"bull", "acme", "{jobs}"} - {service.prefix}:
+        assert not r.keys(f"{other}:*")
