@@ -8,14 +8,17 @@ The test suite and the benchmark start their Redis servers with RedisServer too.
 
 from __future__ import annotations
 
+import http.client
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import redis
@@ -81,6 +84,100 @@ class RedisServer:
         self.process = None
 
     def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An HTTP/1.1 keep-alive connection over a unix socket."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def free_port() -> int:
+    """Return a TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Gunicorn:
+    """gunicorn with the production config (gunicorn.conf.py), in a directory of its own.
+
+    BIND is a host:port or unix:path, by default a socket in the directory; `args` go
+    to gunicorn after the config (another worker class, another app); output goes to
+    directory/gunicorn.log.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        env: Mapping[str, str],
+        bind: str | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
+        self.directory = directory
+        self.env = env
+        self.bind = bind or f"unix:{directory / 'gunicorn.sock'}"
+        self.args = args
+        self.log = directory / "gunicorn.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def connect(self) -> http.client.HTTPConnection:
+        """Open a keep-alive HTTP connection to the server."""
+        if self.bind.startswith("unix:"):
+            return UnixHTTPConnection(self.bind.removeprefix("unix:"))
+        host, port = self.bind.rsplit(":", 1)
+        return http.client.HTTPConnection(host, int(port), timeout=10)
+
+    def start(self, timeout: float = 20.0) -> Gunicorn:
+        """Start the server and wait until it answers /healthz."""
+        with self.log.open("wb") as output:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *self.args],
+                cwd=Path(__file__).resolve().parent,
+                env={**os.environ, **self.env, "BIND": self.bind},
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            conn = self.connect()
+            try:
+                conn.request("GET", "/healthz")
+                if conn.getresponse().status == 200:
+                    return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(self.log.read_text()) from None
+                time.sleep(0.05)
+            finally:
+                conn.close()
+
+    def worker_pids(self) -> list[int]:
+        """Return the process ids of the server's workers."""
+        assert self.process is not None
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in children.read_text().split()]
+
+    def stop(self) -> None:
+        """Stop the server gracefully and wait for it to exit."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+        self.process = None
+
+    def __enter__(self) -> Gunicorn:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

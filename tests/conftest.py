@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -122,72 +117,3 @@ def snapshot(r: redis.Redis) -> dict[str, Any]:
 def bearer(token: str) -> dict[str, str]:
     """Return the Authorization header for a token."""
     return {"Authorization": f"Bearer {token}"}
-
-
-# --------------------------------------------------------------- real gunicorn
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """An HTTP/1.1 keep-alive connection over a unix socket."""
-
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
-
-
-def free_port() -> int:
-    """Return a TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def connect_to(bind: str) -> http.client.HTTPConnection:
-    """Open an HTTP connection to a gunicorn BIND address (host:port or unix:path)."""
-    if bind.startswith("unix:"):
-        return UnixHTTPConnection(bind.removeprefix("unix:"))
-    host, port = bind.rsplit(":", 1)
-    return http.client.HTTPConnection(host, int(port), timeout=10)
-
-
-@contextmanager
-def gunicorn(
-    directory: Path, env: Mapping[str, str], bind: str | None = None
-) -> Iterator[Callable[[], http.client.HTTPConnection]]:
-    """Run the app under gunicorn with its production config, by default on a unix socket.
-
-    Yields a factory of connections to it; its output goes to directory/gunicorn.log.
-    """
-    bind = bind or f"unix:{directory / 'gunicorn.sock'}"
-    log = directory / "gunicorn.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
-            cwd=ROOT,
-            env={**os.environ, **env, "BIND": bind},
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            conn = connect_to(bind)
-            try:
-                conn.request("GET", "/healthz")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(log.read_text()) from None
-                time.sleep(0.05)
-            finally:
-                conn.close()
-        yield lambda: connect_to(bind)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)

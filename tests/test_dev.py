@@ -7,7 +7,8 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import ROOT, free_port
+from dev import free_port
+from tests.conftest import ROOT
 
 
 def test_printed_curl_lines_work(tmp_path):

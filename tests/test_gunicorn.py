@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from tests.conftest import API_TOKEN, JOB_TOKEN, ROOT, bearer, gunicorn
+from dev import Gunicorn
+from tests.conftest import API_TOKEN, JOB_TOKEN, ROOT, bearer
 
 THREADS, LINES = 8, 40
 
@@ -15,11 +16,11 @@ THREADS, LINES = 8, 40
 def test_concurrent_appends_store_every_line_once_in_order(tmp_path, redis_url, r, job):
     job()
     env = {"REDIS_URL": redis_url, "AUTH_TOKENS": API_TOKEN, "WEB_CONCURRENCY": "2", "THREADS": "4"}
-    with gunicorn(tmp_path, env) as connect:
+    with Gunicorn(tmp_path, env) as server:
         failures: list[str] = []
 
         def worker(n: int) -> None:
-            conn = connect()  # one keep-alive connection per client
+            conn = server.connect()  # one keep-alive connection per client
             for i in range(LINES):
                 conn.request("POST", "/queues/orders/jobs/1/logs", f"t{n}-{i}", bearer(JOB_TOKEN))
                 response = conn.getresponse()
@@ -33,7 +34,7 @@ def test_concurrent_appends_store_every_line_once_in_order(tmp_path, redis_url, 
         for thread in threads:
             thread.join()
 
-        conn = connect()
+        conn = server.connect()
         conn.request("GET", "/queues/orders/jobs/1/logs?length=1", headers=bearer(API_TOKEN))
         response = conn.getresponse()
         assert response.status == 200
@@ -50,8 +51,8 @@ def test_concurrent_appends_store_every_line_once_in_order(tmp_path, redis_url, 
 
 def test_chunked_body_over_the_limit_is_a_413(tmp_path, redis_url, r, job):
     job()
-    with gunicorn(tmp_path, {"REDIS_URL": redis_url, "MAX_BODY_BYTES": "1000"}) as connect:
-        conn = connect()
+    with Gunicorn(tmp_path, {"REDIS_URL": redis_url, "MAX_BODY_BYTES": "1000"}) as server:
+        conn = server.connect()
         body = iter([b"x" * 600, b"y" * 600])  # an iterable body is sent chunked
         conn.request(
             "POST", "/queues/orders/jobs/1/logs", body, bearer(JOB_TOKEN), encode_chunked=True
@@ -60,7 +61,7 @@ def test_chunked_body_over_the_limit_is_a_413(tmp_path, redis_url, r, job):
         assert response.status == 413
         assert response.read() == b"the body is larger than 1000 bytes (MAX_BODY_BYTES)"
         conn.close()
-        conn = connect()
+        conn = server.connect()
         conn.request(
             "POST",
             "/queues/orders/jobs/1/logs",

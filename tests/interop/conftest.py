@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import API_TOKEN, free_port, gunicorn
+from dev import Gunicorn, free_port
+from tests.conftest import API_TOKEN
 
 # The default, a plain other one, and a Redis Cluster hash tag: set on both sides.
 PREFIXES = ["bull", "acme", "{jobs}"]
@@ -31,5 +32,5 @@ def service(request, redis_url, tmp_path_factory) -> Iterator[Service]:
         "AUTH_TOKENS": API_TOKEN,
         "WEB_CONCURRENCY": "1",
     }
-    with gunicorn(tmp_path_factory.mktemp("service"), env, bind=bind):
+    with Gunicorn(tmp_path_factory.mktemp("service"), env, bind=bind):
         yield Service(url=f"http://{bind}", prefix=prefix, redis_url=redis_url)
