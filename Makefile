@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 NODE_DEPS := tests/interop/node_modules/.package-lock.json
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint clean
+.PHONY: help run test lint bench clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,6 +34,17 @@ test: $(VENV)/installed $(NODE_DEPS) lint ## Run the test suite against a real, 
 lint: $(VENV)/installed ## Check style with ruff
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+bench: $(VENV)/installed ## Measure the service under wrk beside the stack's ceilings
+	@if ! command -v wrk >/dev/null || ! command -v redis-benchmark >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && apt-get install -y -qq wrk redis-tools >/dev/null; \
+		else \
+			echo "make bench needs wrk and redis-benchmark: install wrk and redis-tools"; \
+			exit 1; \
+		fi; \
+	fi
+	$(PY) bench/bench.py
 
 clean: ## Remove the virtualenv and local state
 	rm -rf $(VENV) tests/interop/node_modules .pytest_cache .ruff_cache

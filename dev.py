@@ -61,6 +61,7 @@ class RedisServer:
                 "--loglevel", "warning",
             ],
             stdout=subprocess.DEVNULL,
+            start_new_session=True,  # a terminal's Ctrl-C is for whoever started it
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         client = redis.Redis(unix_socket_path=str(self.socket))
@@ -157,12 +158,23 @@ class Gunicorn:
                 if conn.getresponse().status == 200:
                     return self
             except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(self.log.read_text()) from None
-                time.sleep(0.05)
+                pass
             finally:
                 conn.close()
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"gunicorn did not start:\n{self.log.read_text()}")
+            time.sleep(0.05)
+
+    def wait_for_workers(self, count: int, timeout: float = 20.0) -> list[int]:
+        """Wait until `count` workers have booted (the first answers before the rest)."""
+        deadline = time.monotonic() + timeout
+        while len(pids := self.worker_pids()) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn booted {len(pids)} of {count} workers")
+            time.sleep(0.05)
+        time.sleep(0.2)  # the last one's app and listener
+        return pids
 
     def worker_pids(self) -> list[int]:
         """Return the process ids of the server's workers."""
@@ -228,8 +240,12 @@ def main() -> int:
             f"Ctrl-C stops both.",
             flush=True,
         )
+    # In a session of its own: Ctrl-C reaches gunicorn's master once, from here, and
+    # it stops its workers; they are not signalled twice.
     gunicorn = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], env=env
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+        env=env,
+        start_new_session=True,
     )
     try:
         return gunicorn.wait()

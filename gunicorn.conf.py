@@ -1,13 +1,24 @@
 """gunicorn settings for the service: `gunicorn -c gunicorn.conf.py` and nothing else.
 
 Environment: BIND (a host:port or unix:/path; overrides PORT), PORT (default 8080, on
-127.0.0.1), WEB_CONCURRENCY (worker processes, default: one per core), THREADS
-(threads per worker, default 8). The service's own settings are read by the app.
+127.0.0.1), WEB_CONCURRENCY (worker processes, default: one per core), WORKER_CLASS
+(default gevent), WORKER_CONNECTIONS (connections per gevent worker, default 1000),
+THREADS (threads per gthread worker, default 8). The app reads the service's settings.
 """
 
-import logging
 import os
-import sys
+
+worker_class = os.environ.get("WORKER_CLASS") or "gevent"
+if worker_class == "gevent":
+    # The app is loaded here in the master, before the workers fork: patch first, so
+    # that its sockets, locks and ssl are gevent's from the start rather than swapped
+    # under it in each worker.
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import logging  # noqa: E402
+import sys  # noqa: E402
 
 
 def _whole(name: str, default: int, low: int, high: int) -> int:
@@ -22,10 +33,13 @@ bind = [os.environ.get("BIND") or f"127.0.0.1:{_whole('PORT', 8080, 1, 65535)}"]
 workers = _whole("WEB_CONCURRENCY", os.cpu_count() or 1, 1, 256)
 
 # Every request is short and spends its time waiting on one Redis round trip, and
-# workers and dashboards call again and again over keep-alive connections: threads
-# overlap those waits and keep idle connections open without tying up a process,
-# with no monkey-patching. (The sync worker closes every connection after one request.)
-worker_class = "gthread"
+# workers and dashboards call again and again over keep-alive connections. Greenlets
+# overlap those waits and hold idle connections for next to nothing. Measured by
+# `make bench` (bench/results.md): against gthread, gevent serves more requests per
+# second at 32 connections, at a lower p99, and evenly: gthread's workers race to
+# accept, and one can end up with most keep-alive connections while the other idles.
+# (The sync worker closes every connection after one request.)
+worker_connections = _whole("WORKER_CONNECTIONS", 1000, 1, 10_000)
 threads = _whole("THREADS", 8, 1, 1024)
 # Longer than a client's pause between two reports on the same connection.
 keepalive = 30

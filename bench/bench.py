@@ -1,0 +1,311 @@
+"""`make bench`: the service under wrk, beside the ceilings of the stack it runs on.
+
+Starts a Redis server and the service under gunicorn with its production config, lays
+out real active jobs, and drives each route with wrk over keep-alive connections.
+Alternating with it, the same wrk runs against gunicorn serving a bare WSGI callable
+(bench/bare.py) under several worker classes, and redis-benchmark runs the service's
+own Lua scripts: what the service could reach if it cost nothing. Prints one table and
+writes it to bench/results.md.
+
+BENCH_SECONDS (default 8) sets how long each wrk run lasts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from importlib.metadata import version
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app import ADD_LOG, SET_PROGRESS  # noqa: E402
+from dev import Gunicorn, RedisServer, free_port  # noqa: E402
+
+SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
+CONNECTIONS = (1, 32)
+API_TOKEN = "bench-api-token"  # noqa: S105
+JOB_TOKEN = "0b5d8a34-6c2e-4c44-9a4e-3f0f1f6b1e2a:1"  # noqa: S105
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    method: str
+    path: str
+    body: str | None = None
+    token: str = JOB_TOKEN
+    content_type: str | None = None
+
+
+JOB = "/queues/bench/jobs"
+ROUTES = [
+    Route("POST progress", "POST", f"{JOB}/progress/progress", '{"percent":42}'),
+    Route("POST logs", "POST", f"{JOB}/logs/logs", "step 3 done", content_type="text/plain"),
+    Route("GET logs", "GET", f"{JOB}/read/logs?start=0&length=10", token=API_TOKEN),
+]
+BARE_REQUEST = Route("bare POST", "POST", "/", '{"percent":42}')
+# The project's own worker class, and the others gunicorn offers here.
+BARE_WORKERS = {
+    "gevent (project config)": {},
+    "gthread, 8 threads": {"WORKER_CLASS": "gthread"},
+    "sync": {"WORKER_CLASS": "sync"},
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    non2xx: int
+    socket_errors: int
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+@dataclass
+class Row:
+    name: str
+    connections: int
+    run: Run
+    cpu_per_request: float
+    round_trips: float
+    script_calls: float
+    ceiling_share: float | None = None
+
+
+def wrk(bind: str, route: Route, connections: int) -> Run:
+    """Drive one route for SECONDS over keep-alive connections; return the summary."""
+    env = {**os.environ, "METHOD": route.method, "BODY": route.body or ""}
+    env["TOKEN"] = route.token
+    if route.content_type:
+        env["CONTENT_TYPE"] = route.content_type
+    if not route.body:
+        del env["BODY"]
+    result = subprocess.run(
+        [
+            "wrk", "--threads", "1", "--connections", str(connections),
+            "--duration", f"{SECONDS}s", "--timeout", "5s",
+            "--script", str(ROOT / "bench" / "wrk.lua"), f"http://{bind}{route.path}",
+        ],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return Run(
+        requests=summary["requests"],
+        seconds=summary["seconds"],
+        p50_ms=summary["p50_us"] / 1000,
+        p99_ms=summary["p99_us"] / 1000,
+        non2xx=summary["non2xx"],
+        socket_errors=summary["socket_errors"],
+    )
+
+
+def seed(client: redis.Redis) -> None:
+    """Lay out the active jobs the routes use, as a BullMQ worker holds them."""
+    for job_id in ("progress", "logs", "read"):
+        key = f"bull:bench:{job_id}"
+        client.hset(key, mapping={"name": "bench", "data": "{}", "opts": "{}", "timestamp": 1})
+        client.set(f"{key}:lock", JOB_TOKEN)
+    client.rpush("bull:bench:read:logs", *[f"line {n}" for n in range(100)])
+
+
+def redis_stats(client: redis.Redis) -> tuple[int, int]:
+    """Return (socket reads processed, script and transaction calls) so far."""
+    reads = client.info("stats")["total_reads_processed"]
+    commands = client.info("commandstats")
+    calls = sum(commands.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "exec"))
+    return reads, calls
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """Return the CPU time the processes have used so far."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICKS
+
+
+def rss_mb(pids: list[int]) -> list[float]:
+    """Return the resident memory of each process, in MB."""
+    sizes = []
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                sizes.append(int(line.split()[1]) / 1024)
+    return sizes
+
+
+def redis_ceiling(server: RedisServer, client: redis.Redis) -> dict[str, tuple[float, float]]:
+    """Run the service's Lua scripts with redis-benchmark at 32 clients: (rps, p99 ms)."""
+    progress = client.script_load(SET_PROGRESS)
+    log = client.script_load(ADD_LOG)
+    commands = {
+        "progress script": [
+            "evalsha", progress, "4", "bull:bench:progress", "bull:bench:progress:lock",
+            "bull:bench:events", "bull:bench:meta", JOB_TOKEN, "progress", '{"percent":42}',
+        ],
+        "log script": [
+            "evalsha", log, "3", "bull:bench:logs", "bull:bench:logs:lock",
+            "bull:bench:logs:logs", JOB_TOKEN, "step 3 done",
+        ],
+    }  # fmt: skip
+    ceilings = {}
+    for name, command in commands.items():
+        result = subprocess.run(
+            ["redis-benchmark", "-s", str(server.socket), "-c", "32", "-n", "200000", "--csv",
+             *command],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        row = result.stdout.strip().splitlines()[-1].replace('"', "").split(",")
+        ceilings[name] = (float(row[1]), float(row[6]))  # rps, p99 ms
+    return ceilings
+
+
+def machine() -> str:
+    """Describe the machine: cores and processor model."""
+    model = "unknown processor"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return f"{os.cpu_count()} cores, {model}"
+
+
+def measure(server: Gunicorn, route: Route, connections: int, client: redis.Redis) -> Row:
+    """Run wrk against a server; add what its workers and Redis did per request."""
+    workers = server.worker_pids()
+    reads, calls = redis_stats(client)
+    cpu = cpu_seconds(workers)
+    run = wrk(server.bind, route, connections)
+    cpu = cpu_seconds(workers) - cpu
+    reads_after, calls_after = redis_stats(client)
+    # The stats calls are one socket read each, and neither script nor transaction.
+    trips = (reads_after - reads - 1) / run.requests
+    return Row(
+        route.name,
+        connections,
+        run,
+        cpu / run.requests,
+        trips,
+        (calls_after - calls) / run.requests,
+    )
+
+
+def main() -> int:
+    for tool in ("wrk", "redis-benchmark"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is not installed: `make bench` installs it where apt-get can")
+    workdir = Path(tempfile.mkdtemp(prefix="bullmq-http-bench-"))
+    rows: list[Row] = []
+    with RedisServer(workdir / "redis") as redis_server:
+        client = redis.Redis.from_url(redis_server.url)
+        seed(client)
+        env = {"REDIS_URL": redis_server.url, "AUTH_TOKENS": API_TOKEN}
+        service = Gunicorn(workdir, env, bind=f"127.0.0.1:{free_port()}")
+        bare = {}
+        for name, worker_env in BARE_WORKERS.items():
+            directory = workdir / name.split()[0].strip(",")
+            directory.mkdir()
+            bind = f"127.0.0.1:{free_port()}"
+            bare[name] = Gunicorn(directory, worker_env, bind=bind, args=("bench.bare:app",))
+        servers = [service, *bare.values()]
+        try:
+            for server in servers:
+                server.start()
+                # The first worker answers before the others boot, and would take
+                # every keep-alive connection wrk opens.
+                server.wait_for_workers(int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1)))
+            for connections in CONNECTIONS:
+                # Ceilings, then the routes: alternating, so drift shows on both sides.
+                best = 0.0
+                for name, server in bare.items():
+                    row = measure(
+                        server, replace(BARE_REQUEST, name=f"bare: {name}"), connections, client
+                    )
+                    best = max(best, row.run.rate)
+                    rows.append(row)
+                for route in ROUTES:
+                    row = measure(service, route, connections, client)
+                    row.ceiling_share = row.run.rate / best
+                    rows.append(row)
+            memory = rss_mb(service.worker_pids())
+        finally:
+            for server in servers:
+                server.stop()
+        scripts = redis_ceiling(redis_server, client)
+        client.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+    report = render(rows, memory, scripts)
+    print(report)
+    (ROOT / "bench" / "results.md").write_text(report)
+    return 0
+
+
+def render(rows: list[Row], memory: list[float], scripts: dict[str, tuple[float, float]]) -> str:
+    """Render the results as Markdown."""
+    names = ("flask", "werkzeug", "gunicorn", "gevent", "redis", "hiredis")
+    versions = ", ".join(f"{name} {version(name)}" for name in names)
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Measured {datetime.date.today().isoformat()} by `make bench` on {machine()}; "
+        f"Python {platform.python_version()}, {versions}. wrk with one thread, {SECONDS} s "
+        "a run over keep-alive connections; Redis on a unix socket; wrk, gunicorn and "
+        "Redis share the cores. *÷ best bare*: the route's requests/s over the best bare "
+        "gunicorn's at the same connection count. *CPU/req*: CPU time of gunicorn's "
+        "workers per request. *Redis/req*: socket reads Redis served (round trips), and "
+        "EVALSHA or EXEC calls, per request.",
+        "",
+        "| route | conns | req/s | p50 ms | p99 ms | non-2xx | ÷ best bare | CPU/req | Redis/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        run = row.run
+        share = f"{row.ceiling_share:.2f}" if row.ceiling_share is not None else ""
+        redis_note = (
+            f"{row.round_trips:.2f} trips, {row.script_calls:.2f} calls"
+            if row.ceiling_share is not None
+            else ""
+        )
+        lines.append(
+            f"| {row.name} | {row.connections} | {run.rate:,.0f} | {run.p50_ms:.2f} "
+            f"| {run.p99_ms:.2f} | {run.non2xx + run.socket_errors} | {share} "
+            f"| {row.cpu_per_request * 1e6:,.0f} µs | {redis_note} |"
+        )
+    lines += [
+        "",
+        "Resident memory of each service worker after the runs: "
+        + ", ".join(f"{size:.1f} MB" for size in memory)
+        + ".",
+        "",
+        "Redis alone, running the service's scripts (redis-benchmark, 32 clients, EVALSHA):",
+        "",
+        "| script | calls/s | p99 ms |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {rps:,.0f} | {p99:.2f} |" for name, (rps, p99) in scripts.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
