@@ -67,7 +67,7 @@ ADD_LOG = """
 --[[
   Append one line to a job's logs, as BullMQ's Job.log does (honouring the job's own
   keepLogs option, stored as "kl" in the JSON of the hash field "opts"), if the caller
-  holds the job's lock.
+  holds the job's lock; then keep at most the server's cap of newest lines, if any.
 
   KEYS[1] job hash   <prefix>:<queue>:<id>
   KEYS[2] job lock   <prefix>:<queue>:<id>:lock
@@ -75,6 +75,7 @@ ADD_LOG = """
 
   ARGV[1] job token (must equal the lock's value)
   ARGV[2] the log line
+  ARGV[3] the most lines a job keeps (MAX_LOGS_PER_JOB), or "" for no cap
 
   Returns >0 the number of lines the job keeps, this one included
           -1 the token is not the job's current lock token (nothing written)
@@ -84,15 +85,16 @@ if redis.call("GET", KEYS[2]) ~= ARGV[1] then return -1 end
 if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
 
 local count = redis.call("RPUSH", KEYS[3], ARGV[2])
+local keep = tonumber(ARGV[3])
 local opts = redis.call("HGET", KEYS[1], "opts")
 if opts then
   local ok, decoded = pcall(cjson.decode, opts)
-  local keep = ok and type(decoded) == "table" and tonumber(decoded["kl"])
-  if keep and keep >= 1 then
-    keep = math.floor(keep)
-    redis.call("LTRIM", KEYS[3], -keep, -1)
-    count = math.min(count, keep)
-  end
+  local kl = ok and type(decoded) == "table" and tonumber(decoded["kl"])
+  if kl and kl >= 1 and (not keep or kl < keep) then keep = math.floor(kl) end
+end
+if keep and count > keep then
+  redis.call("LTRIM", KEYS[3], -keep, -1)
+  count = keep
 end
 return count
 """
@@ -107,9 +109,10 @@ NO_SUCH_JOB = -2
 class JobStore:
     """BullMQ's job keys in one Redis database; every method is one round trip."""
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, max_logs: int | None = None) -> None:
         self.client = client
         self.prefix = prefix
+        self.max_logs = b"" if max_logs is None else str(max_logs).encode()
         self._set_progress = client.register_script(SET_PROGRESS)
         self._add_log = client.register_script(ADD_LOG)
 
@@ -134,7 +137,7 @@ class JobStore:
             self.key(queue, job_id, "lock"),
             self.key(queue, job_id, "logs"),
         )
-        return self._add_log(keys, (token, line))
+        return self._add_log(keys, (token, line, self.max_logs))
 
     def read_logs(
         self, queue: str, job_id: str, start: int, length: int, newest_first: bool
@@ -190,6 +193,8 @@ DEFAULTS: dict[str, Any] = {
     "MIN_QUEUE_NAME_LENGTH": 3,
     "MAX_QUEUE_NAME_LENGTH": 100,
     "MAX_BODY_BYTES": 1024 * 1024,
+    "MAX_LOGS_PER_JOB": None,
+    "MAX_LOG_LINE_BYTES": None,
 }
 
 
@@ -259,6 +264,8 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MIN_QUEUE_NAME_LENGTH": ("MIN_QUEUE_NAME_LENGTH", _whole(1, 1000)),
     "MAX_QUEUE_NAME_LENGTH": ("MAX_QUEUE_NAME_LENGTH", _whole(1, 1000)),
     "MAX_BODY_BYTES": ("MAX_BODY_BYTES", _whole(1, 512 * 1024 * 1024)),
+    "MAX_LOGS_PER_JOB": ("MAX_LOGS_PER_JOB", _whole(1, 2**31)),
+    "MAX_LOG_LINE_BYTES": ("MAX_LOG_LINE_BYTES", _whole(1, 512 * 1024 * 1024)),
 }
 
 
@@ -436,9 +443,12 @@ def log_line(body: bytes) -> str:
     if not line:
         abort(400, "the log line is empty")
     try:
-        line.encode("utf-8")
+        size = len(line.encode("utf-8"))
     except UnicodeEncodeError:
         abort(400, "the log line holds an unpaired UTF-16 surrogate, which is not text")
+    limit = current_app.config["MAX_LOG_LINE_BYTES"]
+    if limit is not None and size > limit:
+        abort(413, f"the log line is longer than {limit} bytes (MAX_LOG_LINE_BYTES)")
     return line
 
 
@@ -574,7 +584,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if not app.config["API_TOKENS"]:
         log.warning("no API token configured (AUTH_TOKENS): GET logs will answer 401")
 
-    app.extensions["bullmq_http"] = JobStore(redis_client(app.config), app.config["QUEUE_PREFIX"])
+    app.extensions["bullmq_http"] = JobStore(
+        redis_client(app.config), app.config["QUEUE_PREFIX"], app.config["MAX_LOGS_PER_JOB"]
+    )
     app.register_blueprint(jobs)
     app.register_blueprint(health)
     app.register_error_handler(HTTPException, plain_error)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from app import create_app
 from tests.conftest import JOB_TOKEN, bearer, snapshot
 
 URL = "/queues/orders/jobs/1/logs"
@@ -97,3 +98,33 @@ def test_log_of_a_job_whose_hash_is_gone_is_a_404(client, r, job):
     assert response.status_code == 404
     assert response.data == b"job '1' not found in queue 'orders'"
     assert snapshot(r) == before
+
+
+@pytest.mark.parametrize(
+    ("cap", "opts", "kept"),
+    [
+        (3, {}, ["line 2", "line 3", "line 4"]),
+        (3, {"kl": 2}, ["line 3", "line 4"]),  # the job's own keepLogs is smaller
+        (2, {"kl": 4}, ["line 3", "line 4"]),  # the server's cap is smaller
+        (10, {}, [f"line {n}" for n in range(5)]),
+    ],
+)
+def test_max_logs_per_job_caps_every_job(redis_url, r, job, cap, opts, kept):
+    job(opts=opts)
+    client = create_app({"REDIS_URL": redis_url, "MAX_LOGS_PER_JOB": cap}).test_client()
+    for n in range(5):
+        assert post(client, f"line {n}".encode()).status_code == 200
+    assert r.lrange("bull:orders:1:logs", 0, -1) == kept
+
+
+def test_max_log_line_bytes_refuses_longer_lines(redis_url, r, job):
+    job()
+    client = create_app({"REDIS_URL": redis_url, "MAX_LOG_LINE_BYTES": 8}).test_client()
+    assert post(client, b"12345678").status_code == 200
+    assert post(client, '"1234567é"'.encode(), "application/json").status_code == 413
+    before = snapshot(r)
+    response = post(client, b"123456789")
+    assert response.status_code == 413
+    assert response.data == b"the log line is longer than 8 bytes (MAX_LOG_LINE_BYTES)"
+    assert snapshot(r) == before
+    assert r.lrange("bull:orders:1:logs", 0, -1) == ["12345678"]
