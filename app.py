@@ -14,7 +14,9 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -23,8 +25,10 @@ from flask import Blueprint, Flask, Response, abort, current_app, request
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger(f"{__name__}.access")
 
 jobs = Blueprint("jobs", __name__)
 health = Blueprint("health", __name__)
@@ -195,6 +199,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_BODY_BYTES": 1024 * 1024,
     "MAX_LOGS_PER_JOB": None,
     "MAX_LOG_LINE_BYTES": None,
+    "TRUSTED_PROXIES": 0,
 }
 
 
@@ -266,6 +271,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MAX_BODY_BYTES": ("MAX_BODY_BYTES", _whole(1, 512 * 1024 * 1024)),
     "MAX_LOGS_PER_JOB": ("MAX_LOGS_PER_JOB", _whole(1, 2**31)),
     "MAX_LOG_LINE_BYTES": ("MAX_LOG_LINE_BYTES", _whole(1, 512 * 1024 * 1024)),
+    "TRUSTED_PROXIES": ("TRUSTED_PROXIES", _whole(0, 10)),
 }
 
 
@@ -569,6 +575,53 @@ def redis_unavailable(error: redis.exceptions.RedisError) -> Response:
     )
 
 
+# ------------------------------------------------------------------- access log
+
+# A request id from the caller is kept when it is a plain token, so it can be logged
+# and echoed safely; anything else is replaced.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+class AccessLog:
+    """WSGI middleware: give each request an id (X-Request-ID) and log one line for it.
+
+    The line holds the client address, method, path, status, duration and request id;
+    behind trusted proxies it sees the address and prefix they forwarded.
+    """
+
+    def __init__(self, wsgi_app: Callable[..., Iterable[bytes]]) -> None:
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        started = time.perf_counter()
+        request_id = environ.get("HTTP_X_REQUEST_ID", "")
+        if not REQUEST_ID.fullmatch(request_id):
+            request_id = environ["HTTP_X_REQUEST_ID"] = uuid.uuid4().hex
+        status = "500"
+
+        def start(line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            nonlocal status
+            status = line[:3]
+            headers.append(("X-Request-ID", request_id))
+            return start_response(line, headers, exc_info)
+
+        try:
+            return self.wsgi_app(environ, start)
+        finally:
+            query = environ.get("QUERY_STRING")
+            access_log.info(
+                '%s "%s %s%s%s" %s %.2fms %s',
+                environ.get("REMOTE_ADDR") or "-",
+                environ.get("REQUEST_METHOD"),
+                environ.get("SCRIPT_NAME", ""),
+                environ.get("PATH_INFO", ""),
+                f"?{query}" if query else "",
+                status,
+                (time.perf_counter() - started) * 1000,
+                request_id,
+            )
+
+
 # -------------------------------------------------------------------------- app
 
 
@@ -592,4 +645,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_error_handler(HTTPException, plain_error)
     for error in REDIS_UNAVAILABLE:
         app.register_error_handler(error, redis_unavailable)
+
+    hops = app.config["TRUSTED_PROXIES"]
+    if hops:
+        # Each proxy appends the address it saw to X-Forwarded-For: believe that many
+        # entries. The scheme and mount prefix are set (not appended) by the nearest.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=1, x_prefix=1)
+    app.wsgi_app = AccessLog(app.wsgi_app)
     return app

@@ -52,14 +52,20 @@ preload_app = True
 # contend for its one default path.
 control_socket_disable = True
 
-accesslog = "-"
+# The app writes the access log itself (one line per request, with the request id and,
+# behind trusted proxies, the forwarded client address), to stdout; its warnings and
+# gunicorn's own log go to stderr, in gunicorn's format.
+accesslog = None
 errorlog = "-"
 
-# The app's own warnings (no API token configured, Redis unavailable) beside
-# gunicorn's, on stderr, in gunicorn's format.
+_DATES = "[%Y-%m-%d %H:%M:%S %z]"
 logging.basicConfig(
     level=logging.INFO,
     stream=sys.stderr,
     format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
-    datefmt="[%Y-%m-%d %H:%M:%S %z]",
+    datefmt=_DATES,
 )
+_access = logging.StreamHandler(sys.stdout)
+_access.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(message)s", _DATES))
+logging.getLogger("app.access").addHandler(_access)
+logging.getLogger("app.access").propagate = False

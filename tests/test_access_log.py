@@ -1,0 +1,83 @@
+"""One access-log line per request, a request id on every answer, trusted proxy hops."""
+
+import logging
+import re
+
+import pytest
+
+from app import create_app
+from tests.conftest import API_TOKEN, JOB_TOKEN, bearer
+
+LINE = re.compile(r'(\S+) "(\S+) (\S+)" (\d{3}) (\d+\.\d\d)ms (\S+)')
+
+
+@pytest.fixture
+def access(caplog):
+    """Return the access-log lines written so far, parsed."""
+    caplog.set_level(logging.INFO, logger="app.access")
+
+    def lines():
+        records = [r for r in caplog.records if r.name == "app.access"]
+        return [LINE.fullmatch(record.getMessage()).groups() for record in records]
+
+    return lines
+
+
+def test_every_request_logs_one_line(client, job, access):
+    job()
+    client.post("/queues/orders/jobs/1/progress", data=b"5", headers=bearer(JOB_TOKEN))
+    client.get("/queues/orders/jobs/1/logs?start=0&length=2", headers=bearer(API_TOKEN))
+    client.post("/queues/orders/jobs/1/logs", data=b"", headers=bearer(JOB_TOKEN))
+    client.get("/nowhere")
+    logged = access()
+    assert [(method, path, status) for _, method, path, status, _, _ in logged] == [
+        ("POST", "/queues/orders/jobs/1/progress", "200"),
+        ("GET", "/queues/orders/jobs/1/logs?start=0&length=2", "200"),
+        ("POST", "/queues/orders/jobs/1/logs", "400"),
+        ("GET", "/nowhere", "404"),
+    ]
+    assert all(address == "127.0.0.1" for address, *_ in logged)
+    assert all(float(duration) > 0 for *_, duration, _ in logged)
+
+
+def test_request_id_is_passed_through_and_echoed(client, job, access):
+    job()
+    response = client.get("/healthz", headers={"X-Request-ID": "req-42:a/b"})
+    assert response.headers["X-Request-ID"] == "req-42:a/b"
+    assert access()[-1][5] == "req-42:a/b"
+
+
+@pytest.mark.parametrize("sent", [None, "", "has space", "x" * 129, 'quote"', "é"])
+def test_missing_or_unsafe_request_id_is_generated(client, access, sent):
+    headers = {} if sent is None else {"X-Request-ID": sent.encode().decode("latin-1")}
+    response = client.get("/healthz", headers=headers)
+    request_id = response.headers["X-Request-ID"]
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+    assert access()[-1][5] == request_id
+
+
+def test_errors_carry_the_request_id_too(client, access):
+    response = client.post("/queues/orders/jobs/1/progress", data=b"5")
+    assert response.status_code == 401
+    assert response.headers["X-Request-ID"] == access()[-1][5]
+
+
+FORWARDED = {
+    "X-Forwarded-For": "203.0.113.9, 10.0.0.2",
+    "X-Forwarded-Proto": "https",
+    "X-Forwarded-Prefix": "/bullmq",
+}
+
+
+def test_forwarded_headers_are_ignored_by_default(client, access):
+    client.get("/healthz", headers=FORWARDED)
+    address, _, path, *_ = access()[-1]
+    assert (address, path) == ("127.0.0.1", "/healthz")
+
+
+@pytest.mark.parametrize(("hops", "address"), [(1, "10.0.0.2"), (2, "203.0.113.9")])
+def test_forwarded_headers_are_used_from_trusted_hops(redis_url, access, hops, address):
+    client = create_app({"REDIS_URL": redis_url, "TRUSTED_PROXIES": hops}).test_client()
+    client.get("/healthz", headers=FORWARDED)
+    logged_address, _, path, *_ = access()[-1]
+    assert (logged_address, path) == (address, "/bullmq/healthz")
