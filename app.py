@@ -17,10 +17,12 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import redis
+import yaml
 from flask import Blueprint, Flask, Response, abort, current_app, request
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -552,6 +554,16 @@ def readyz() -> tuple[str, dict[str, str]]:
     return "OK", PLAIN
 
 
+OPENAPI = Path(__file__).with_name("openapi.yaml")
+
+
+@health.get("/openapi.json")
+def openapi() -> Response:
+    """Return the OpenAPI description, its server URL where the caller reached us."""
+    spec = {**current_app.extensions["openapi"], "servers": [{"url": request.script_root or "/"}]}
+    return current_app.response_class(json.dumps(spec), mimetype="application/json")
+
+
 # ----------------------------------------------------------------------- errors
 
 
@@ -627,7 +639,7 @@ class AccessLog:
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the service: defaults, then environment variables, then `config`."""
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)
     app.config.update(DEFAULTS)
     app.config.update(settings_from_env(os.environ))
     app.config.update(config or {})
@@ -637,6 +649,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if not app.config["API_TOKENS"]:
         log.warning("no API token configured (AUTH_TOKENS): GET logs will answer 401")
 
+    app.extensions["openapi"] = yaml.safe_load(OPENAPI.read_text(encoding="utf-8"))
     app.extensions["bullmq_http"] = JobStore(
         redis_client(app.config), app.config["QUEUE_PREFIX"], app.config["MAX_LOGS_PER_JOB"]
     )

@@ -1,0 +1,66 @@
+"""openapi.yaml: served at /openapi.json, and describing exactly the routes the app has."""
+
+import re
+
+import yaml
+
+from app import OPENAPI, create_app
+
+METHODS = {"get", "post", "put", "patch", "delete"}
+
+
+def registered_routes(app) -> set[tuple[str, str]]:
+    """Return (method, OpenAPI path) for every route the app answers."""
+    routes = set()
+    for rule in app.url_map.iter_rules():
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        routes |= {(method.lower(), path) for method in rule.methods - {"HEAD", "OPTIONS"}}
+    return routes - {("get", "/static/{filename}")}
+
+
+def described_routes(spec) -> set[tuple[str, str]]:
+    """Return (method, path) for every operation the description has."""
+    return {
+        (method, path)
+        for path, item in spec["paths"].items()
+        for method in item
+        if method in METHODS
+    }
+
+
+def test_the_description_and_the_app_have_the_same_routes(app):
+    spec = yaml.safe_load(OPENAPI.read_text())
+    assert registered_routes(app) == described_routes(spec)
+    assert len(described_routes(spec)) == 6
+
+
+def test_every_operation_documents_its_error_answers(app):
+    spec = yaml.safe_load(OPENAPI.read_text())
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            if method not in METHODS or not path.startswith("/queues/"):
+                continue
+            answers = set(operation["responses"])
+            assert {"200", "400", "401", "404", "503"} <= answers, (method, path)
+            assert ("413" in answers) == (method == "post"), (method, path)
+
+
+def test_the_description_is_served_as_json(client):
+    response = client.get("/openapi.json")
+    assert response.status_code == 200
+    assert response.mimetype == "application/json"
+    spec = response.get_json()
+    assert spec["openapi"] == "3.1.0"
+    assert spec["servers"] == [{"url": "/"}]
+    assert described_routes(spec) == described_routes(yaml.safe_load(OPENAPI.read_text()))
+
+
+def test_the_served_server_url_is_the_trusted_mount_prefix(redis_url):
+    client = create_app({"REDIS_URL": redis_url, "TRUSTED_PROXIES": 1}).test_client()
+    spec = client.get("/openapi.json", headers={"X-Forwarded-Prefix": "/bullmq"}).get_json()
+    assert spec["servers"] == [{"url": "/bullmq"}]
+
+
+def test_an_untrusted_prefix_is_ignored(client):
+    spec = client.get("/openapi.json", headers={"X-Forwarded-Prefix": "/evil"}).get_json()
+    assert spec["servers"] == [{"url": "/"}]
