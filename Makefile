@@ -4,8 +4,21 @@ VENV := .venv
 PY := $(VENV)/bin/python
 NODE_DEPS := tests/interop/node_modules/.package-lock.json
 
+# Install a Debian package when its command is missing and apt-get can (as root);
+# otherwise say so, and let whatever needs it skip or fail with its own reason.
+define apt_install
+	@if ! command -v $(1) >/dev/null 2>&1 && [ ! -x /usr/sbin/$(1) ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing $(2)"; \
+			apt-get update -qq && apt-get install -y -qq --no-install-recommends $(2) >/dev/null; \
+		else \
+			echo "$(1) not found: install $(2)"; \
+		fi; \
+	fi
+endef
+
 .DEFAULT_GOAL := help
-.PHONY: help run test lint bench clean
+.PHONY: help run test lint bench clean nginx
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -25,10 +38,14 @@ $(NODE_DEPS): tests/interop/package.json tests/interop/package-lock.json
 		echo "npm not found: the Node BullMQ suite will be skipped"; \
 	fi
 
+# nginx for tests/test_nginx.py, which is skipped without it, except under CI=true.
+nginx:
+	$(call apt_install,nginx,nginx-light)
+
 run: $(VENV)/installed ## Serve under gunicorn (with a throwaway Redis unless REDIS_URL is set)
 	$(PY) dev.py
 
-test: $(VENV)/installed $(NODE_DEPS) lint ## Run the test suite against a real, throwaway Redis server
+test: $(VENV)/installed $(NODE_DEPS) nginx lint ## Run the test suite against a real, throwaway Redis server
 	$(PY) -m pytest
 
 lint: $(VENV)/installed ## Check style with ruff
@@ -36,14 +53,8 @@ lint: $(VENV)/installed ## Check style with ruff
 	$(VENV)/bin/ruff format --check .
 
 bench: $(VENV)/installed ## Measure the service under wrk beside the stack's ceilings
-	@if ! command -v wrk >/dev/null || ! command -v redis-benchmark >/dev/null; then \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			apt-get update -qq && apt-get install -y -qq wrk redis-tools >/dev/null; \
-		else \
-			echo "make bench needs wrk and redis-benchmark: install wrk and redis-tools"; \
-			exit 1; \
-		fi; \
-	fi
+	$(call apt_install,wrk,wrk)
+	$(call apt_install,redis-benchmark,redis-tools)
 	$(PY) bench/bench.py
 
 clean: ## Remove the virtualenv and local state

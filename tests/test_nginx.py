@@ -1,0 +1,207 @@
+"""Behind a real nginx, with deploy/nginx.conf, talking to gunicorn on a unix socket."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from dev import Gunicorn, RedisServer, free_port
+from tests.conftest import API_TOKEN, JOB_TOKEN, ROOT, add_active_job, bearer
+
+EXAMPLE = ROOT / "deploy" / "nginx.conf"
+APP_BODY_LIMIT = 1000  # below nginx's 1m, so that each of the two limits can be hit
+
+
+def site_config(socket: Path, port: int) -> str:
+    """Return the example config, pointed at this test's socket and port."""
+    text = EXAMPLE.read_text()
+    for old, new in [
+        ("server unix:/run/bullmq-http/gunicorn.sock", f"server unix:{socket}"),
+        ("listen 80;", f"listen 127.0.0.1:{port};"),
+    ]:
+        assert text.count(old) == 1, f"deploy/nginx.conf no longer has {old!r}"
+        text = text.replace(old, new)
+    return text
+
+
+def main_config(directory: Path) -> str:
+    """Return an nginx.conf that keeps everything in directory and includes the site."""
+    temp = "\n".join(
+        f"    {kind}_temp_path {directory / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    # As root, nginx's workers would run as nobody, who cannot reach the test's socket.
+    user = "user root;" if os.geteuid() == 0 else ""
+    return f"""{user}
+worker_processes 1;
+pid {directory / "nginx.pid"};
+error_log {directory / "error.log"} warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+{temp}
+    include {directory / "site.conf"};
+}}
+"""
+
+
+@dataclass
+class Stack:
+    port: int
+    redis: RedisServer
+    gunicorn: Gunicorn
+    data: redis.Redis
+
+    def request(self, method, path, body=None, headers=None):
+        """Send a request to nginx; return (status, headers, body)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, path, body, headers or {})
+            response = conn.getresponse()
+            return response.status, response.headers, response.read()
+        finally:
+            conn.close()
+
+    def logged_address(self, request_id: str) -> str:
+        """Return the client address the app logged for a request id."""
+        for line in self.gunicorn.log.read_text().splitlines():
+            if line.endswith(f" {request_id}"):
+                return re.search(r'\] (\S+) "', line)[1]
+        raise AssertionError(f"no access-log line for {request_id}")
+
+
+@pytest.fixture(scope="module")
+def nginx() -> str:
+    found = shutil.which("nginx") or next(
+        (path for path in ("/usr/sbin/nginx",) if os.access(path, os.X_OK)), None
+    )
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail("nginx must be installed in CI: `make test` installs it where it can")
+    pytest.skip("nginx is not installed (make test installs it where apt-get can)")
+
+
+@pytest.fixture(scope="module", params=[1, 0], ids=["trusted", "untrusted"])
+def stack(request, nginx, tmp_path_factory):
+    """Redis, gunicorn on a unix socket and nginx in front, with the example config."""
+    directory = tmp_path_factory.mktemp("nginx")
+    port = free_port()
+    with RedisServer(directory / "redis") as redis_server:
+        env = {
+            "REDIS_URL": redis_server.url,
+            "AUTH_TOKENS": API_TOKEN,
+            "TRUSTED_PROXIES": str(request.param),
+            "MAX_BODY_BYTES": str(APP_BODY_LIMIT),
+            "WEB_CONCURRENCY": "1",
+        }
+        with Gunicorn(directory, env) as server:
+            (directory / "site.conf").write_text(
+                site_config(Path(server.bind.removeprefix("unix:")), port)
+            )
+            (directory / "nginx.conf").write_text(main_config(directory))
+            process = subprocess.Popen(
+                [nginx, "-p", str(directory), "-c", str(directory / "nginx.conf"),
+                 "-g", "daemon off;"],
+                stderr=subprocess.PIPE,
+            )  # fmt: skip
+            data = redis.Redis.from_url(redis_server.url, decode_responses=True)
+            stack = Stack(port, redis_server, server, data)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    if stack.request("GET", "/bullmq/healthz")[0] == 200:
+                        break
+                except OSError:
+                    pass
+                assert process.poll() is None, process.stderr.read().decode()
+                assert time.monotonic() < deadline, "nginx did not answer"
+                time.sleep(0.05)
+            try:
+                yield stack, bool(request.param)
+            finally:
+                process.terminate()
+                process.wait(timeout=10)
+                process.stderr.close()
+                data.close()
+
+
+@pytest.fixture
+def job(stack):
+    the_stack, _ = stack
+    the_stack.data.flushdb()
+    return add_active_job(the_stack.data, "orders", "1", JOB_TOKEN)
+
+
+def test_every_route_works_under_the_prefix(stack, job):
+    s, trusted = stack
+    base = "/bullmq/queues/orders/jobs/1"
+    assert s.request("POST", f"{base}/progress", b'{"step": 2}', bearer(JOB_TOKEN))[::2] == (
+        200,
+        b"OK",
+    )
+    assert s.request("POST", f"{base}/logs", b"via nginx", bearer(JOB_TOKEN))[0] == 200
+    status, headers, body = s.request("GET", f"{base}/logs?order=desc", None, bearer(API_TOKEN))
+    assert (status, json.loads(body)) == (200, {"count": 1, "logs": ["via nginx"]})
+    assert s.data.hget(job, "progress") == '{"step":2}'
+    assert s.request("GET", "/bullmq/healthz")[::2] == (200, b"OK")
+    assert s.request("GET", "/bullmq/readyz")[::2] == (200, b"OK")
+    status, _, body = s.request("GET", "/bullmq/openapi.json")
+    assert status == 200
+    assert json.loads(body)["servers"] == [{"url": "/bullmq" if trusted else "/"}]
+    # Refusals come through as the app said them.
+    status, headers, body = s.request("POST", f"{base}/progress", b"1", bearer("wrong"))
+    assert (status, headers["WWW-Authenticate"]) == (401, "Bearer")
+    assert s.request("GET", "/bullmq/queues/orders/jobs/2/logs", None, bearer(API_TOKEN))[0] == 404
+
+
+def test_the_client_address_is_believed_only_from_trusted_hops(stack, job):
+    s, trusted = stack
+    request_id = uuid.uuid4().hex
+    # A client that claims an address of its own: nginx appends the one it saw.
+    headers = {"X-Forwarded-For": "203.0.113.7", "X-Request-ID": request_id}
+    status, answer_headers, _ = s.request("GET", "/bullmq/healthz", None, headers)
+    assert (status, answer_headers["X-Request-ID"]) == (200, request_id)
+    address = s.logged_address(request_id)
+    assert address != "203.0.113.7"
+    assert (address == "127.0.0.1") == trusted
+
+
+def test_oversized_bodies_are_413_from_nginx_and_from_the_app(stack, job):
+    s, _ = stack
+    url = "/bullmq/queues/orders/jobs/1/logs"
+    # Over the app's MAX_BODY_BYTES: the app refuses it, and says so.
+    status, _, body = s.request("POST", url, b"x" * (APP_BODY_LIMIT + 1), bearer(JOB_TOKEN))
+    assert (status, body) == (
+        413,
+        f"the body is larger than {APP_BODY_LIMIT} bytes (MAX_BODY_BYTES)".encode(),
+    )
+    # Over nginx's client_max_body_size: nginx refuses it before gunicorn sees it.
+    status, _, _ = s.request("POST", url, b"x" * (1024 * 1024 + 1), bearer(JOB_TOKEN))
+    assert status == 413
+    assert s.data.llen("bull:orders:1:logs") == 0
+
+
+def test_readyz_under_the_prefix_follows_redis(stack, job):
+    s, _ = stack
+    assert s.request("GET", "/bullmq/readyz")[0] == 200
+    s.redis.stop()
+    try:
+        status, headers, body = s.request("GET", "/bullmq/readyz")
+        assert (status, headers["Retry-After"]) == (503, "1")
+        assert body == b"Redis is unavailable; retry shortly"
+        assert s.request("GET", "/bullmq/healthz")[0] == 200
+    finally:
+        s.redis.start()
+    assert s.request("GET", "/bullmq/readyz")[::2] == (200, b"OK")
