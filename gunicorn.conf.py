@@ -41,8 +41,11 @@ workers = _whole("WEB_CONCURRENCY", os.cpu_count() or 1, 1, 256)
 # (The sync worker closes every connection after one request.)
 worker_connections = _whole("WORKER_CONNECTIONS", 1000, 1, 10_000)
 threads = _whole("THREADS", 8, 1, 1024)
-# Longer than a client's pause between two reports on the same connection.
-keepalive = 30
+# Idle keep-alive connections are closed after this many seconds: long enough for a
+# worker's next report on the same connection, short enough that a graceful stop,
+# which waits for idle connections too, takes seconds. A proxy in front must close
+# its idle upstream connections sooner (deploy/nginx.conf: keepalive_timeout 10s).
+keepalive = 15
 
 # Load the app once in the master: a bad setting stops start-up with one line, before
 # any worker forks, and the workers share the loaded code.

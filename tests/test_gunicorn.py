@@ -1,9 +1,13 @@
 """The service as deployed: gunicorn with its production config, and many clients at once."""
 
+import http.client
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -105,3 +109,41 @@ def test_a_bad_app_setting_stops_start_up_with_one_line():
 def test_a_bad_server_setting_stops_start_up_with_one_line(variable, value, bounds):
     code, stderr = start_with({"BIND": "", variable: value})
     assert (code, stderr) == (1, f"{variable}={value!r} must be a whole number {bounds}")
+
+
+def test_sigterm_lets_requests_in_flight_finish(tmp_path, redis_url, r, job):
+    job()
+    server = Gunicorn(tmp_path, {"REDIS_URL": redis_url, "WEB_CONCURRENCY": "2"}).start()
+    path = server.bind.removeprefix("unix:")
+    clients = []
+    try:
+        for n in range(6):
+            # Headers and half the body: gunicorn has handed the request to the app,
+            # which is waiting for the rest of the body.
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(10)
+            sock.connect(path)
+            sock.sendall(
+                b"POST /queues/orders/jobs/1/logs HTTP/1.1\r\nHost: localhost\r\n"
+                + f"Authorization: Bearer {JOB_TOKEN}\r\n".encode()
+                + b"Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"5\r\nline-\r\n"
+            )
+            clients.append((n, sock))
+        time.sleep(0.5)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the workers have stopped accepting and are draining
+        answers = []
+        for n, sock in clients:
+            sock.sendall(f"1\r\n{n}\r\n0\r\n\r\n".encode())
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            answers.append((response.status, response.read()))
+            sock.close()  # done, as a client would be: the worker has nothing left to wait for
+        assert server.process.wait(timeout=10) == 0
+    finally:
+        for _, sock in clients:
+            sock.close()
+        server.stop()
+    assert answers == [(200, b"OK")] * 6
+    assert sorted(r.lrange("bull:orders:1:logs", 0, -1)) == [f"line-{n}" for n in range(6)]
