@@ -24,8 +24,11 @@ from urllib.parse import urlsplit
 import redis
 import yaml
 from flask import Blueprint, Flask, Response, abort, current_app, request
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -112,19 +115,33 @@ NO_SUCH_JOB = -2
 # ------------------------------------------------------------------------ Redis
 
 
+class CrossSlot(ValueError):
+    """A job's keys would fall in different Redis Cluster slots."""
+
+
 class JobStore:
     """BullMQ's job keys in one Redis database; every method is one round trip."""
 
-    def __init__(self, client: redis.Redis, prefix: str, max_logs: int | None = None) -> None:
+    def __init__(
+        self, client: redis.Redis | RedisCluster, prefix: str, max_logs: int | None = None
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.max_logs = b"" if max_logs is None else str(max_logs).encode()
+        # A script or transaction may touch one cluster slot only.
+        self.one_slot = isinstance(client, RedisCluster)
         self._set_progress = client.register_script(SET_PROGRESS)
         self._add_log = client.register_script(ADD_LOG)
 
     def key(self, queue: str, *parts: str) -> str:
         """Return BullMQ's key for a queue, or for one of its jobs and a suffix."""
         return ":".join((self.prefix, queue, *parts))
+
+    def check_slot(self, keys: tuple[str, ...]) -> tuple[str, ...]:
+        """Return the keys, or raise CrossSlot when a cluster could not run them together."""
+        if self.one_slot and len({key_slot(key.encode()) for key in keys}) > 1:
+            raise CrossSlot(keys[0])
+        return keys
 
     def set_progress(self, queue: str, job_id: str, token: bytes, progress: bytes) -> int:
         """Store a job's progress and publish a progress event; return a script code."""
@@ -134,7 +151,7 @@ class JobStore:
             self.key(queue, "events"),
             self.key(queue, "meta"),
         )
-        return self._set_progress(keys, (token, job_id, progress))
+        return self._set_progress(self.check_slot(keys), (token, job_id, progress))
 
     def add_log(self, queue: str, job_id: str, token: bytes, line: str) -> int:
         """Append a line to a job's logs; return the number kept or a script code."""
@@ -143,16 +160,18 @@ class JobStore:
             self.key(queue, job_id, "lock"),
             self.key(queue, job_id, "logs"),
         )
-        return self._add_log(keys, (token, line, self.max_logs))
+        return self._add_log(self.check_slot(keys), (token, line, self.max_logs))
 
     def read_logs(
         self, queue: str, job_id: str, start: int, length: int, newest_first: bool
     ) -> tuple[int, list[bytes]] | None:
         """Return (total count, one page of lines) of a job's logs, or None if no job."""
-        logs_key = self.key(queue, job_id, "logs")
+        job_key, logs_key = self.check_slot(
+            (self.key(queue, job_id), self.key(queue, job_id, "logs"))
+        )
         end = start + length - 1
         pipe = self.client.pipeline(transaction=True)
-        pipe.type(self.key(queue, job_id))
+        pipe.type(job_key)
         if newest_first:
             pipe.lrange(logs_key, -(end + 1), -(start + 1))
         else:
@@ -177,6 +196,10 @@ REDIS_UNAVAILABLE = (
     redis.exceptions.TimeoutError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.OutOfMemoryError,
+    # A cluster that is failing over, resharding, or missing a slot's master.
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.RedisClusterException,
 )
 
 # ----------------------------------------------------------------------- config
@@ -194,6 +217,11 @@ DEFAULTS: dict[str, Any] = {
     "REDIS_PASSWORD": None,
     "REDIS_TLS": False,
     "REDIS_TIMEOUT": 2.0,
+    "REDIS_CLUSTER": False,
+    "REDIS_CLUSTER_NODES": (),
+    "REDIS_SENTINELS": (),
+    "REDIS_SENTINEL_MASTER": None,
+    "REDIS_SENTINEL_PASSWORD": None,
     "QUEUE_PREFIX": "bull",
     "AUTH_TOKENS": (),
     "MIN_QUEUE_NAME_LENGTH": 3,
@@ -238,9 +266,21 @@ def _flag(value: str) -> bool:
 
 
 def _redis_url(value: str) -> str:
-    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("must start with redis://, rediss:// or unix://")
+    # Several, comma separated, name the seed nodes of a cluster.
+    for url in value.split(","):
+        if urlsplit(url.strip()).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
     return value
+
+
+def _addresses(value: str) -> tuple[tuple[str, int], ...]:
+    addresses = []
+    for item in value.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError("must be host:port, comma separated")
+        addresses.append((host, int(port)))
+    return tuple(addresses)
 
 
 def _token_list(value: str) -> tuple[str, ...]:
@@ -265,6 +305,11 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "REDIS_PASSWORD": ("REDIS_PASSWORD", _text),
     "REDIS_TLS": ("REDIS_TLS", _flag),
     "REDIS_TIMEOUT": ("REDIS_TIMEOUT", _seconds),
+    "REDIS_CLUSTER": ("REDIS_CLUSTER", _flag),
+    "REDIS_CLUSTER_NODES": ("REDIS_CLUSTER_NODES", _addresses),
+    "REDIS_SENTINELS": ("REDIS_SENTINELS", _addresses),
+    "REDIS_SENTINEL_MASTER": ("REDIS_SENTINEL_MASTER", _text),
+    "REDIS_SENTINEL_PASSWORD": ("REDIS_SENTINEL_PASSWORD", _text),
     "QUEUE_PREFIX": ("QUEUE_PREFIX", _text),
     "AUTH_TOKENS": ("AUTH_TOKENS", _token_list),
     "AUTH_TOKENS_FILE": ("AUTH_TOKENS_FROM_FILE", _token_file),
@@ -295,12 +340,27 @@ def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return settings
 
 
+HASH_TAG = re.compile(r"\{[^}]+\}")
+
+
 def check_settings(config: Mapping[str, Any]) -> None:
-    """Raise ConfigError when settings contradict each other."""
+    """Raise ConfigError when settings contradict each other; warn of risky ones."""
     if config["MIN_QUEUE_NAME_LENGTH"] > config["MAX_QUEUE_NAME_LENGTH"]:
         raise ConfigError(
             f"MIN_QUEUE_NAME_LENGTH={config['MIN_QUEUE_NAME_LENGTH']} is above "
             f"MAX_QUEUE_NAME_LENGTH={config['MAX_QUEUE_NAME_LENGTH']}"
+        )
+    if config["REDIS_CLUSTER"] and config["REDIS_SENTINELS"]:
+        raise ConfigError("REDIS_CLUSTER and REDIS_SENTINELS are set: choose one")
+    if config["REDIS_SENTINELS"] and not config["REDIS_SENTINEL_MASTER"]:
+        raise ConfigError("REDIS_SENTINELS is set without REDIS_SENTINEL_MASTER, the master's name")
+    if "," in (config["REDIS_URL"] or "") and not config["REDIS_CLUSTER"]:
+        raise ConfigError("REDIS_URL names several servers: set REDIS_CLUSTER=1 for a cluster")
+    if config["REDIS_CLUSTER"] and not HASH_TAG.search(config["QUEUE_PREFIX"].split(":")[0]):
+        log.warning(
+            "QUEUE_PREFIX=%s has no hash tag: on Redis Cluster every queue name then needs "
+            "one, like {orders}; QUEUE_PREFIX={bull} covers every queue",
+            config["QUEUE_PREFIX"],
         )
 
 
@@ -313,6 +373,25 @@ def redis_client(config: Mapping[str, Any]) -> redis.Redis:
         # on a timeout: a timed-out write may still have run, and must not run twice.
         "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
     }
+    if config["REDIS_CLUSTER"]:
+        return cluster_client(config, options)
+    if config["REDIS_SENTINELS"]:
+        sentinels = Sentinel(
+            config["REDIS_SENTINELS"],
+            sentinel_kwargs={
+                "password": config["REDIS_SENTINEL_PASSWORD"],
+                "socket_timeout": config["REDIS_TIMEOUT"],
+            },
+        )
+        # The pool asks the sentinels for the master whenever it connects, so after a
+        # failover the next connection goes to the new master.
+        return sentinels.master_for(
+            config["REDIS_SENTINEL_MASTER"],
+            username=config["REDIS_USERNAME"],
+            password=config["REDIS_PASSWORD"],
+            ssl=config["REDIS_TLS"],
+            **options,
+        )
     if config["REDIS_URL"]:
         return redis.Redis.from_url(config["REDIS_URL"], **options)
     return redis.Redis(
@@ -322,6 +401,31 @@ def redis_client(config: Mapping[str, Any]) -> redis.Redis:
         password=config["REDIS_PASSWORD"],
         ssl=config["REDIS_TLS"],
         **options,
+    )
+
+
+def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisCluster:
+    """Make a Redis Cluster client from its seed nodes."""
+    seeds = [ClusterNode(host, port) for host, port in config["REDIS_CLUSTER_NODES"]]
+    credentials = {"username": config["REDIS_USERNAME"], "password": config["REDIS_PASSWORD"]}
+    tls = config["REDIS_TLS"]
+    for url in (config["REDIS_URL"] or "").split(","):
+        if url.strip():
+            parts = urlsplit(url.strip())
+            seeds.append(ClusterNode(parts.hostname or "localhost", parts.port or 6379))
+            credentials = {"username": parts.username, "password": parts.password}
+            tls = tls or parts.scheme == "rediss"
+    if not seeds:
+        seeds = [ClusterNode(config["REDIS_HOST"], config["REDIS_PORT"])]
+    return RedisCluster(
+        startup_nodes=seeds,
+        ssl=tls,
+        socket_timeout=options["socket_timeout"],
+        socket_connect_timeout=options["socket_connect_timeout"],
+        # MOVED and ASK are followed at once; a node down or a failover under way is
+        # retried a few times, within about a second, before the request answers 503.
+        retry=Retry(ExponentialBackoff(cap=0.4, base=0.05), 4),
+        **credentials,
     )
 
 
@@ -577,6 +681,16 @@ def plain_error(error: HTTPException) -> Response:
     return response
 
 
+def cross_slot(error: CrossSlot) -> Response:
+    """Answer 400 for a queue whose keys a Redis Cluster cannot handle together."""
+    return Response(
+        "on Redis Cluster a queue's keys must share one slot: give QUEUE_PREFIX a hash tag "
+        "({bull}) or put one in the queue name ({orders})",
+        400,
+        PLAIN,
+    )
+
+
 def redis_unavailable(error: redis.exceptions.RedisError) -> Response:
     """Answer 503 while Redis cannot be reached; the pool reconnects by itself."""
     log.warning("Redis unavailable for %s %s: %s", request.method, request.path, error)
@@ -656,6 +770,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(jobs)
     app.register_blueprint(health)
     app.register_error_handler(HTTPException, plain_error)
+    app.register_error_handler(CrossSlot, cross_slot)
     for error in REDIS_UNAVAILABLE:
         app.register_error_handler(error, redis_unavailable)
 

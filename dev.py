@@ -62,10 +62,15 @@ class Server:
 class RedisServer(Server):
     """A real Redis server in a directory of its own, listening on a unix socket."""
 
-    def __init__(self, directory: str | Path | None = None) -> None:
+    def __init__(
+        self, directory: str | Path | None = None, port: int = 0, args: Sequence[str] = ()
+    ) -> None:
         self.directory = Path(directory or tempfile.mkdtemp(prefix="bullmq-http-redis-"))
         self.socket = self.directory / "redis.sock"
         self.url = f"unix://{self.socket}"
+        # A TCP port as well, on loopback, where a cluster or sentinels must reach it.
+        self.port = port
+        self.args = args
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         """Start the server and wait until it answers PING."""
@@ -74,7 +79,9 @@ class RedisServer(Server):
         self.process = subprocess.Popen(
             [
                 redis_server_binary(),
-                "--port", "0",
+                *self.args,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
                 "--unixsocket", str(self.socket),
                 "--unixsocketperm", "700",
                 "--dir", str(self.directory),
@@ -100,6 +107,111 @@ class RedisServer(Server):
         return self
 
 
+class RedisCluster:
+    """A real Redis Cluster on loopback: three masters, each with one replica."""
+
+    def __init__(self, directory: Path, node_timeout_ms: int = 1000) -> None:
+        args = [
+            "--cluster-enabled", "yes",
+            "--cluster-node-timeout", str(node_timeout_ms),
+            "--appendonly", "no",
+        ]  # fmt: skip
+        self.nodes = []
+        for n in range(6):
+            port = free_port(below=55535)  # the cluster bus listens on port + 10000
+            node_args = [*args, "--cluster-config-file", str(directory / f"node{n}" / "nodes.conf")]
+            self.nodes.append(RedisServer(directory / f"node{n}", port, node_args))
+        self.masters, self.replicas = self.nodes[:3], self.nodes[3:]
+        self.seeds = [f"127.0.0.1:{node.port}" for node in self.masters]
+
+    def start(self, timeout: float = 30.0) -> RedisCluster:
+        """Start the nodes, split the slots over the masters, and wait for state ok."""
+        for node in self.nodes:
+            node.start()
+        clients = [redis.Redis(port=node.port) for node in self.nodes]
+        per_master = 16384 // 3 + 1
+        for n, client in enumerate(clients[:3]):
+            client.execute_command(
+                "CLUSTER ADDSLOTS", *range(n * per_master, min((n + 1) * per_master, 16384))
+            )
+        for client in clients[1:]:
+            client.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port)
+        deadline = time.monotonic() + timeout
+        for master, replica in zip(clients[:3], clients[3:], strict=True):
+            master_id = master.execute_command("CLUSTER MYID")
+            while True:
+                try:
+                    replica.execute_command("CLUSTER REPLICATE", master_id)
+                    break
+                except redis.exceptions.ResponseError:  # the replica has not met it yet
+                    assert time.monotonic() < deadline, "cluster nodes did not meet"
+                    time.sleep(0.1)
+        while not all(client.cluster("info")["cluster_state"] == "ok" for client in clients):
+            assert time.monotonic() < deadline, "the cluster did not come up"
+            time.sleep(0.1)
+        for client in clients:
+            client.close()
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Sentinels:
+    """A real Redis master with one replica, watched by three sentinels, on loopback."""
+
+    def __init__(self, directory: Path, name: str = "bullmq") -> None:
+        self.name = name
+        self.master = RedisServer(directory / "master", free_port())
+        self.replica = RedisServer(
+            directory / "replica",
+            free_port(),
+            ["--replicaof", "127.0.0.1", str(self.master.port)],
+        )
+        self.sentinels: list[RedisServer] = []
+        for n in range(3):
+            conf = directory / f"sentinel{n}" / "sentinel.conf"
+            self.sentinels.append(RedisServer(conf.parent, free_port(), [str(conf), "--sentinel"]))
+        self.addresses = [f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels]
+
+    def start(self, timeout: float = 30.0) -> Sentinels:
+        """Start master, replica and sentinels; wait until the replica is in sync."""
+        self.master.start()
+        self.replica.start()
+        for sentinel in self.sentinels:
+            sentinel.directory.mkdir(parents=True, exist_ok=True)
+            (sentinel.directory / "sentinel.conf").write_text(
+                f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.name} 500\n"
+                f"sentinel failover-timeout {self.name} 3000\n"
+            )
+            sentinel.start()
+        deadline = time.monotonic() + timeout
+        master = redis.Redis(port=self.master.port)
+        while master.info("replication").get("slave0", {}).get("state") != "online":
+            assert time.monotonic() < deadline, "the replica did not sync"
+            time.sleep(0.05)
+        master.close()
+        return self
+
+    def stop(self) -> None:
+        for server in (*self.sentinels, self.replica, self.master):
+            server.stop()
+
+    def __enter__(self) -> Sentinels:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 class UnixHTTPConnection(http.client.HTTPConnection):
     """An HTTP/1.1 keep-alive connection over a unix socket."""
 
@@ -113,11 +225,14 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.path)
 
 
-def free_port() -> int:
+def free_port(below: int = 65536) -> int:
     """Return a TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port < below:
+            return port
 
 
 class Gunicorn(Server):

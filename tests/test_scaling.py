@@ -1,0 +1,188 @@
+"""Redis Cluster and Sentinel: every route, the one-slot rule, and failovers."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import redis
+from redis.crc import key_slot
+from redis.sentinel import Sentinel
+
+from app import create_app
+from dev import RedisCluster, Sentinels
+from tests.conftest import API_TOKEN, JOB_TOKEN, add_active_job, bearer
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with RedisCluster(tmp_path_factory.mktemp("cluster")) as the_cluster:
+        yield the_cluster
+
+
+@pytest.fixture
+def data(cluster):
+    """Yield a client of the cluster, emptied before the test."""
+    client = redis.RedisCluster(
+        host="127.0.0.1", port=cluster.masters[1].port, decode_responses=True
+    )
+    client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+    yield client
+    client.close()
+
+
+def master_of(client: redis.RedisCluster, key: str) -> int:
+    """Return the port of the master that serves a key."""
+    return client.get_node_from_key(key).port
+
+
+def cluster_app(the_cluster: RedisCluster, **settings):
+    nodes = tuple(("127.0.0.1", node.port) for node in the_cluster.masters)
+    config = {"REDIS_CLUSTER": True, "REDIS_CLUSTER_NODES": nodes, "AUTH_TOKENS": [API_TOKEN]}
+    return create_app({**config, **settings})
+
+
+def queues_on_every_master(client: redis.RedisCluster) -> list[str]:
+    """Return queue names with a hash tag, one served by each master."""
+    found: dict[int, str] = {}
+    n = 0
+    while len(found) < 3:
+        queue = f"{{q{n}}}"
+        found.setdefault(master_of(client, f"bull:{queue}:1"), queue)
+        n += 1
+    return list(found.values())
+
+
+def test_every_route_works_on_every_master(cluster, data):
+    client = cluster_app(cluster).test_client()
+    for queue in queues_on_every_master(data):
+        key = add_active_job(data, queue, "1", JOB_TOKEN)
+        url = f"/queues/{queue}/jobs/1"
+        assert (
+            client.post(f"{url}/progress", data=b"50", headers=bearer(JOB_TOKEN)).status_code == 200
+        )
+        assert (
+            client.post(f"{url}/logs", data=b"a line", headers=bearer(JOB_TOKEN)).status_code == 200
+        )
+        response = client.get(f"{url}/logs", headers=bearer(API_TOKEN))
+        assert response.get_json() == {"count": 1, "logs": ["a line"]}
+        assert data.hget(key, "progress") == "50"
+        assert data.xlen(f"bull:{queue}:events") == 1
+        assert client.post(f"{url}/logs", data=b"x", headers=bearer("wrong")).status_code == 401
+    assert client.get("/readyz").status_code == 200
+
+
+def test_a_prefix_hash_tag_serves_every_queue(cluster, data):
+    client = cluster_app(cluster, QUEUE_PREFIX="{jobs}").test_client()
+    for queue in ("orders", "emails", "reports"):
+        key = add_active_job(data, queue, "1", JOB_TOKEN, prefix="{jobs}")
+        response = client.post(
+            f"/queues/{queue}/jobs/1/progress", data=b"7", headers=bearer(JOB_TOKEN)
+        )
+        assert response.status_code == 200
+        assert data.hget(key, "progress") == "7"
+
+
+def test_keys_in_different_slots_are_a_400_not_a_crossslot_500(cluster, data, caplog):
+    with caplog.at_level(logging.WARNING, logger="app"):
+        client = cluster_app(cluster).test_client()
+    assert "QUEUE_PREFIX=bull has no hash tag" in caplog.text
+    assert key_slot(b"bull:plain:1") != key_slot(b"bull:plain:events")
+    key = add_active_job(data, "plain", "1", JOB_TOKEN)
+    for method, route, token in [
+        ("POST", "progress", JOB_TOKEN),
+        ("POST", "logs", JOB_TOKEN),
+        ("GET", "logs", API_TOKEN),
+    ]:
+        response = client.open(
+            f"/queues/plain/jobs/1/{route}", method=method, data=b"1", headers=bearer(token)
+        )
+        assert response.status_code == 400
+        assert response.get_data(as_text=True).startswith(
+            "on Redis Cluster a queue's keys must share one slot: give QUEUE_PREFIX a hash tag"
+        )
+    assert data.hget(key, "progress") is None
+    assert not data.exists("bull:plain:1:logs", "bull:plain:events", "bull:plain:meta")
+
+
+def post_until_recovered(client, url: str, first: int, seconds: float = 20.0):
+    """Post numbered lines through a failover; return (statuses, acknowledged lines)."""
+    statuses, acknowledged = [], []
+    deadline = time.monotonic() + seconds
+    n = first
+    while time.monotonic() < deadline:
+        line = f"line {n}"
+        response = client.post(url, data=line.encode(), headers=bearer(JOB_TOKEN))
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            acknowledged.append(line)
+            if statuses[-5:] == [200] * 5 and 503 in statuses:
+                break
+        else:
+            assert response.headers["Retry-After"] == "1"
+            time.sleep(0.05)
+        n += 1
+    return statuses, acknowledged
+
+
+def test_a_master_failover_answers_503_then_200_and_loses_nothing(cluster, data):
+    client = cluster_app(cluster, REDIS_TIMEOUT=0.5).test_client()
+    queue = next(
+        q
+        for q in queues_on_every_master(data)
+        if master_of(data, f"bull:{q}:1") == cluster.masters[0].port
+    )
+    add_active_job(data, queue, "1", JOB_TOKEN)
+    url = f"/queues/{queue}/jobs/1/logs"
+    before = [f"line {n}" for n in range(20)]
+    for line in before:
+        assert client.post(url, data=line.encode(), headers=bearer(JOB_TOKEN)).status_code == 200
+    # Every acknowledged write has reached the replica before its master goes.
+    with redis.Redis(port=cluster.masters[0].port) as master:
+        assert master.execute_command("WAIT", 1, 2000) == 1
+
+    cluster.masters[0].stop()
+    statuses, during = post_until_recovered(client, url, first=20)
+
+    assert set(statuses) <= {200, 503}, statuses
+    assert 503 in statuses and statuses[-5:] == [200] * 5
+    response = client.get(f"/queues/{queue}/jobs/1/logs?length=100", headers=bearer(API_TOKEN))
+    assert response.status_code == 200
+    assert response.get_json()["logs"] == before + during
+
+
+@pytest.fixture
+def sentinels(tmp_path):
+    with Sentinels(tmp_path) as the_sentinels:
+        yield the_sentinels
+
+
+def test_a_sentinel_failover_answers_503_then_200_and_loses_nothing(sentinels):
+    addresses = tuple(("127.0.0.1", int(a.rsplit(":", 1)[1])) for a in sentinels.addresses)
+    app = create_app(
+        {
+            "REDIS_SENTINELS": addresses,
+            "REDIS_SENTINEL_MASTER": sentinels.name,
+            "AUTH_TOKENS": [API_TOKEN],
+            "REDIS_TIMEOUT": 0.5,
+        }
+    )
+    client = app.test_client()
+    data = Sentinel(addresses).master_for(sentinels.name, decode_responses=True)
+    add_active_job(data, "orders", "1", JOB_TOKEN)
+    url = "/queues/orders/jobs/1/logs"
+    before = [f"line {n}" for n in range(20)]
+    for line in before:
+        assert client.post(url, data=line.encode(), headers=bearer(JOB_TOKEN)).status_code == 200
+    with redis.Redis(port=sentinels.master.port) as master:
+        assert master.execute_command("WAIT", 1, 2000) == 1
+
+    sentinels.master.stop()
+    statuses, during = post_until_recovered(client, url, first=20)
+
+    assert set(statuses) <= {200, 503}, statuses
+    assert 503 in statuses and statuses[-5:] == [200] * 5
+    assert Sentinel(addresses).discover_master(sentinels.name)[1] == sentinels.replica.port
+    response = client.get(f"{url}?length=100", headers=bearer(API_TOKEN))
+    assert response.get_json()["logs"] == before + during
