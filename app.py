@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -123,15 +124,44 @@ class JobStore:
     """BullMQ's job keys in one Redis database; every method is one round trip."""
 
     def __init__(
-        self, client: redis.Redis | RedisCluster, prefix: str, max_logs: int | None = None
+        self,
+        connect: Callable[[], redis.Redis | RedisCluster],
+        prefix: str,
+        max_logs: int | None = None,
+        cluster: bool = False,
     ) -> None:
-        self.client = client
+        self.connect = connect
         self.prefix = prefix
         self.max_logs = b"" if max_logs is None else str(max_logs).encode()
         # A script or transaction may touch one cluster slot only.
-        self.one_slot = isinstance(client, RedisCluster)
-        self._set_progress = client.register_script(SET_PROGRESS)
-        self._add_log = client.register_script(ADD_LOG)
+        self.one_slot = cluster
+        self._client: redis.Redis | RedisCluster | None = None
+        self._scripts: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> redis.Redis | RedisCluster:
+        """Return the Redis client, made on first use.
+
+        A cluster client reads the cluster's layout as it is made; made here, a cluster
+        that is down at start-up costs 503s until it is up, not a failed start.
+        """
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    client = self.connect()
+                    self._scripts = {
+                        "progress": client.register_script(SET_PROGRESS),
+                        "log": client.register_script(ADD_LOG),
+                    }
+                    self._client = client
+        return self._client
+
+    def run(self, script: str, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        """Run one of the service's scripts ("progress", "log") on a job's keys."""
+        self.check_slot(keys)
+        client = self.client
+        return self._scripts[script](keys, args, client=client)
 
     def key(self, queue: str, *parts: str) -> str:
         """Return BullMQ's key for a queue, or for one of its jobs and a suffix."""
@@ -151,7 +181,7 @@ class JobStore:
             self.key(queue, "events"),
             self.key(queue, "meta"),
         )
-        return self._set_progress(self.check_slot(keys), (token, job_id, progress))
+        return self.run("progress", keys, (token, job_id, progress))
 
     def add_log(self, queue: str, job_id: str, token: bytes, line: str) -> int:
         """Append a line to a job's logs; return the number kept or a script code."""
@@ -160,7 +190,7 @@ class JobStore:
             self.key(queue, job_id, "lock"),
             self.key(queue, job_id, "logs"),
         )
-        return self._add_log(self.check_slot(keys), (token, line, self.max_logs))
+        return self.run("log", keys, (token, line, self.max_logs))
 
     def read_logs(
         self, queue: str, job_id: str, start: int, length: int, newest_first: bool
@@ -765,7 +795,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     app.extensions["openapi"] = yaml.safe_load(OPENAPI.read_text(encoding="utf-8"))
     app.extensions["bullmq_http"] = JobStore(
-        redis_client(app.config), app.config["QUEUE_PREFIX"], app.config["MAX_LOGS_PER_JOB"]
+        functools.partial(redis_client, dict(app.config)),
+        app.config["QUEUE_PREFIX"],
+        app.config["MAX_LOGS_PER_JOB"],
+        cluster=app.config["REDIS_CLUSTER"],
     )
     app.register_blueprint(jobs)
     app.register_blueprint(health)

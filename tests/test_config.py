@@ -125,6 +125,51 @@ def test_no_api_token_is_warned_about(caplog, monkeypatch):
 )
 def test_redis_connection_settings(settings, connection):
     app = create_app(settings)
-    kwargs = app.extensions["bullmq_http"].client.connection_pool.connection_kwargs
+    kwargs = app.extensions["bullmq_http"].connect().connection_pool.connection_kwargs
     assert {name: kwargs.get(name) for name in connection} == connection
     assert kwargs["socket_timeout"] == 2.0
+
+
+def test_cluster_and_sentinel_settings_are_parsed():
+    settings = settings_from_env(
+        {
+            "REDIS_CLUSTER": "1",
+            "REDIS_CLUSTER_NODES": "10.0.0.1:7000, redis-b:7001",
+            "REDIS_SENTINELS": "s1:26379,s2:26379",
+            "REDIS_SENTINEL_MASTER": "jobs",
+            "REDIS_URL": "redis://a:7000,redis://b:7001",
+        }
+    )
+    assert settings["REDIS_CLUSTER"] is True
+    assert settings["REDIS_CLUSTER_NODES"] == (("10.0.0.1", 7000), ("redis-b", 7001))
+    assert settings["REDIS_SENTINELS"] == (("s1", 26379), ("s2", 26379))
+
+
+@pytest.mark.parametrize("value", ["nohost", "h:0", "h:port", ":7000", "h:7000,"])
+def test_bad_node_lists_are_one_clear_error(value):
+    with pytest.raises(ConfigError, match="must be host:port, comma separated"):
+        settings_from_env({"REDIS_CLUSTER_NODES": value})
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"REDIS_CLUSTER": True, "REDIS_SENTINELS": (("s", 1),), "REDIS_SENTINEL_MASTER": "m"},
+            "REDIS_CLUSTER and REDIS_SENTINELS are set: choose one",
+        ),
+        ({"REDIS_SENTINELS": (("s", 1),)}, "REDIS_SENTINELS is set without REDIS_SENTINEL_MASTER"),
+        ({"REDIS_URL": "redis://a:1,redis://b:2"}, "REDIS_URL names several servers"),
+    ],
+)
+def test_contradicting_redis_settings_stop_the_factory(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        create_app(settings)
+
+
+def test_an_unreachable_cluster_at_start_up_answers_503_not_a_failed_start():
+    app = create_app({"REDIS_CLUSTER": True, "REDIS_CLUSTER_NODES": (("127.0.0.1", 1),)})
+    client = app.test_client()
+    assert client.get("/healthz").status_code == 200
+    response = client.get("/readyz")
+    assert (response.status_code, response.headers["Retry-After"]) == (503, "1")

@@ -73,6 +73,15 @@ def test_every_route_works_on_every_master(cluster, data):
     assert client.get("/readyz").status_code == 200
 
 
+def test_seed_nodes_may_come_from_redis_url(cluster, data):
+    seeds = ",".join(f"redis://127.0.0.1:{node.port}" for node in cluster.masters[1:])
+    client = create_app({"REDIS_CLUSTER": True, "REDIS_URL": seeds}).test_client()
+    key = add_active_job(data, "{q}", "1", JOB_TOKEN)
+    response = client.post("/queues/{q}/jobs/1/progress", data=b"3", headers=bearer(JOB_TOKEN))
+    assert response.status_code == 200
+    assert data.hget(key, "progress") == "3"
+
+
 def test_a_prefix_hash_tag_serves_every_queue(cluster, data):
     client = cluster_app(cluster, QUEUE_PREFIX="{jobs}").test_client()
     for queue in ("orders", "emails", "reports"):
