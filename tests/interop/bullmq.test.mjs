@@ -2,7 +2,8 @@
 //
 // Run by tests/interop/test_node.py with the service already serving:
 //   BULLMQ_HTTP_URL  the service, e.g. http://127.0.0.1:8080
-//   REDIS_URL        the Redis server it uses (redis:// or unix://)
+//   REDIS_URL        the Redis server it uses (redis:// or unix://), or
+//   REDIS_CLUSTER_NODES  the seeds (host:port,...) of the Redis Cluster it uses
 //   QUEUE_PREFIX     the prefix both sides use
 //   API_TOKEN        one of the service's AUTH_TOKENS
 import assert from 'node:assert/strict';
@@ -11,18 +12,34 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { test } from 'node:test';
 
 import { Job, Queue, QueueEvents, Worker } from 'bullmq';
+import { Cluster } from 'ioredis';
 
 const service = process.env.BULLMQ_HTTP_URL;
 const prefix = process.env.QUEUE_PREFIX;
 const apiToken = process.env.API_TOKEN;
-const connection = redisOptions(process.env.REDIS_URL);
+const clusterNodes = process.env.REDIS_CLUSTER_NODES;
 
-function redisOptions(url) {
-  const parsed = new URL(url);
-  // Workers block on Redis, which BullMQ wants retried for ever.
-  const options = { maxRetriesPerRequest: null };
-  if (parsed.protocol === 'unix:') return { ...options, path: parsed.pathname };
-  return { ...options, host: parsed.hostname, port: Number(parsed.port || 6379) };
+// Workers block on Redis, which BullMQ wants retried for ever.
+const forever = { maxRetriesPerRequest: null };
+
+// Connection options for one Queue, Worker or QueueEvents: BullMQ takes options for a
+// single server, and a client of its own for a cluster.
+function connection() {
+  if (clusterNodes) {
+    const nodes = clusterNodes.split(',').map((node) => {
+      const [host, port] = node.split(':');
+      return { host, port: Number(port) };
+    });
+    return new Cluster(nodes, { redisOptions: forever });
+  }
+  const parsed = new URL(process.env.REDIS_URL);
+  if (parsed.protocol === 'unix:') return { ...forever, path: parsed.pathname };
+  return { ...forever, host: parsed.hostname, port: Number(parsed.port || 6379) };
+}
+
+// Close the clients made for a cluster: BullMQ leaves a client it was given open.
+async function release(options) {
+  if (options instanceof Cluster) await options.quit();
 }
 
 async function call(method, path, token, body, contentType) {
@@ -55,11 +72,13 @@ async function until(condition, what, ms = 5000) {
 // each job's lock token as an HTTP worker would.
 async function openQueue(t, workerOptions = {}) {
   const name = `interop-${randomUUID().slice(0, 8)}`;
-  const queue = new Queue(name, { connection, prefix });
-  const worker = new Worker(name, null, { connection, prefix, ...workerOptions });
+  const connections = [connection(), connection()];
+  const queue = new Queue(name, { connection: connections[0], prefix });
+  const worker = new Worker(name, null, { connection: connections[1], prefix, ...workerOptions });
   t.after(async () => {
     await worker.close();
     await queue.close();
+    await Promise.all(connections.map(release));
   });
   const take = async (jobOptions = {}) => {
     const added = await queue.add('report', { n: 1 }, jobOptions);
@@ -73,8 +92,12 @@ async function openQueue(t, workerOptions = {}) {
 
 test('progress over HTTP is what Job.fromId reads and QueueEvents hears', async (t) => {
   const { name, queue, take } = await openQueue(t);
-  const events = new QueueEvents(name, { connection, prefix });
-  t.after(() => events.close());
+  const eventsConnection = connection();
+  const events = new QueueEvents(name, { connection: eventsConnection, prefix });
+  t.after(async () => {
+    await events.close();
+    await release(eventsConnection);
+  });
   const heard = [];
   events.on('progress', ({ jobId, data }) => heard.push({ jobId, data }));
   await events.waitUntilReady();

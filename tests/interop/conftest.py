@@ -1,4 +1,4 @@
-"""The real service under gunicorn, once per queue prefix, for the BullMQ libraries."""
+"""The real service under gunicorn, once per Redis set-up, for the BullMQ libraries."""
 
 from __future__ import annotations
 
@@ -6,31 +6,74 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+import redis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
-from dev import Gunicorn, free_port
+from dev import Gunicorn, RedisCluster, free_port
 from tests.conftest import API_TOKEN
 
-# The default, a plain other one, and a Redis Cluster hash tag: set on both sides.
-PREFIXES = ["bull", "acme", "{jobs}"]
+# Prefixes on one Redis server: the default, a plain other one, and a hash tag; then a
+# Redis Cluster, where BullMQ needs a hash-tagged prefix. Each set on both sides.
+SETUPS = ["bull", "acme", "{jobs}", "cluster {bull}"]
 
 
 @dataclass(frozen=True)
 class Service:
     url: str
     prefix: str
-    redis_url: str
+    redis_url: str = ""  # one Redis server
+    cluster_nodes: str = ""  # or a cluster's seeds, host:port,...
+
+    def data(self) -> redis.Redis | redis.RedisCluster:
+        """Return a client of the Redis the service uses, for checking what it holds."""
+        if self.cluster_nodes:
+            host, port = self.cluster_nodes.split(",")[0].split(":")
+            return redis.RedisCluster(host=host, port=int(port), decode_responses=True)
+        return redis.Redis.from_url(self.redis_url, decode_responses=True)
+
+    def bullmq_connection(self) -> str | AsyncRedisCluster:
+        """Return a connection for one bullmq (Python) Queue, Worker or QueueEvents."""
+        if self.cluster_nodes:
+            host, port = self.cluster_nodes.split(",")[0].split(":")
+            return AsyncRedisCluster(host=host, port=int(port), decode_responses=True)
+        return self.redis_url
 
 
-@pytest.fixture(scope="session", params=PREFIXES)
+def all_keys(client: redis.Redis | redis.RedisCluster, pattern: str) -> list[str]:
+    """Return the keys matching a pattern, from every master of a cluster."""
+    if isinstance(client, redis.RedisCluster):
+        return client.keys(pattern, target_nodes=redis.RedisCluster.PRIMARIES)
+    return client.keys(pattern)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory) -> Iterator[RedisCluster]:
+    with RedisCluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session", params=SETUPS)
 def service(request, redis_url, tmp_path_factory) -> Iterator[Service]:
-    """Run the service under gunicorn with its production config, for one prefix."""
-    prefix = request.param
+    """Run the service under gunicorn with its production config, for one set-up."""
+    *cluster, prefix = request.param.split()
+    env = {"QUEUE_PREFIX": prefix, "AUTH_TOKENS": API_TOKEN, "WEB_CONCURRENCY": "1"}
+    if cluster:
+        seeds = ",".join(request.getfixturevalue("redis_cluster").seeds)
+        env |= {"REDIS_CLUSTER": "1", "REDIS_CLUSTER_NODES": seeds}
+        where = {"cluster_nodes": seeds}
+    else:
+        env |= {"REDIS_URL": redis_url}
+        where = {"redis_url": redis_url}
     bind = f"127.0.0.1:{free_port()}"
-    env = {
-        "REDIS_URL": redis_url,
-        "QUEUE_PREFIX": prefix,
-        "AUTH_TOKENS": API_TOKEN,
-        "WEB_CONCURRENCY": "1",
-    }
     with Gunicorn(tmp_path_factory.mktemp("service"), env, bind=bind):
-        yield Service(url=f"http://{bind}", prefix=prefix, redis_url=redis_url)
+        yield Service(url=f"http://{bind}", prefix=prefix, **where)
+
+
+@pytest.fixture
+def data(service, r) -> Iterator[redis.Redis | redis.RedisCluster]:
+    """Yield a client of the service's Redis, emptied before the test."""
+    client = service.data()
+    if service.cluster_nodes:
+        client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+    yield client
+    client.close()

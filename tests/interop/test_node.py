@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import API_TOKEN
+from tests.interop.conftest import all_keys
 
 HERE = Path(__file__).resolve().parent
 
@@ -25,7 +26,7 @@ def node() -> str:
     pytest.skip(f"Node BullMQ suite skipped: {reason}")
 
 
-def test_node_bullmq_suite(node, service, r):
+def test_node_bullmq_suite(node, service, data):
     result = subprocess.run(
         [node, "--test", "--test-reporter=tap", "bullmq.test.mjs"],
         cwd=HERE,
@@ -33,6 +34,7 @@ def test_node_bullmq_suite(node, service, r):
             **os.environ,
             "BULLMQ_HTTP_URL": service.url,
             "REDIS_URL": service.redis_url,
+            "REDIS_CLUSTER_NODES": service.cluster_nodes,
             "QUEUE_PREFIX": service.prefix,
             "API_TOKEN": API_TOKEN,
         },
@@ -44,6 +46,6 @@ def test_node_bullmq_suite(node, service, r):
     assert "# fail 0" in result.stdout
     assert "# pass 6" in result.stdout  # every scenario ran
     # What the suite wrote is in Redis under this prefix, and under no other.
-    assert r.keys(f"{service.prefix}:interop-*:events")
-    for other in {"bull", "acme", "{jobs}"} - {service.prefix}:
-        assert not r.keys(f"{other}:*")
+    assert all_keys(data, f"{service.prefix}:interop-*:events")
+    for other in {"bull", "acme", "{jobs}", "{bull}"} - {service.prefix}:
+        assert not all_keys(data, f"{other}:*")

@@ -66,12 +66,16 @@ async def get_logs(service, queue, job_id, query):
 async def open_queue(service):
     """Open a queue of the test's own, and close it after."""
     name = f"interop-{uuid.uuid4().hex[:8]}"
-    opts = {"connection": service.redis_url, "prefix": service.prefix}
-    queue = Queue(name, opts)
+    queue = Queue(name, options(service))
     try:
-        yield name, queue, opts
+        yield name, queue, service
     finally:
         await queue.close()
+
+
+def options(service, **more: Any) -> dict[str, Any]:
+    """Return bullmq options for one Queue, Worker or QueueEvents of the service's Redis."""
+    return {"connection": service.bullmq_connection(), "prefix": service.prefix, **more}
 
 
 async def until(condition: Callable[[], bool], what: str, seconds: float = 10) -> None:
@@ -81,7 +85,7 @@ async def until(condition: Callable[[], bool], what: str, seconds: float = 10) -
         await asyncio.sleep(0.01)
 
 
-async def process_one(queue, opts, processor, job_opts=None, **worker_options):
+async def process_one(queue, service, processor, job_opts=None, **worker_options):
     """Add a job and let a real Worker run processor(job, token) on it; return its id."""
     done: asyncio.Future = asyncio.get_running_loop().create_future()
 
@@ -95,7 +99,7 @@ async def process_one(queue, opts, processor, job_opts=None, **worker_options):
         return "done"
 
     job = await queue.add("report", {"n": 1}, job_opts or {})
-    worker = Worker(queue.name, run, {**opts, **worker_options})
+    worker = Worker(queue.name, run, options(service, **worker_options))
     try:
         await asyncio.wait_for(done, 30)
     finally:
@@ -103,13 +107,13 @@ async def process_one(queue, opts, processor, job_opts=None, **worker_options):
     return job.id
 
 
-def test_progress_from_a_processor_is_read_by_job_from_id_and_heard(service, r):
+def test_progress_from_a_processor_is_read_by_job_from_id_and_heard(service, data):
     values = [42, {"step": 3, "of": 10}, "halfway", {"msg": "Größe 東京 ✓", "ratio": 0.5}]
 
     async def scenario():
-        async with open_queue(service) as (name, queue, opts):
+        async with open_queue(service) as (name, queue, _):
             heard: list[tuple[str, Any]] = []
-            events = QueueEvents(name, {**opts, "blockingTimeout": 100})
+            events = QueueEvents(name, options(service, blockingTimeout=100))
             events.on("progress", lambda event, *_: heard.append((event["jobId"], event["data"])))
             seen: list[Any] = []
 
@@ -120,7 +124,7 @@ def test_progress_from_a_processor_is_read_by_job_from_id_and_heard(service, r):
 
             try:
                 await asyncio.sleep(0.2)  # the listener reads new events only
-                job_id = await process_one(queue, opts, processor)
+                job_id = await process_one(queue, service, processor)
                 assert seen == values
                 await until(lambda: len(heard) == len(values), "progress events")
                 assert heard == [(job_id, value) for value in values]
@@ -130,7 +134,7 @@ def test_progress_from_a_processor_is_read_by_job_from_id_and_heard(service, r):
     asyncio.run(scenario())
 
 
-def test_log_lines_over_http_come_back_from_get_job_logs(service, r):
+def test_log_lines_over_http_come_back_from_get_job_logs(service, data):
     sent = [
         (json.dumps("a JSON line"), "application/json"),
         ("a plain line", "text/plain"),
@@ -139,14 +143,14 @@ def test_log_lines_over_http_come_back_from_get_job_logs(service, r):
     ]
 
     async def scenario():
-        async with open_queue(service) as (name, queue, opts):
+        async with open_queue(service) as (name, queue, _):
 
             async def processor(job: Job, token: str) -> None:
                 for body, content_type in sent:
                     answer = await post_log(service, name, job.id, token, body, content_type)
                     assert answer == (200, "OK")
 
-            job_id = await process_one(queue, opts, processor)
+            job_id = await process_one(queue, service, processor)
             assert await queue.getJobLogs(job_id) == {
                 "logs": ["a JSON line", "a plain line", "Größe 東京 ✓", "no content type at all"],
                 "count": 4,
@@ -155,15 +159,15 @@ def test_log_lines_over_http_come_back_from_get_job_logs(service, r):
     asyncio.run(scenario())
 
 
-def test_job_log_lines_come_back_from_get_logs_paged_in_both_orders(service, r):
+def test_job_log_lines_come_back_from_get_logs_paged_in_both_orders(service, data):
     async def scenario():
-        async with open_queue(service) as (name, queue, opts):
+        async with open_queue(service) as (name, queue, _):
 
             async def processor(job: Job, token: str) -> None:
                 for n in range(25):
                     await job.log(f"line {n}")
 
-            job_id = await process_one(queue, opts, processor)
+            job_id = await process_one(queue, service, processor)
             for start, length in [(0, 10), (10, 10), (20, 10), (24, 1), (30, 5)]:
                 end = start + length - 1
                 for asc in (True, False):
@@ -177,9 +181,9 @@ def test_job_log_lines_come_back_from_get_logs_paged_in_both_orders(service, r):
     asyncio.run(scenario())
 
 
-def test_keep_logs_keeps_the_same_lines_over_http_as_with_job_log(service, r):
+def test_keep_logs_keeps_the_same_lines_over_http_as_with_job_log(service, data):
     async def scenario():
-        async with open_queue(service) as (name, queue, opts):
+        async with open_queue(service) as (name, queue, _):
 
             async def over_http(job: Job, token: str) -> None:
                 for n in range(5):
@@ -189,8 +193,8 @@ def test_keep_logs_keeps_the_same_lines_over_http_as_with_job_log(service, r):
                 for n in range(5):
                     await job.log(f"line {n}")
 
-            first = await process_one(queue, opts, over_http, {"keepLogs": 3})
-            second = await process_one(queue, opts, direct, {"keepLogs": 3})
+            first = await process_one(queue, service, over_http, {"keepLogs": 3})
+            second = await process_one(queue, service, direct, {"keepLogs": 3})
             kept = {"logs": ["line 2", "line 3", "line 4"], "count": 3}
             assert await queue.getJobLogs(first) == kept
             assert await queue.getJobLogs(second) == kept
@@ -198,9 +202,9 @@ def test_keep_logs_keeps_the_same_lines_over_http_as_with_job_log(service, r):
     asyncio.run(scenario())
 
 
-def test_finished_jobs_and_other_jobs_refuse_the_token(service, r):
+def test_finished_jobs_and_other_jobs_refuse_the_token(service, data):
     async def scenario():
-        async with open_queue(service) as (name, queue, opts):
+        async with open_queue(service) as (name, queue, _):
             tokens: dict[str, str] = {}
 
             async def completes(job: Job, token: str) -> None:
@@ -212,13 +216,15 @@ def test_finished_jobs_and_other_jobs_refuse_the_token(service, r):
                 tokens[job.id] = token
                 raise RuntimeError("broken")
 
-            completed = await process_one(queue, opts, completes)
+            completed = await process_one(queue, service, completes)
             try:
-                await process_one(queue, opts, fails)
+                await process_one(queue, service, fails)
             except RuntimeError:
                 pass
             failed = next(job_id for job_id in tokens if job_id != completed)
-            await until(lambda: r.exists(f"{service.prefix}:{name}:{failed}:lock") == 0, "unlock")
+            await until(
+                lambda: data.exists(f"{service.prefix}:{name}:{failed}:lock") == 0, "unlock"
+            )
             assert await Job.fromId(queue, failed) and await queue.getJobState(failed) == "failed"
             assert await queue.getJobState(completed) == "completed"
 
@@ -231,7 +237,7 @@ def test_finished_jobs_and_other_jobs_refuse_the_token(service, r):
             assert await queue.getJobLogs(completed) == {"logs": ["before"], "count": 1}
 
             # A worker's token for one active job opens no other job.
-            manual = Worker(name, None, opts)
+            manual = Worker(name, None, options(service))
             try:
                 active_job = await queue.add("report", {"n": 2})
                 active_token = str(uuid.uuid4())
@@ -247,18 +253,18 @@ def test_finished_jobs_and_other_jobs_refuse_the_token(service, r):
     asyncio.run(scenario())
 
 
-def test_the_workers_lock_renewal_keeps_the_token_valid(service, r):
+def test_the_workers_lock_renewal_keeps_the_token_valid(service, data):
     lock_ms = 600
 
     async def scenario():
-        async with open_queue(service) as (name, queue, opts):
+        async with open_queue(service) as (name, queue, _):
 
             async def processor(job: Job, token: str) -> None:
                 await asyncio.sleep(lock_ms * 2 / 1000)  # past the first lock's end
                 assert await post_progress(service, name, job.id, token, 75) == (200, "OK")
 
             job_id = await process_one(
-                queue, opts, processor, lockDuration=lock_ms, lockRenewTime=lock_ms // 3
+                queue, service, processor, lockDuration=lock_ms, lockRenewTime=lock_ms // 3
             )
             assert (await Job.fromId(queue, job_id)).progress == 75
 
