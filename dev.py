@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import redis
+from redis.crc import key_slot
 
 
 def redis_server_binary() -> str:
@@ -123,17 +124,27 @@ class RedisCluster:
             self.nodes.append(RedisServer(directory / f"node{n}", port, node_args))
         self.masters, self.replicas = self.nodes[:3], self.nodes[3:]
         self.seeds = [f"127.0.0.1:{node.port}" for node in self.masters]
+        share = 16384 // 3 + 1
+        self.slots = [range(n * share, min((n + 1) * share, 16384)) for n in range(3)]
+
+    def queues_per_master(self, prefix: str = "bull") -> list[str]:
+        """Return hash-tagged queue names whose jobs live on masters 0, 1 and 2."""
+        found: dict[int, str] = {}
+        n = 0
+        while len(found) < 3:
+            queue = f"{{q{n}}}"
+            slot = key_slot(f"{prefix}:{queue}:1".encode())
+            found.setdefault(next(i for i, s in enumerate(self.slots) if slot in s), queue)
+            n += 1
+        return [found[i] for i in range(3)]
 
     def start(self, timeout: float = 30.0) -> RedisCluster:
         """Start the nodes, split the slots over the masters, and wait for state ok."""
         for node in self.nodes:
             node.start()
         clients = [redis.Redis(port=node.port) for node in self.nodes]
-        per_master = 16384 // 3 + 1
-        for n, client in enumerate(clients[:3]):
-            client.execute_command(
-                "CLUSTER ADDSLOTS", *range(n * per_master, min((n + 1) * per_master, 16384))
-            )
+        for slots, client in zip(self.slots, clients[:3], strict=True):
+            client.execute_command("CLUSTER ADDSLOTS", *slots)
         for client in clients[1:]:
             client.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port)
         deadline = time.monotonic() + timeout

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app import ADD_LOG, SET_PROGRESS  # noqa: E402
-from dev import Gunicorn, RedisServer, free_port  # noqa: E402
+from dev import Gunicorn, RedisCluster, RedisServer, free_port  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 CONNECTIONS = (1, 32)
@@ -46,6 +46,7 @@ class Route:
     body: str | None = None
     token: str = JOB_TOKEN
     content_type: str | None = None
+    spread: tuple[str, ...] = ()  # queue names to spread the load over, in turn
 
 
 JOB = "/queues/bench/jobs"
@@ -83,8 +84,8 @@ class Row:
     connections: int
     run: Run
     cpu_per_request: float
-    round_trips: float
-    script_calls: float
+    round_trips: float | None = None
+    script_calls: float | None = None
     ceiling_share: float | None = None
 
 
@@ -96,6 +97,8 @@ def wrk(bind: str, route: Route, connections: int) -> Run:
         env["CONTENT_TYPE"] = route.content_type
     if not route.body:
         del env["BODY"]
+    if route.spread:
+        env["PATHS"] = ",".join(route.path.replace("/bench/", f"/{q}/") for q in route.spread)
     result = subprocess.run(
         [
             "wrk", "--threads", "1", "--connections", str(connections),
@@ -115,13 +118,13 @@ def wrk(bind: str, route: Route, connections: int) -> Run:
     )
 
 
-def seed(client: redis.Redis) -> None:
+def seed(client: redis.Redis | redis.RedisCluster, queue: str = "bench") -> None:
     """Lay out the active jobs the routes use, as a BullMQ worker holds them."""
     for job_id in ("progress", "logs", "read"):
-        key = f"bull:bench:{job_id}"
+        key = f"bull:{queue}:{job_id}"
         client.hset(key, mapping={"name": "bench", "data": "{}", "opts": "{}", "timestamp": 1})
         client.set(f"{key}:lock", JOB_TOKEN)
-    client.rpush("bull:bench:read:logs", *[f"line {n}" for n in range(100)])
+    client.rpush(f"bull:{queue}:read:logs", *[f"line {n}" for n in range(100)])
 
 
 def redis_stats(client: redis.Redis) -> tuple[int, int]:
@@ -190,24 +193,56 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {model}"
 
 
-def measure(server: Gunicorn, route: Route, connections: int, client: redis.Redis) -> Row:
-    """Run wrk against a server; add what its workers and Redis did per request."""
+def measure(server: Gunicorn, route: Route, connections: int, client: redis.Redis | None) -> Row:
+    """Run wrk against a server; add what its workers (and one Redis) did per request."""
     workers = server.worker_pids()
-    reads, calls = redis_stats(client)
+    reads, calls = redis_stats(client) if client else (0, 0)
     cpu = cpu_seconds(workers)
     run = wrk(server.bind, route, connections)
     cpu = cpu_seconds(workers) - cpu
-    reads_after, calls_after = redis_stats(client)
-    # The stats calls are one socket read each, and neither script nor transaction.
-    trips = (reads_after - reads - 1) / run.requests
-    return Row(
-        route.name,
-        connections,
-        run,
-        cpu / run.requests,
-        trips,
-        (calls_after - calls) / run.requests,
-    )
+    row = Row(route.name, connections, run, cpu / run.requests)
+    if client:
+        reads_after, calls_after = redis_stats(client)
+        # The stats calls are one socket read each, and neither script nor transaction.
+        row.round_trips = (reads_after - reads - 1) / run.requests
+        row.script_calls = (calls_after - calls) / run.requests
+    return row
+
+
+def start(server: Gunicorn) -> Gunicorn:
+    """Start a server and wait for all its workers: the first answers before the others
+    boot, and would take every keep-alive connection wrk opens."""
+    server.start()
+    server.wait_for_workers(int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1)))
+    return server
+
+
+def cluster_rows(workdir: Path, best: float) -> list[Row]:
+    """Run the routes on a 3-master Redis Cluster, the load spread over all masters."""
+    rows = []
+    with RedisCluster(workdir / "cluster") as cluster:
+        queues = tuple(cluster.queues_per_master())
+        data = redis.RedisCluster(host="127.0.0.1", port=cluster.masters[0].port)
+        for queue in queues:
+            seed(data, queue)
+        data.close()
+        env = {
+            "REDIS_CLUSTER": "1",
+            "REDIS_CLUSTER_NODES": ",".join(cluster.seeds),
+            "AUTH_TOKENS": API_TOKEN,
+        }
+        directory = workdir / "cluster-service"
+        directory.mkdir()
+        service = start(Gunicorn(directory, env, bind=f"127.0.0.1:{free_port()}"))
+        try:
+            for route in ROUTES:
+                spread = replace(route, name=f"cluster: {route.name}", spread=queues)
+                row = measure(service, spread, CONNECTIONS[-1], None)
+                row.ceiling_share = row.run.rate / best
+                rows.append(row)
+        finally:
+            service.stop()
+    return rows
 
 
 def main() -> int:
@@ -230,10 +265,7 @@ def main() -> int:
         servers = [service, *bare.values()]
         try:
             for server in servers:
-                server.start()
-                # The first worker answers before the others boot, and would take
-                # every keep-alive connection wrk opens.
-                server.wait_for_workers(int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1)))
+                start(server)
             for connections in CONNECTIONS:
                 # Ceilings, then the routes: alternating, so drift shows on both sides.
                 best = 0.0
@@ -253,6 +285,7 @@ def main() -> int:
                 server.stop()
         scripts = redis_ceiling(redis_server, client)
         client.close()
+    rows += cluster_rows(workdir, best)
     shutil.rmtree(workdir, ignore_errors=True)
 
     report = render(rows, memory, scripts)
@@ -274,7 +307,9 @@ def render(rows: list[Row], memory: list[float], scripts: dict[str, tuple[float,
         "Redis share the cores. *÷ best bare*: the route's requests/s over the best bare "
         "gunicorn's at the same connection count. *CPU/req*: CPU time of gunicorn's "
         "workers per request. *Redis/req*: socket reads Redis served (round trips), and "
-        "EVALSHA or EXEC calls, per request.",
+        "EVALSHA or EXEC calls, per request. *cluster*: the same routes at 32 connections "
+        "on a 3-master Redis Cluster (a replica each, all on the same cores), the load "
+        "spread over one queue on each master.",
         "",
         "| route | conns | req/s | p50 ms | p99 ms | non-2xx | ÷ best bare | CPU/req | Redis/req |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -284,7 +319,7 @@ def render(rows: list[Row], memory: list[float], scripts: dict[str, tuple[float,
         share = f"{row.ceiling_share:.2f}" if row.ceiling_share is not None else ""
         redis_note = (
             f"{row.round_trips:.2f} trips, {row.script_calls:.2f} calls"
-            if row.ceiling_share is not None
+            if row.round_trips is not None and row.ceiling_share is not None
             else ""
         )
         lines.append(

@@ -1,5 +1,6 @@
 -- One request, repeated over keep-alive connections: METHOD, BODY, TOKEN and
--- CONTENT_TYPE come from the environment. Prints the summary as one JSON line.
+-- CONTENT_TYPE come from the environment; PATHS, comma separated, are requested in
+-- turn instead of the URL's path. Prints the summary as one JSON line.
 wrk.method = os.getenv("METHOD") or "GET"
 wrk.body = os.getenv("BODY")
 if os.getenv("TOKEN") then
@@ -7,6 +8,19 @@ if os.getenv("TOKEN") then
 end
 if os.getenv("CONTENT_TYPE") then
   wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE")
+end
+
+local paths = {}
+for path in string.gmatch(os.getenv("PATHS") or "", "[^,]+") do
+  table.insert(paths, path)
+end
+local turn = 0
+
+if #paths > 0 then
+  function request()
+    turn = turn % #paths + 1
+    return wrk.format(nil, paths[turn])
+  end
 end
 
 function done(summary, latency, requests)
