@@ -270,8 +270,15 @@ def _text(value: str) -> str:
 
 
 def _whole(low: int, high: int) -> Callable[[str], int]:
+    digits = len(str(high))  # longer text is out of range: no need to convert it
+
     def parse(value: str) -> int:
-        if not (value.isascii() and value.isdigit() and low <= int(value) <= high):
+        if not (
+            value.isascii()
+            and value.isdigit()
+            and len(value) <= digits
+            and low <= int(value) <= high
+        ):
             raise ValueError(f"must be a whole number from {low} to {high}")
         return int(value)
 
@@ -594,19 +601,25 @@ def log_line(body: bytes) -> str:
     return line
 
 
-# JavaScript's largest safe integer: BullMQ's clients cannot page past it anyway.
-MAX_START = 2**53 - 1
-MAX_PAGE = 100
+# start stops at JavaScript's largest safe integer: BullMQ's clients cannot page past it.
+START = _whole(0, 2**53 - 1)
+LENGTH = _whole(1, 100)
 
 
-def whole_arg(name: str, default: int, low: int, high: int) -> int:
-    """Return a whole-number query parameter within [low, high], or stop with a 400."""
+def whole_arg(name: str, default: int, parse: Callable[[str], int]) -> int:
+    """Return a whole-number query parameter as `parse` reads it, or stop with a 400."""
     text = request.args.get(name)
     if text is None:
         return default
-    if not (text.isascii() and text.isdigit() and len(text) <= 16 and low <= int(text) <= high):
-        abort(400, f"{name} must be a whole number from {low} to {high}")
-    return int(text)
+    try:
+        return parse(text)
+    except ValueError as error:
+        abort(400, f"{name} {error}")
+
+
+def no_such_job(queue: str, job_id: str) -> NoReturn:
+    """Stop the request with a 404 for a job that is not there."""
+    abort(404, f"job {job_id!r} not found in queue {queue!r}")
 
 
 def check(code: int, queue: str, job_id: str) -> None:
@@ -617,7 +630,7 @@ def check(code: int, queue: str, job_id: str) -> None:
             "the job finished, or the token is wrong"
         )
     if code == NO_SUCH_JOB:
-        abort(404, f"job {job_id!r} not found in queue {queue!r}")
+        no_such_job(queue, job_id)
 
 
 # ------------------------------------------------------------------------ views
@@ -659,14 +672,14 @@ def add_log(queue: str, job_id: str, token: bytes) -> tuple[str, dict[str, str]]
 @api_token
 def read_logs(queue: str, job_id: str) -> Response:
     """Return one page of a job's logs, oldest first unless order=desc."""
-    start = whole_arg("start", 0, 0, MAX_START)
-    length = whole_arg("length", 10, 1, MAX_PAGE)
+    start = whole_arg("start", 0, START)
+    length = whole_arg("length", 10, LENGTH)
     order = request.args.get("order", "asc")
     if order not in ("asc", "desc"):
         abort(400, "order must be asc or desc")
     page = store().read_logs(queue, job_id, start, length, newest_first=order == "desc")
     if page is None:
-        abort(404, f"job {job_id!r} not found in queue {queue!r}")
+        no_such_job(queue, job_id)
     count, lines = page
     body = {"count": count, "logs": [line.decode("utf-8", "replace") for line in lines]}
     return current_app.response_class(
