@@ -136,8 +136,10 @@ class RedisCluster(ServerGroup):
             "--appendonly", "no",
         ]  # fmt: skip
         self.nodes = []
+        taken: set[int] = set()
         for n in range(6):
-            port = free_port(below=55535)  # the cluster bus listens on port + 10000
+            port = cluster_port(taken)
+            taken |= {port, port + 10000}
             node_args = [*args, "--cluster-config-file", str(directory / f"node{n}" / "nodes.conf")]
             self.nodes.append(RedisServer(directory / f"node{n}", port, node_args))
         self.servers = self.nodes
@@ -236,14 +238,26 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.path)
 
 
-def free_port(below: int = 65536) -> int:
+def free_port() -> int:
     """Return a TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cluster_port(taken: set[int]) -> int:
+    """Return a free port for a cluster node whose bus port (port + 10000) is free too,
+    neither of them among the ports already `taken` by nodes not started yet."""
     while True:
+        port = free_port()
+        if port + 10000 > 65535 or {port, port + 10000} & taken:
+            continue
         with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port < below:
-            return port
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
 
 
 class Gunicorn(Server):
