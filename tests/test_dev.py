@@ -7,14 +7,12 @@ import subprocess
 import sys
 import time
 
-from dev import free_port
+from dev import free_port, harness_environ
 from tests.conftest import ROOT
 
 
 def test_printed_curl_lines_work(tmp_path):
-    env = {**os.environ, "PORT": str(free_port())}
-    for variable in ("REDIS_URL", "AUTH_TOKENS", "AUTH_TOKENS_FILE", "BIND"):
-        env.pop(variable, None)
+    env = {**harness_environ(), "PORT": str(free_port())}
     log = tmp_path / "out"
     with log.open("w") as output:
         stack = subprocess.Popen(

@@ -1,7 +1,6 @@
 """The service as deployed: gunicorn with its production config, and many clients at once."""
 
 import http.client
-import os
 import signal
 import socket
 import subprocess
@@ -11,7 +10,7 @@ import time
 
 import pytest
 
-from dev import Gunicorn
+from dev import Gunicorn, harness_environ
 from tests.conftest import API_TOKEN, JOB_TOKEN, ROOT, bearer
 
 THREADS, LINES = 8, 40
@@ -83,7 +82,7 @@ def start_with(env):
     result = subprocess.run(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
         cwd=ROOT,
-        env={**os.environ, "BIND": "127.0.0.1:0", **env},
+        env={**harness_environ(), "BIND": "127.0.0.1:0", **env},
         capture_output=True,
         text=True,
         timeout=30,
