@@ -25,11 +25,12 @@ from urllib.parse import urlsplit
 import redis
 import yaml
 from flask import Blueprint, Flask, Response, abort, current_app, request
+from gunicorn.http.errors import ParseException
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelConnectionPool
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -260,6 +261,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_LOGS_PER_JOB": None,
     "MAX_LOG_LINE_BYTES": None,
     "TRUSTED_PROXIES": 0,
+    "REDIS_MAX_CONNECTIONS": 50,
 }
 
 
@@ -356,6 +358,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MAX_LOGS_PER_JOB": ("MAX_LOGS_PER_JOB", _whole(1, 2**31)),
     "MAX_LOG_LINE_BYTES": ("MAX_LOG_LINE_BYTES", _whole(1, 512 * 1024 * 1024)),
     "TRUSTED_PROXIES": ("TRUSTED_PROXIES", _whole(0, 10)),
+    "REDIS_MAX_CONNECTIONS": ("REDIS_MAX_CONNECTIONS", _whole(1, 10_000)),
 }
 
 
@@ -401,7 +404,11 @@ def check_settings(config: Mapping[str, Any]) -> None:
         )
 
 
-def redis_client(config: Mapping[str, Any]) -> redis.Redis:
+class SentinelBlockingConnectionPool(SentinelConnectionPool, redis.BlockingConnectionPool):
+    """A pool that asks the sentinels for the master, and waits for a free connection."""
+
+
+def redis_client(config: Mapping[str, Any]) -> redis.Redis | RedisCluster:
     """Make the process's Redis client (a connection pool) from the settings."""
     options: dict[str, Any] = {
         "socket_timeout": config["REDIS_TIMEOUT"],
@@ -409,6 +416,10 @@ def redis_client(config: Mapping[str, Any]) -> redis.Redis:
         # One immediate retry on a broken connection (say, after Redis restarted), never
         # on a timeout: a timed-out write may still have run, and must not run twice.
         "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+        # At most this many connections per process (per node, on a cluster); a request
+        # beyond them waits for one to come free, up to REDIS_TIMEOUT, then answers 503.
+        "max_connections": config["REDIS_MAX_CONNECTIONS"],
+        "timeout": config["REDIS_TIMEOUT"],
     }
     if config["REDIS_CLUSTER"]:
         return cluster_client(config, options)
@@ -424,21 +435,24 @@ def redis_client(config: Mapping[str, Any]) -> redis.Redis:
         # failover the next connection goes to the new master.
         return sentinels.master_for(
             config["REDIS_SENTINEL_MASTER"],
+            connection_pool_class=SentinelBlockingConnectionPool,
             username=config["REDIS_USERNAME"],
             password=config["REDIS_PASSWORD"],
             ssl=config["REDIS_TLS"],
             **options,
         )
     if config["REDIS_URL"]:
-        return redis.Redis.from_url(config["REDIS_URL"], **options)
-    return redis.Redis(
-        host=config["REDIS_HOST"],
-        port=config["REDIS_PORT"],
-        username=config["REDIS_USERNAME"],
-        password=config["REDIS_PASSWORD"],
-        ssl=config["REDIS_TLS"],
-        **options,
-    )
+        pool = redis.BlockingConnectionPool.from_url(config["REDIS_URL"], **options)
+    else:
+        pool = redis.BlockingConnectionPool(
+            host=config["REDIS_HOST"],
+            port=config["REDIS_PORT"],
+            username=config["REDIS_USERNAME"],
+            password=config["REDIS_PASSWORD"],
+            connection_class=redis.SSLConnection if config["REDIS_TLS"] else redis.Connection,
+            **options,
+        )
+    return redis.Redis(connection_pool=pool)
 
 
 def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisCluster:
@@ -454,11 +468,17 @@ def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisC
             tls = tls or parts.scheme == "rediss"
     if not seeds:
         seeds = [ClusterNode(config["REDIS_HOST"], config["REDIS_PORT"])]
+    first, *others = seeds
     return RedisCluster(
-        startup_nodes=seeds,
-        ssl=tls,
+        # Given a URL, the client makes each node's pool of connection_pool_class; given
+        # none, it makes pools that refuse a caller past their size instead of waiting.
+        url=f"{'rediss' if tls else 'redis'}://{first.host}:{first.port}",
+        startup_nodes=others,
         socket_timeout=options["socket_timeout"],
         socket_connect_timeout=options["socket_connect_timeout"],
+        connection_pool_class=redis.BlockingConnectionPool,
+        max_connections=options["max_connections"],
+        timeout=options["timeout"],
         # MOVED and ASK are followed at once; a node down or a failover under way is
         # retried a few times, within about a second, before the request answers 503.
         retry=Retry(ExponentialBackoff(cap=0.4, base=0.05), 4),
@@ -537,21 +557,34 @@ def _finite_int(text: str) -> int:
 
 
 def request_body() -> bytes:
-    """Return the request body, or stop with a 413 when it is over MAX_BODY_BYTES."""
+    """Return the whole request body, or stop with a 4xx when it cannot be had whole.
+
+    A body is whole only when as many bytes arrived as its Content-Length declares, or,
+    chunked, when its last chunk arrived: a client that disconnects or stalls mid-body
+    must not have the part that did arrive stored as if it were all.
+    """
     limit = current_app.config["MAX_BODY_BYTES"]
     too_large = f"the body is larger than {limit} bytes (MAX_BODY_BYTES)"
-    if request.content_length is not None:
-        if request.content_length > limit:
-            abort(413, too_large)
-        return request.get_data(cache=False)
-    # A chunked body has no length to check up front. Read one byte past the limit
-    # from the server's stream, which ends with the body: werkzeug's own limited
-    # stream would cut such a body at the limit and let the rest pass unseen.
-    if not request.environ.get("wsgi.input_terminated"):
-        return b""
-    body = request.environ["wsgi.input"].read(limit + 1)
-    if len(body) > limit:
+    declared = request.content_length
+    if declared is not None and declared > limit:
         abort(413, too_large)
+    # Without a length, only a server that ends the stream with the body (gunicorn and
+    # werkzeug say so in wsgi.input_terminated) can be read to its end; werkzeug's own
+    # limited stream would cut a chunked body at the limit and let the rest pass unseen.
+    if declared is None and not request.environ.get("wsgi.input_terminated"):
+        return b""
+    try:
+        body = request.environ["wsgi.input"].read(limit + 1 if declared is None else declared)
+    except TimeoutError:
+        abort(408, "the body did not arrive in time (REQUEST_TIMEOUT): send it at once")
+    except ParseException as error:
+        abort(400, f"the chunked body is malformed ({error})")
+    except OSError:
+        abort(400, "the body ended before all of it arrived")
+    if declared is None and len(body) > limit:
+        abort(413, too_large)
+    if declared is not None and len(body) < declared:
+        abort(400, f"the body ended after {len(body)} of the {declared} bytes declared")
     return body
 
 

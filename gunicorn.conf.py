@@ -3,7 +3,8 @@
 Environment: BIND (a host:port or unix:/path; overrides PORT), PORT (default 8080, on
 127.0.0.1), WEB_CONCURRENCY (worker processes, default: one per core), WORKER_CLASS
 (default gevent), WORKER_CONNECTIONS (connections per gevent worker, default 1000),
-THREADS (threads per gthread worker, default 8). The app reads the service's settings.
+REQUEST_TIMEOUT (seconds for a request to arrive whole, default 10), THREADS (threads
+per gthread worker, default 8). The app reads the service's settings.
 """
 
 import os
@@ -28,6 +29,17 @@ def _whole(name: str, default: int, low: int, high: int) -> int:
     return int(value)
 
 
+def _seconds(name: str, default: int, high: int) -> float:
+    value = os.environ.get(name) or str(default)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds <= high:
+        sys.exit(f"{name}={value!r} must be a number of seconds above 0 and at most {high}")
+    return seconds
+
+
 wsgi_app = "app:create_app()"
 bind = [os.environ.get("BIND") or f"127.0.0.1:{_whole('PORT', 8080, 1, 65535)}"]
 workers = _whole("WEB_CONCURRENCY", os.cpu_count() or 1, 1, 256)
@@ -40,6 +52,16 @@ workers = _whole("WEB_CONCURRENCY", os.cpu_count() or 1, 1, 256)
 # accept, and one can end up with most keep-alive connections while the other idles.
 # (The sync worker closes every connection after one request.)
 worker_connections = _whole("WORKER_CONNECTIONS", 1000, 1, 10_000)
+if worker_class == "gevent":
+    # gevent's worker with deadlines: a request must arrive whole within
+    # REQUEST_TIMEOUT of its first byte, and idle clients give way to new ones when a
+    # worker is nearly full (worker.py), so slow clients cannot hold every connection.
+    from worker import DeadlineWorker
+
+    class Worker(DeadlineWorker):
+        request_timeout = _seconds("REQUEST_TIMEOUT", 10, 300)
+
+    worker_class = Worker
 threads = _whole("THREADS", 8, 1, 1024)
 # Idle keep-alive connections are closed after this many seconds: long enough for a
 # worker's next report on the same connection, short enough that a graceful stop,

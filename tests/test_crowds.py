@@ -1,0 +1,209 @@
+"""Hundreds of clients at once, as a fleet of workers or an attacker makes them: slow ones,
+idle ones, and bursts at a healthy or a stalled Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+import redis
+
+from dev import Gunicorn, free_port
+from tests.conftest import JOB_TOKEN
+
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+
+
+@dataclass
+class Answer:
+    status: int
+    body: bytes
+    seconds: float  # from sending the request to its whole answer
+
+
+def post(route: str, body: bytes) -> bytes:
+    return (
+        f"POST /queues/orders/jobs/1/{route} HTTP/1.1\r\nHost: test\r\n"
+        f"Authorization: Bearer {JOB_TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(int(line.split(":")[1]) for line in lines if line.lower().startswith("content-l"))
+    return int(lines[0].split()[1]), await reader.readexactly(length)
+
+
+class Client:
+    """One keep-alive HTTP connection, over asyncio streams."""
+
+    def __init__(self, server: Gunicorn) -> None:
+        self.host, port = server.bind.rsplit(":", 1)
+        self.port = int(port)
+
+    async def open(self) -> Client:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        return self
+
+    async def ask(self, request: bytes, timeout: float = 10.0) -> Answer:
+        started = time.monotonic()
+        self.writer.write(request)
+        status, body = await asyncio.wait_for(read_answer(self.reader), timeout)
+        return Answer(status, body, time.monotonic() - started)
+
+    async def closed(self, timeout: float) -> bytes:
+        """Return what the server sends until it closes the connection."""
+        return await asyncio.wait_for(self.reader.read(), timeout)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def ask_once(server: Gunicorn, request: bytes) -> Answer:
+    client = await Client(server).open()
+    try:
+        return await client.ask(request)
+    finally:
+        client.close()
+
+
+def run(coroutine: Awaitable[object]) -> object:
+    return asyncio.run(coroutine)  # type: ignore[arg-type]
+
+
+def test_hundreds_of_slow_clients_neither_block_others_nor_outstay_the_deadline(
+    tmp_path, redis_url, r, job
+):
+    key = job()
+    deadline, slow = 2.0, 400
+    env = {"REDIS_URL": redis_url, "REQUEST_TIMEOUT": str(deadline), "WEB_CONCURRENCY": "2"}
+    with Gunicorn(tmp_path, env, bind=f"127.0.0.1:{free_port()}") as server:
+
+        async def trickle(client: Client) -> tuple[bytes, float]:
+            """Send headers, then a body byte every half second, never the whole body;
+            return what the server answered before closing, and when it closed."""
+            started = time.monotonic()
+            client.writer.write(post("logs", b"x" * 100)[:-100])
+            received = b""
+            while time.monotonic() - started < deadline + 10:
+                try:
+                    chunk = await asyncio.wait_for(client.reader.read(65536), 0.5)
+                except TimeoutError:
+                    if not received:
+                        client.writer.write(b"x")
+                    continue
+                if not chunk:
+                    break
+                received += chunk
+            client.close()
+            return received, time.monotonic() - started
+
+        async def scenario() -> tuple[list[Answer], list[tuple[bytes, float]]]:
+            clients = [await Client(server).open() for _ in range(slow)]
+            trickles = asyncio.gather(*(trickle(client) for client in clients))
+            await asyncio.sleep(0.5)
+            served = [
+                await ask_once(server, HEALTHZ),
+                await ask_once(server, post("progress", b"42")),
+                await ask_once(server, HEALTHZ),
+            ]
+            return served, await trickles
+
+        served, endings = run(scenario())  # type: ignore[misc]
+
+    assert [(answer.status, answer.body) for answer in served] == [(200, b"OK")] * 3
+    assert all(answer.seconds < deadline for answer in served)
+    assert r.hget(key, "progress") == "42"
+    # Each slow client was answered 408 and closed at its deadline, not before.
+    assert all(answer.startswith(b"HTTP/1.1 408 ") for answer, _ in endings)
+    assert all(deadline <= seconds < deadline + 10 for _, seconds in endings)
+    assert r.llen(f"{key}:logs") == 0
+
+
+def test_idle_clients_give_way_to_new_ones_when_a_worker_is_full(tmp_path, redis_url):
+    env = {"REDIS_URL": redis_url, "WORKER_CONNECTIONS": "50", "WEB_CONCURRENCY": "1"}
+    with Gunicorn(tmp_path, env, bind=f"127.0.0.1:{free_port()}") as server:
+
+        async def scenario() -> tuple[list[Answer], list[bytes]]:
+            clients, answers = [], []
+            for _ in range(150):  # three times what the worker holds, each kept open
+                client = await Client(server).open()
+                answers.append(await client.ask(HEALTHZ, timeout=5))
+                clients.append(client)
+            # The first ones, idle the longest, were closed to make room.
+            oldest = [await client.closed(5) for client in clients[:50]]
+            for client in clients:
+                client.close()
+            return answers, oldest
+
+        answers, oldest = run(scenario())  # type: ignore[misc]
+
+    assert [answer.status for answer in answers] == [200] * 150
+    assert oldest == [b""] * 50
+
+
+def burst(server: Gunicorn, clients: int, requests: int, body: bytes) -> list[Answer]:
+    """Send `requests` progress writes on each of `clients` connections at once."""
+
+    async def one(n: int) -> list[Answer]:
+        client = await Client(server).open()
+        try:
+            return [await client.ask(post("progress", body), 30) for _ in range(requests)]
+        finally:
+            client.close()
+
+    async def every() -> list[Answer]:
+        results = await asyncio.gather(*(one(n) for n in range(clients)))
+        return [answer for answers in results for answer in answers]
+
+    return run(every())  # type: ignore[return-value]
+
+
+def test_hundreds_of_concurrent_writes_at_a_healthy_redis_all_succeed(tmp_path, redis_url, r, job):
+    key = job()
+    pool, workers = 5, 2
+    env = {"REDIS_URL": redis_url, "REDIS_MAX_CONNECTIONS": str(pool), "WEB_CONCURRENCY": "2"}
+    with Gunicorn(tmp_path, env, bind=f"127.0.0.1:{free_port()}") as server:
+        server.wait_for_workers(workers)
+        answers = burst(server, clients=400, requests=3, body=b"7")
+        service_connections = r.client_list()
+
+    assert sorted({answer.status for answer in answers}) == [200]
+    assert len(answers) == 1200
+    assert r.hget(key, "progress") == "7"
+    assert r.xlen("bull:orders:events") == 1200
+    # The test's own connection, and at most `pool` for each worker.
+    assert len(service_connections) <= 1 + pool * workers
+
+
+def test_a_stalled_redis_answers_503_at_the_timeout_or_200_after_never_at_once(
+    tmp_path, redis_url, r, job
+):
+    key = job()
+    timeout, pool = 0.5, 5
+    env = {
+        "REDIS_URL": redis_url,
+        "REDIS_TIMEOUT": str(timeout),
+        "REDIS_MAX_CONNECTIONS": str(pool),
+        "WEB_CONCURRENCY": "1",
+    }
+    with Gunicorn(tmp_path, env, bind=f"127.0.0.1:{free_port()}") as server:
+        with redis.Redis.from_url(redis_url) as admin:
+            admin.client_pause(2000)
+            answers = burst(server, clients=200, requests=1, body=b"9")
+            connections = len(admin.client_list())
+        after = burst(server, clients=10, requests=1, body=b"10")
+
+    statuses = {answer.status for answer in answers}
+    assert statuses <= {200, 503} and 503 in statuses
+    assert all(answer.seconds >= timeout * 0.9 for answer in answers if answer.status == 503)
+    assert {answer.body for answer in answers if answer.status == 503} == {
+        b"Redis is unavailable; retry shortly"
+    }
+    assert connections <= 1 + pool
+    assert [answer.status for answer in after] == [200] * 10
+    assert r.hget(key, "progress") == "10"
