@@ -110,6 +110,37 @@ end
 return count
 """
 
+READ_LOGS = """
+--[[
+  Return one page of a job's logs and how many lines it has. A script, not MULTI: Redis
+  refuses every MULTI while it is out of memory, and reads must still work then.
+
+  KEYS[1] job hash   <prefix>:<queue>:<id>
+  KEYS[2] job logs   <prefix>:<queue>:<id>:logs
+
+  ARGV[1] LRANGE start   (the page, as indexes of the list)
+  ARGV[2] LRANGE stop
+  ARGV[3] "desc" to return the page newest first, else oldest first
+  ARGV[4] the most bytes of lines one page holds; it always holds at least one line
+
+  Returns {count, line, line, ...}: whole lines, as many as fit
+          -2 no such job
+]]
+if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
+
+local lines = redis.call("LRANGE", KEYS[2], ARGV[1], ARGV[2])
+local first, last, step = 1, #lines, 1
+if ARGV[3] == "desc" then first, last, step = #lines, 1, -1 end
+local page = {redis.call("LLEN", KEYS[2])}
+local room = tonumber(ARGV[4])
+for i = first, last, step do
+  room = room - #lines[i]
+  if room < 0 and #page > 1 then break end
+  page[#page + 1] = lines[i]
+end
+return page
+"""
+
 # Script return codes, turned into HTTP errors in one place: JobStore.check.
 NOT_LOCK_HOLDER = -1
 NO_SUCH_JOB = -2
@@ -130,10 +161,12 @@ class JobStore:
         prefix: str,
         max_logs: int | None = None,
         cluster: bool = False,
+        max_page_bytes: int = 1024 * 1024,
     ) -> None:
         self.connect = connect
         self.prefix = prefix
         self.max_logs = b"" if max_logs is None else str(max_logs).encode()
+        self.max_page_bytes = max_page_bytes
         # A script or transaction may touch one cluster slot only.
         self.one_slot = cluster
         self._client: redis.Redis | RedisCluster | None = None
@@ -154,12 +187,13 @@ class JobStore:
                     self._scripts = {
                         "progress": client.register_script(SET_PROGRESS),
                         "log": client.register_script(ADD_LOG),
+                        "read logs": client.register_script(READ_LOGS),
                     }
                     self._client = client
         return self._client
 
     def run(self, script: str, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
-        """Run one of the service's scripts ("progress", "log") on a job's keys."""
+        """Run one of the service's scripts ("progress", "log", "read logs") on a job's keys."""
         self.check_slot(keys)
         client = self.client
         return self._scripts[script](keys, args, client=client)
@@ -196,23 +230,19 @@ class JobStore:
     def read_logs(
         self, queue: str, job_id: str, start: int, length: int, newest_first: bool
     ) -> tuple[int, list[bytes]] | None:
-        """Return (total count, one page of lines) of a job's logs, or None if no job."""
-        job_key, logs_key = self.check_slot(
-            (self.key(queue, job_id), self.key(queue, job_id, "logs"))
-        )
+        """Return (total count, one page of lines) of a job's logs, or None if no job.
+
+        The page holds whole lines up to max_page_bytes, and at least one line.
+        """
+        keys = (self.key(queue, job_id), self.key(queue, job_id, "logs"))
         end = start + length - 1
-        pipe = self.client.pipeline(transaction=True)
-        pipe.type(job_key)
-        if newest_first:
-            pipe.lrange(logs_key, -(end + 1), -(start + 1))
-        else:
-            pipe.lrange(logs_key, start, end)
-        pipe.llen(logs_key)
-        kind, lines, count = pipe.execute()
-        if kind != b"hash":
+        # Newest first counts from the end of the list; BullMQ appends at the end.
+        span = (-(end + 1), -(start + 1)) if newest_first else (start, end)
+        order = b"desc" if newest_first else b"asc"
+        result = self.run("read logs", keys, (*span, order, self.max_page_bytes))
+        if result == NO_SUCH_JOB:
             return None
-        if newest_first:
-            lines.reverse()
+        count, *lines = result
         return count, lines
 
 
@@ -259,7 +289,9 @@ DEFAULTS: dict[str, Any] = {
     "MAX_QUEUE_NAME_LENGTH": 100,
     "MAX_BODY_BYTES": 1024 * 1024,
     "MAX_LOGS_PER_JOB": None,
-    "MAX_LOG_LINE_BYTES": None,
+    "MAX_LOG_LINE_BYTES": 64 * 1024,
+    "MAX_PROGRESS_BYTES": 64 * 1024,
+    "MAX_PAGE_BYTES": 1024 * 1024,
     "TRUSTED_PROXIES": 0,
     "REDIS_MAX_CONNECTIONS": 50,
 }
@@ -357,6 +389,8 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MAX_BODY_BYTES": ("MAX_BODY_BYTES", _whole(1, 512 * 1024 * 1024)),
     "MAX_LOGS_PER_JOB": ("MAX_LOGS_PER_JOB", _whole(1, 2**31)),
     "MAX_LOG_LINE_BYTES": ("MAX_LOG_LINE_BYTES", _whole(1, 512 * 1024 * 1024)),
+    "MAX_PROGRESS_BYTES": ("MAX_PROGRESS_BYTES", _whole(1, 512 * 1024 * 1024)),
+    "MAX_PAGE_BYTES": ("MAX_PAGE_BYTES", _whole(1, 512 * 1024 * 1024)),
     "TRUSTED_PROXIES": ("TRUSTED_PROXIES", _whole(0, 10)),
     "REDIS_MAX_CONNECTIONS": ("REDIS_MAX_CONNECTIONS", _whole(1, 10_000)),
 }
@@ -604,11 +638,18 @@ def parse_json(body: bytes, what: str) -> Any:
 
 
 def progress_json(body: bytes) -> bytes:
-    """Return the request's progress as JSON.stringify would write it."""
+    """Return the request's progress as JSON.stringify would write it, or stop with a 4xx."""
+    limit = current_app.config["MAX_PROGRESS_BYTES"]
+    too_large = f"the progress is larger than {limit} bytes (MAX_PROGRESS_BYTES)"
+    if len(body) > limit:  # refused before the cost of parsing it
+        abort(413, too_large)
     progress = parse_json(body, "the progress")
     text = json.dumps(progress, ensure_ascii=False, separators=(",", ":"))
     # A lone surrogate cannot be UTF-8; JSON.stringify writes it as an escape, as here.
-    return text.encode("utf-8", "backslashreplace")
+    stored = text.encode("utf-8", "backslashreplace")
+    if len(stored) > limit:  # a number such as 1e20 is longer written out
+        abort(413, too_large)
+    return stored
 
 
 def log_line(body: bytes) -> str:
@@ -629,7 +670,7 @@ def log_line(body: bytes) -> str:
     except UnicodeEncodeError:
         abort(400, "the log line holds an unpaired UTF-16 surrogate, which is not text")
     limit = current_app.config["MAX_LOG_LINE_BYTES"]
-    if limit is not None and size > limit:
+    if size > limit:
         abort(413, f"the log line is longer than {limit} bytes (MAX_LOG_LINE_BYTES)")
     return line
 
@@ -845,6 +886,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.config["QUEUE_PREFIX"],
         app.config["MAX_LOGS_PER_JOB"],
         cluster=app.config["REDIS_CLUSTER"],
+        max_page_bytes=app.config["MAX_PAGE_BYTES"],
     )
     app.register_blueprint(jobs)
     app.register_blueprint(health)

@@ -112,7 +112,7 @@ def test_queue_prefix_is_configurable(redis_url, r):
         (b"1e400", "the progress must be valid JSON (the number 1e400 is too large)"),
         (b"-1e309", "the progress must be valid JSON (the number -1e309 is too large)"),
         (b"1" * 400, "the progress must be valid JSON (the number 1111"),
-        (b"[" * 100_000, "the progress must be valid JSON is nested too deeply"),
+        (b"[" * 50_000, "the progress must be valid JSON is nested too deeply"),
         (b"\xff\xfe", "the progress is not valid UTF-8"),
         (b'"caf\xe9"', "the progress is not valid UTF-8"),
         ("\ufeff42".encode(), "the progress must be valid JSON (Unexpected UTF-8 BOM"),

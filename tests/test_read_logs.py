@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from app import create_app
 from tests.conftest import API_TOKEN, JOB_TOKEN, bearer, snapshot
 
 URL = "/queues/orders/jobs/1/logs"
@@ -108,3 +109,44 @@ def test_job_token_is_not_an_api_token(client, logged):
     response = get(client, token=JOB_TOKEN)
     assert response.status_code == 401
     assert response.data == b"the API token is not valid"
+
+
+@pytest.mark.parametrize(
+    ("query", "logs"),
+    [
+        ("?length=100", ["a" * 40, "b" * 40]),  # the third would pass 100 bytes
+        ("?order=desc&length=100", ["d" * 10, "c" * 40, "b" * 40]),
+        ("?start=2&length=100", ["c" * 40, "d" * 10]),
+        ("?order=desc&start=3", ["a" * 40]),
+    ],
+)
+def test_a_page_holds_whole_lines_up_to_max_page_bytes(redis_url, r, job, query, logs):
+    job()
+    r.rpush("bull:orders:1:logs", "a" * 40, "b" * 40, "c" * 40, "d" * 10)
+    client = create_app({"REDIS_URL": redis_url, "AUTH_TOKENS": [API_TOKEN], "MAX_PAGE_BYTES": 100})
+    response = get(client.test_client(), query)
+    assert response.get_json() == {"count": 4, "logs": logs}
+
+
+def test_a_line_larger_than_a_page_is_still_returned_whole(redis_url, r, job):
+    job()
+    r.rpush("bull:orders:1:logs", "x" * 500, "y")
+    client = create_app({"REDIS_URL": redis_url, "AUTH_TOKENS": [API_TOKEN], "MAX_PAGE_BYTES": 100})
+    response = get(client.test_client())
+    assert response.get_json() == {"count": 2, "logs": ["x" * 500]}
+
+
+@pytest.fixture
+def out_of_memory(r):
+    """Make Redis refuse writes as at maxmemory, for the length of a test."""
+    r.config_set("maxmemory", 1)
+    yield
+    r.config_set("maxmemory", 0)
+
+
+def test_logs_can_be_read_while_redis_refuses_writes_for_memory(client, r, logged, out_of_memory):
+    response = get(client, "?start=20")
+    assert (response.status_code, response.get_json()) == (200, {"count": 25, "logs": LINES[20:]})
+    response = client.post(URL, data=b"one more", headers=bearer(JOB_TOKEN))
+    assert (response.status_code, response.headers["Retry-After"]) == (503, "1")
+    assert r.llen("bull:orders:1:logs") == 25

@@ -101,8 +101,10 @@ def test_oversized_body_is_a_413_and_writes_nothing(redis_url, r, job, route):
     assert response.status_code == 200
 
 
-def test_default_body_limit_is_one_mebibyte(client, r, job):
+def test_default_body_limit_is_one_mebibyte(redis_url, r, job):
     job()
+    settings = {"REDIS_URL": redis_url, "MAX_LOG_LINE_BYTES": 2 * 1024 * 1024}
+    client = create_app(settings).test_client()
     line = b"x" * (1024 * 1024)
     assert (
         client.post("/queues/orders/jobs/1/logs", data=line, headers=bearer(JOB_TOKEN)).status_code
@@ -114,3 +116,44 @@ def test_default_body_limit_is_one_mebibyte(client, r, job):
     )
     assert response.status_code == 413
     assert r.llen("bull:orders:1:logs") == 1
+
+
+@pytest.mark.parametrize(
+    ("route", "fits", "reason"),
+    [
+        (
+            "progress",
+            b'"' + b"x" * (64 * 1024 - 2) + b'"',
+            "the progress is larger than 65536 bytes",
+        ),
+        ("logs", b"x" * (64 * 1024), "the log line is longer than 65536 bytes"),
+    ],
+)
+def test_progress_and_log_lines_are_capped_at_64_kib_by_default(
+    client, r, job, route, fits, reason
+):
+    key = job()
+    url = f"/queues/orders/jobs/1/{route}"
+    assert client.post(url, data=fits, headers=bearer(JOB_TOKEN)).status_code == 200
+    before = snapshot(r)
+    too_large = fits[:-1] + b"xx" if route == "logs" else fits[:-1] + b'x"'
+    response = client.post(url, data=too_large, headers=bearer(JOB_TOKEN))
+    assert (response.status_code, response.get_data(as_text=True).split(" (")[0]) == (413, reason)
+    assert snapshot(r) == before
+    # Refused on its size, before it is parsed or its token is checked.
+    response = client.post(url, data=b"[" * 65537, headers=bearer("not-the-token"))
+    assert response.status_code == 413
+    assert snapshot(r) == before
+    assert r.exists(key)
+
+
+def test_a_progress_that_grows_when_written_out_is_capped_too(redis_url, r, job):
+    job()
+    client = create_app({"REDIS_URL": redis_url, "MAX_PROGRESS_BYTES": 16}).test_client()
+    before = snapshot(r)
+    response = client.post(
+        "/queues/orders/jobs/1/progress", data=b"[1e20]", headers=bearer(JOB_TOKEN)
+    )
+    assert response.status_code == 413
+    assert response.data == b"the progress is larger than 16 bytes (MAX_PROGRESS_BYTES)"
+    assert snapshot(r) == before
