@@ -810,7 +810,7 @@ def cross_slot(error: CrossSlot) -> Response:
 
 def redis_unavailable(error: redis.exceptions.RedisError) -> Response:
     """Answer 503 while Redis cannot be reached; the pool reconnects by itself."""
-    log.warning("Redis unavailable for %s %s: %s", request.method, request.path, error)
+    log.warning("Redis unavailable for %s %s: %s", request.method, loggable(request.path), error)
     return Response(
         "Redis is unavailable; retry shortly",
         503,
@@ -823,6 +823,28 @@ def redis_unavailable(error: redis.exceptions.RedisError) -> Response:
 # A request id from the caller is kept when it is a plain token, so it can be logged
 # and echoed safely; anything else is replaced.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+# What a client sends is logged with spaces, control characters (ANSI escapes, NUL,
+# CR and LF among them), quotes and backslashes written as \xNN, and bytes that are not
+# UTF-8 likewise: one request is always one line, its fields split on spaces.
+LOG_ESCAPES = str.maketrans(
+    {
+        **{chr(c): f"\\x{c:02x}" for c in (*range(0x21), 0x22, 0x5C, *range(0x7F, 0xA0))},
+        **{chr(0xDC00 + b): f"\\x{b:02x}" for b in range(0x80, 0x100)},  # not UTF-8
+        "\u2028": "\\u2028",
+        "\u2029": "\\u2029",
+    }
+)
+
+
+def loggable(text: str) -> str:
+    """Return text as one field of a log line, escaped."""
+    return text.translate(LOG_ESCAPES)
+
+
+def loggable_wsgi(text: str) -> str:
+    """Return a WSGI string (bytes the client sent, as latin-1) as one log field."""
+    return loggable(text.encode("latin-1").decode("utf-8", "surrogateescape"))
 
 
 class AccessLog:
@@ -854,11 +876,11 @@ class AccessLog:
             query = environ.get("QUERY_STRING")
             access_log.info(
                 '%s "%s %s%s%s" %s %.2fms %s',
-                environ.get("REMOTE_ADDR") or "-",
-                environ.get("REQUEST_METHOD"),
-                environ.get("SCRIPT_NAME", ""),
-                environ.get("PATH_INFO", ""),
-                f"?{query}" if query else "",
+                loggable_wsgi(environ.get("REMOTE_ADDR") or "-"),
+                loggable_wsgi(environ.get("REQUEST_METHOD", "")),
+                loggable_wsgi(environ.get("SCRIPT_NAME", "")),
+                loggable_wsgi(environ.get("PATH_INFO", "")),
+                loggable_wsgi(f"?{query}") if query else "",
                 status,
                 (time.perf_counter() - started) * 1000,
                 request_id,

@@ -81,3 +81,33 @@ def test_forwarded_headers_are_used_from_trusted_hops(redis_url, access, hops, a
     client.get("/healthz", headers=FORWARDED)
     logged_address, _, path, *_ = access()[-1]
     assert (logged_address, path) == (address, "/bullmq/healthz")
+
+
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        # A forged second line, as an attacker would try it.
+        (
+            "/x%0D%0A1.2.3.4%20%22POST%20/queues/orders/jobs/42/progress%22%20200%200.5ms%20f",
+            r"/x\x0d\x0a1.2.3.4\x20\x22POST\x20/queues/orders/jobs/42/progress\x22\x20200"
+            r"\x200.5ms\x20f",
+        ),
+        ("/a%1B[31mred%00%7F", r"/a\x1b[31mred\x00\x7f"),  # ANSI escape, NUL, DEL
+        ("/back%5Cslash", r"/back\x5cslash"),
+        ("/caf%C3%A9", "/café"),  # UTF-8 is text
+        ("/%E2%80%A8", r"/\u2028"),  # a Unicode line separator
+    ],
+)
+def test_what_a_client_sends_is_escaped_so_a_request_is_one_line(
+    client, access, caplog, path, logged
+):
+    client.get(path)
+    message = caplog.records[-1].getMessage()
+    assert "\n" not in message and "\r" not in message
+    assert access()[-1][1:4] == ("GET", logged, "404")
+
+
+def test_a_forwarded_address_is_escaped_too(redis_url, access):
+    client = create_app({"REDIS_URL": redis_url, "TRUSTED_PROXIES": 1}).test_client()
+    client.get("/healthz", headers={"X-Forwarded-For": "10.0.0.2\x1b[2J\x00"})
+    assert access()[-1][0] == r"10.0.0.2\x1b[2J\x00"

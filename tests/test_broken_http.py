@@ -185,3 +185,13 @@ def test_requests_gunicorn_cannot_parse_are_answered_in_plain_text(server, sent,
     assert (got_status, headers["content-type"]) == (status, "text/plain; charset=utf-8")
     assert reason in body
     assert "<" not in body
+
+
+def test_a_forged_log_line_stays_inside_its_own_line(server):
+    sent = b"GET /x%FF%0D%0A1.2.3.4%20%22POST%20/q%22%20200%1B[2J HTTP/1.1\r\nHost: t\r\n\r\n"
+    response, _ = exchange(server, sent)
+    assert parse(response)[0] == 404
+    lines = [line for line in server.log.read_text().splitlines() if '"GET /x' in line]
+    assert len(lines) == 1
+    assert r'"GET /x\xff\x0d\x0a1.2.3.4\x20\x22POST\x20/q\x22\x20200\x1b[2J" 404 ' in lines[0]
+    assert not any(line.startswith("1.2.3.4") for line in server.log.read_text().splitlines())
