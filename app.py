@@ -575,18 +575,11 @@ def _not_json(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
-def _finite_float(text: str) -> float | int:
+def _finite_number(text: str) -> float:
+    # JSON.parse reads every number as a double, integers too.
     number = float(text)
     if not math.isfinite(number):
-        raise ValueError(f"the number {text[:40]} is too large")
-    # JSON.stringify writes integral numbers without a fraction: 1.0 and 1e2 as 1 and 100.
-    return int(number) if number.is_integer() and abs(number) < 1e21 else number
-
-
-def _finite_int(text: str) -> int:
-    number = int(text)
-    if abs(number) > 1.7976931348623157e308:
-        raise ValueError(f"the number {text[:40]}... is too large")
+        raise ValueError(f"the number {text[:40]}{'...' if len(text) > 40 else ''} is too large")
     return number
 
 
@@ -630,7 +623,7 @@ def parse_json(body: bytes, what: str) -> Any:
         abort(400, f"{what} is not valid UTF-8")
     try:
         return json.loads(
-            text, parse_constant=_not_json, parse_float=_finite_float, parse_int=_finite_int
+            text, parse_constant=_not_json, parse_float=_finite_number, parse_int=_finite_number
         )
     except (ValueError, RecursionError) as error:
         reason = "is nested too deeply" if isinstance(error, RecursionError) else f"({error})"
@@ -643,13 +636,69 @@ def progress_json(body: bytes) -> bytes:
     too_large = f"the progress is larger than {limit} bytes (MAX_PROGRESS_BYTES)"
     if len(body) > limit:  # refused before the cost of parsing it
         abort(413, too_large)
-    progress = parse_json(body, "the progress")
-    text = json.dumps(progress, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text = stringify(parse_json(body, "the progress"))
+    except RecursionError:
+        abort(400, "the progress must be valid JSON is nested too deeply")
     # A lone surrogate cannot be UTF-8; JSON.stringify writes it as an escape, as here.
     stored = text.encode("utf-8", "backslashreplace")
     if len(stored) > limit:  # a number such as 1e20 is longer written out
         abort(413, too_large)
     return stored
+
+
+def stringify(value: Any) -> str:
+    """Write a parsed JSON value exactly as JavaScript's JSON.stringify writes it.
+
+    Compact; numbers as JavaScript writes them (js_number); an object's keys in the
+    order JavaScript keeps them: array indexes ("0", "7") first, ascending, then the
+    others as they came, a repeated key where it first came with its last value.
+    """
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if value is True or value is False or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return js_number(value)
+    if isinstance(value, list):
+        return "[" + ",".join(map(stringify, value)) + "]"
+    indexes = sorted((key for key in value if is_array_index(key)), key=int)
+    keys = indexes + [key for key in value if not is_array_index(key)] if indexes else value
+    return (
+        "{"
+        + ",".join(f"{json.dumps(key, ensure_ascii=False)}:{stringify(value[key])}" for key in keys)
+        + "}"
+    )
+
+
+def is_array_index(key: str) -> bool:
+    """Say whether JavaScript takes an object key for an array index."""
+    return (
+        key.isascii() and key.isdigit() and (key == "0" or key[0] != "0") and int(key) < 2**32 - 1
+    )
+
+
+def js_number(number: float) -> str:
+    """Write a finite number as JavaScript does (Number::toString in ECMA-262): the
+    shortest digits that read back the same (as Python's repr), placed by its rules."""
+    if number == 0:
+        return "0"  # -0 too
+    mantissa, _, exponent = repr(abs(number)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    written = whole + fraction
+    significant = written.lstrip("0")
+    # The value is 0.<digits> * 10**n.
+    n = len(whole) + int(exponent or 0) - (len(written) - len(significant))
+    digits = significant.rstrip("0")
+    sign = "-" if number < 0 else ""
+    if len(digits) <= n <= 21:
+        return sign + digits + "0" * (n - len(digits))
+    if 0 < n <= 21:
+        return f"{sign}{digits[:n]}.{digits[n:]}"
+    if -6 < n <= 0:
+        return f"{sign}0.{'0' * -n}{digits}"
+    fraction = f".{digits[1:]}" if len(digits) > 1 else ""
+    return f"{sign}{digits[0]}{fraction}e{'+' if n > 0 else '-'}{abs(n - 1)}"
 
 
 def log_line(body: bytes) -> str:

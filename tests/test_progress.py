@@ -20,7 +20,12 @@ def post(client, body, token=JOB_TOKEN, url=URL, **kw):
         (b"1.0", "1"),  # JSON.stringify(1.0) is "1"
         (b"1e2", "100"),
         (b"1e21", "1e+21"),
-        (b"123456789012345678901234567890", "123456789012345678901234567890"),
+        # Every JSON number is a double to JavaScript, large integers too.
+        (b"123456789012345678901234567890", "1.2345678901234568e+29"),
+        (b"9007199254740993", "9007199254740992"),
+        (b"1e-05", "0.00001"),
+        (b"1e-7", "1e-7"),
+        (b'{"b": 1, "10": 2, "2": 3}', '{"2":3,"10":2,"b":1}'),
         (b'"halfway"', '"halfway"'),
         (b"true", "true"),
         (b"null", "null"),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import redis
@@ -11,6 +14,23 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from dev import Gunicorn, RedisCluster, free_port
 from tests.conftest import API_TOKEN
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """Return the node binary, with the BullMQ library installed beside this file;
+    without them, skip locally but fail in CI."""
+    found = shutil.which("node")
+    installed = (HERE / "node_modules" / "bullmq").is_dir()
+    if found and installed:
+        return found
+    reason = "node is not installed" if not found else "run `make test` to install tests/interop"
+    if os.environ.get("CI"):
+        pytest.fail(f"the Node suites must run in CI: {reason}")
+    pytest.skip(f"Node suites skipped: {reason}")
+
 
 # Prefixes on one Redis server: the default, a plain other one, and a hash tag; then a
 # Redis Cluster, where BullMQ needs a hash-tagged prefix. Each set on both sides.

@@ -1,29 +1,13 @@
 """The Node BullMQ suite (bullmq.test.mjs), run against the service once per prefix."""
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import API_TOKEN
 from tests.interop.conftest import all_keys
 
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="session")
-def node() -> str:
-    """Return the node binary; without it, skip locally but fail in CI."""
-    found = shutil.which("node")
-    installed = (HERE / "node_modules" / "bullmq").is_dir()
-    if found and installed:
-        return found
-    reason = "node is not installed" if not found else "run `make test` to install tests/interop"
-    if os.environ.get("CI"):
-        pytest.fail(f"the Node BullMQ suite must run in CI: {reason}")
-    pytest.skip(f"Node BullMQ suite skipped: {reason}")
 
 
 def test_node_bullmq_suite(node, service, data):
