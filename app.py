@@ -522,7 +522,9 @@ def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisC
 
 # ------------------------------------------------------------------------- auth
 
-BEARER = re.compile(r"bearer (\S+)", re.IGNORECASE)
+# RFC 9110: the scheme in any case, then one or more spaces (tabs are let pass too); the
+# token is every byte after them, none a space or tab, whatever else it is.
+BEARER = re.compile(r"bearer[ \t]+([^ \t]+)", re.IGNORECASE)
 
 
 def unauthorized(reason: str) -> NoReturn:
