@@ -192,11 +192,21 @@ class JobStore:
                     self._client = client
         return self._client
 
+    def close(self) -> None:
+        """Close the Redis client's connections, if it was made; it is made anew on use."""
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
     def run(self, script: str, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         """Run one of the service's scripts ("progress", "log", "read logs") on a job's keys."""
         self.check_slot(keys)
         client = self.client
-        return self._scripts[script](keys, args, client=client)
+        try:
+            return self._scripts[script](keys, args, client=client)
+        except redis.exceptions.ResponseError as error:
+            raise script_error(error) from error
 
     def key(self, queue: str, *parts: str) -> str:
         """Return BullMQ's key for a queue, or for one of its jobs and a suffix."""
@@ -244,6 +254,20 @@ class JobStore:
             return None
         count, *lines = result
         return count, lines
+
+
+def script_error(error: redis.exceptions.ResponseError) -> redis.exceptions.RedisError:
+    """Return the error a failed script stands for.
+
+    Redis before 7 reports a write refused inside a script (out of memory, a read-only
+    replica) as a script error, where Redis 7 reports the refusal itself.
+    """
+    message = str(error)
+    if "OOM command not allowed" in message:
+        return redis.exceptions.OutOfMemoryError(message)
+    if "-READONLY" in message:
+        return redis.exceptions.ReadOnlyError(message)
+    return error
 
 
 def store() -> JobStore:
@@ -486,7 +510,7 @@ def redis_client(config: Mapping[str, Any]) -> redis.Redis | RedisCluster:
             connection_class=redis.SSLConnection if config["REDIS_TLS"] else redis.Connection,
             **options,
         )
-    return redis.Redis(connection_pool=pool)
+    return redis.Redis.from_pool(pool)
 
 
 def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisCluster:
