@@ -67,9 +67,10 @@ test: $(VENV)/installed $(NODE_DEPS) nginx redis-server lint ## Run the test sui
 		REDIS_SERVER=$$server $(PY) -m pytest || exit 1; \
 	done
 
-lint: $(VENV)/installed ## Check style with ruff
+lint: $(VENV)/installed ## Check style with ruff, and types with mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: $(VENV)/installed ## Measure the service under wrk beside the stack's ceilings
 	$(call apt_install,wrk,wrk)

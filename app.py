@@ -1,8 +1,21 @@
 """BullMQ job progress and logs over HTTP.
 
-Workers report on the job they hold (authorized by the job's lock token); dashboards
-and operators read the logs back (authorized by an API token). Every read and write
-goes to Redis in BullMQ's own key layout, in one round trip.
+Workers report on the job they hold, authorized by the job's lock token:
+
+    POST /queues/<queue>/jobs/<job_id>/progress   set the job's progress (any JSON)
+    POST /queues/<queue>/jobs/<job_id>/logs       append one line to the job's logs
+
+Dashboards and operators read, authorized by an API token (AUTH_TOKENS):
+
+    GET  /queues/<queue>/jobs/<job_id>/logs       one page of the job's logs
+
+and probes and tools ask, with no token: GET /healthz, GET /readyz, GET /openapi.json.
+
+Every read and write is one script on the job's keys in BullMQ's own layout, so the
+BullMQ libraries see it all. The module reads top-down: blueprints, token decorators
+and views; the request parsing they call; the job store and its scripts; the Redis
+connection; settings; error handlers and the access log; and create_app, which wires
+them together.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -28,10 +42,11 @@ from flask import Blueprint, Flask, Response, abort, current_app, request
 from gunicorn.http.errors import ParseException
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.commands.core import Script
 from redis.crc import key_slot
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, Unauthorized
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 log = logging.getLogger(__name__)
@@ -39,295 +54,134 @@ access_log = logging.getLogger(f"{__name__}.access")
 
 jobs = Blueprint("jobs", __name__)
 health = Blueprint("health", __name__)
+docs = Blueprint("docs", __name__)
 
-# --------------------------------------------------------------------------- Lua
+PLAIN = {"Content-Type": "text/plain; charset=utf-8"}
 
-SET_PROGRESS = """
---[[
-  Set a job's progress, exactly as BullMQ's updateProgress does, if the caller holds
-  the job's lock.
+# ------------------------------------------------------------------------- auth
 
-  KEYS[1] job hash         <prefix>:<queue>:<id>
-  KEYS[2] job lock         <prefix>:<queue>:<id>:lock
-  KEYS[3] event stream     <prefix>:<queue>:events
-  KEYS[4] queue meta hash  <prefix>:<queue>:meta
-
-  ARGV[1] job token (must equal the lock's value)
-  ARGV[2] job id
-  ARGV[3] progress, as JSON
-
-  Returns  0 written
-          -1 the token is not the job's current lock token (nothing written)
-          -2 no such job (nothing written)
-]]
-if redis.call("GET", KEYS[2]) ~= ARGV[1] then return -1 end
-if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
-
-local maxEvents = redis.call("HGET", KEYS[4], "opts.maxLenEvents")
-if not maxEvents then
-  maxEvents = 10000
-  redis.call("HSET", KEYS[4], "opts.maxLenEvents", maxEvents)
-end
-redis.call("HSET", KEYS[1], "progress", ARGV[3])
-redis.call("XADD", KEYS[3], "MAXLEN", "~", maxEvents, "*",
-           "event", "progress", "jobId", ARGV[2], "data", ARGV[3])
-return 0
-"""
-
-ADD_LOG = """
---[[
-  Append one line to a job's logs, as BullMQ's Job.log does (honouring the job's own
-  keepLogs option, stored as "kl" in the JSON of the hash field "opts"), if the caller
-  holds the job's lock; then keep at most the server's cap of newest lines, if any.
-
-  KEYS[1] job hash   <prefix>:<queue>:<id>
-  KEYS[2] job lock   <prefix>:<queue>:<id>:lock
-  KEYS[3] job logs   <prefix>:<queue>:<id>:logs
-
-  ARGV[1] job token (must equal the lock's value)
-  ARGV[2] the log line
-  ARGV[3] the most lines a job keeps (MAX_LOGS_PER_JOB), or "" for no cap
-
-  Returns >0 the number of lines the job keeps, this one included
-          -1 the token is not the job's current lock token (nothing written)
-          -2 no such job (nothing written)
-]]
-if redis.call("GET", KEYS[2]) ~= ARGV[1] then return -1 end
-if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
-
-local count = redis.call("RPUSH", KEYS[3], ARGV[2])
-local keep = tonumber(ARGV[3])
-local opts = redis.call("HGET", KEYS[1], "opts")
-if opts then
-  local ok, decoded = pcall(cjson.decode, opts)
-  local kl = ok and type(decoded) == "table" and tonumber(decoded["kl"])
-  if kl and kl >= 1 and (not keep or kl < keep) then keep = math.floor(kl) end
-end
-if keep and count > keep then
-  redis.call("LTRIM", KEYS[3], -keep, -1)
-  count = keep
-end
-return count
-"""
-
-READ_LOGS = """
---[[
-  Return one page of a job's logs and how many lines it has. A script, not MULTI: Redis
-  refuses every MULTI while it is out of memory, and reads must still work then.
-
-  KEYS[1] job hash   <prefix>:<queue>:<id>
-  KEYS[2] job logs   <prefix>:<queue>:<id>:logs
-
-  ARGV[1] LRANGE start   (the page, as indexes of the list)
-  ARGV[2] LRANGE stop
-  ARGV[3] "desc" to return the page newest first, else oldest first
-  ARGV[4] the most bytes of lines one page holds; it always holds at least one line
-
-  Returns {count, line, line, ...}: whole lines, as many as fit
-          -2 no such job
-]]
-if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
-
-local lines = redis.call("LRANGE", KEYS[2], ARGV[1], ARGV[2])
-local first, last, step = 1, #lines, 1
-if ARGV[3] == "desc" then first, last, step = #lines, 1, -1 end
-local page = {redis.call("LLEN", KEYS[2])}
-local room = tonumber(ARGV[4])
-for i = first, last, step do
-  room = room - #lines[i]
-  if room < 0 and #page > 1 then break end
-  page[#page + 1] = lines[i]
-end
-return page
-"""
-
-# Script return codes, turned into HTTP errors in one place: JobStore.check.
-NOT_LOCK_HOLDER = -1
-NO_SUCH_JOB = -2
-
-# ------------------------------------------------------------------------ Redis
+# RFC 9110: the scheme in any case, then one or more spaces (tabs are let pass too); the
+# token is every byte after them, none a space or tab, whatever else it is.
+BEARER = re.compile(r"bearer[ \t]+([^ \t]+)", re.IGNORECASE)
 
 
-class CrossSlot(ValueError):
-    """A job's keys would fall in different Redis Cluster slots."""
+def bearer_token() -> bytes:
+    """Return the request's Bearer token as sent, or stop with a 401."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        abort(401, "send the token as 'Authorization: Bearer <token>'")
+    match = BEARER.fullmatch(header)
+    if match is None:
+        abort(401, "the Authorization header must be exactly 'Bearer <token>'")
+    # WSGI hands headers over as latin-1; this gives back the bytes the client sent.
+    return match[1].encode("latin-1")
 
 
-class JobStore:
-    """BullMQ's job keys in one Redis database; every method is one round trip."""
+def with_job_token(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Hand the view the request's Bearer token as `token`, unchecked: the view's
+    script compares it with the job's lock, in the same round trip as the write."""
 
-    def __init__(
-        self,
-        connect: Callable[[], redis.Redis | RedisCluster],
-        prefix: str,
-        max_logs: int | None = None,
-        cluster: bool = False,
-        max_page_bytes: int = 1024 * 1024,
-    ) -> None:
-        self.connect = connect
-        self.prefix = prefix
-        self.max_logs = b"" if max_logs is None else str(max_logs).encode()
-        self.max_page_bytes = max_page_bytes
-        # A script or transaction may touch one cluster slot only.
-        self.one_slot = cluster
-        self._client: redis.Redis | RedisCluster | None = None
-        self._scripts: dict[str, Any] = {}
-        self._lock = threading.Lock()
+    @functools.wraps(view)
+    def wrapper(**kwargs: Any) -> Any:
+        return view(token=bearer_token(), **kwargs)
 
-    @property
-    def client(self) -> redis.Redis | RedisCluster:
-        """Return the Redis client, made on first use.
-
-        A cluster client reads the cluster's layout as it is made; made here, a cluster
-        that is down at start-up costs 503s until it is up, not a failed start.
-        """
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    client = self.connect()
-                    self._scripts = {
-                        "progress": client.register_script(SET_PROGRESS),
-                        "log": client.register_script(ADD_LOG),
-                        "read logs": client.register_script(READ_LOGS),
-                    }
-                    self._client = client
-        return self._client
-
-    def close(self) -> None:
-        """Close the Redis client's connections, if it was made; it is made anew on use."""
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
-
-    def run(self, script: str, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
-        """Run one of the service's scripts ("progress", "log", "read logs") on a job's keys."""
-        self.check_slot(keys)
-        client = self.client
-        try:
-            return self._scripts[script](keys, args, client=client)
-        except redis.exceptions.ResponseError as error:
-            raise script_error(error) from error
-
-    def key(self, queue: str, *parts: str) -> str:
-        """Return BullMQ's key for a queue, or for one of its jobs and a suffix."""
-        return ":".join((self.prefix, queue, *parts))
-
-    def check_slot(self, keys: tuple[str, ...]) -> tuple[str, ...]:
-        """Return the keys, or raise CrossSlot when a cluster could not run them together."""
-        if self.one_slot and len({key_slot(key.encode()) for key in keys}) > 1:
-            raise CrossSlot(keys[0])
-        return keys
-
-    def set_progress(self, queue: str, job_id: str, token: bytes, progress: bytes) -> int:
-        """Store a job's progress and publish a progress event; return a script code."""
-        keys = (
-            self.key(queue, job_id),
-            self.key(queue, job_id, "lock"),
-            self.key(queue, "events"),
-            self.key(queue, "meta"),
-        )
-        return self.run("progress", keys, (token, job_id, progress))
-
-    def add_log(self, queue: str, job_id: str, token: bytes, line: str) -> int:
-        """Append a line to a job's logs; return the number kept or a script code."""
-        keys = (
-            self.key(queue, job_id),
-            self.key(queue, job_id, "lock"),
-            self.key(queue, job_id, "logs"),
-        )
-        return self.run("log", keys, (token, line, self.max_logs))
-
-    def read_logs(
-        self, queue: str, job_id: str, start: int, length: int, newest_first: bool
-    ) -> tuple[int, list[bytes]] | None:
-        """Return (total count, one page of lines) of a job's logs, or None if no job.
-
-        The page holds whole lines up to max_page_bytes, and at least one line.
-        """
-        keys = (self.key(queue, job_id), self.key(queue, job_id, "logs"))
-        end = start + length - 1
-        # Newest first counts from the end of the list; BullMQ appends at the end.
-        span = (-(end + 1), -(start + 1)) if newest_first else (start, end)
-        order = b"desc" if newest_first else b"asc"
-        result = self.run("read logs", keys, (*span, order, self.max_page_bytes))
-        if result == NO_SUCH_JOB:
-            return None
-        count, *lines = result
-        return count, lines
+    return wrapper
 
 
-def script_error(error: redis.exceptions.ResponseError) -> redis.exceptions.RedisError:
-    """Return the error a failed script stands for.
+def api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Let the request through only with one of the configured API tokens."""
 
-    Redis before 7 reports a write refused inside a script (out of memory, a read-only
-    replica) as a script error, where Redis 7 reports the refusal itself.
-    """
-    message = str(error)
-    if "OOM command not allowed" in message:
-        return redis.exceptions.OutOfMemoryError(message)
-    if "-READONLY" in message:
-        return redis.exceptions.ReadOnlyError(message)
-    return error
+    @functools.wraps(view)
+    def wrapper(**kwargs: Any) -> Any:
+        token = bearer_token()
+        tokens = current_app.config["API_TOKENS"]
+        if not tokens:
+            abort(401, "this server has no API token configured (AUTH_TOKENS)")
+        # Every token is compared, in a list rather than any()'s short circuit, so the
+        # time taken says nothing of which token, or how much of one, matched.
+        if not any([hmac.compare_digest(token, known) for known in tokens]):
+            abort(401, "the API token is not valid")
+        return view(**kwargs)
 
-
-def store() -> JobStore:
-    """Return the current app's job store."""
-    return current_app.extensions["bullmq_http"]
-
-
-# Redis trouble answers 503: the caller may retry, and the pool reconnects by itself.
-REDIS_UNAVAILABLE = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.OutOfMemoryError,
-    # A cluster that is failing over, resharding, or missing a slot's master.
-    redis.exceptions.ClusterError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.RedisClusterException,
-)
-
-# ----------------------------------------------------------------------- config
+    return wrapper
 
 
-class ConfigError(RuntimeError):
-    """A setting that cannot work; start-up stops with its one-line message."""
+# ------------------------------------------------------------------------ views
 
 
-DEFAULTS: dict[str, Any] = {
-    "REDIS_URL": None,
-    "REDIS_HOST": "localhost",
-    "REDIS_PORT": 6379,
-    "REDIS_USERNAME": None,
-    "REDIS_PASSWORD": None,
-    "REDIS_TLS": False,
-    "REDIS_TIMEOUT": 2.0,
-    "REDIS_CLUSTER": False,
-    "REDIS_CLUSTER_NODES": (),
-    "REDIS_SENTINELS": (),
-    "REDIS_SENTINEL_MASTER": None,
-    "REDIS_SENTINEL_PASSWORD": None,
-    "QUEUE_PREFIX": "bull",
-    "AUTH_TOKENS": (),
-    "MIN_QUEUE_NAME_LENGTH": 3,
-    "MAX_QUEUE_NAME_LENGTH": 100,
-    "MAX_BODY_BYTES": 1024 * 1024,
-    "MAX_LOGS_PER_JOB": None,
-    "MAX_LOG_LINE_BYTES": 64 * 1024,
-    "MAX_PROGRESS_BYTES": 64 * 1024,
-    "MAX_PAGE_BYTES": 1024 * 1024,
-    "TRUSTED_PROXIES": 0,
-    "REDIS_MAX_CONNECTIONS": 50,
-}
+@jobs.url_value_preprocessor
+def check_queue_name(endpoint: str | None, values: dict[str, Any] | None) -> None:
+    """Refuse queue names that BullMQ would refuse, before any other work."""
+    queue = (values or {}).get("queue", "")
+    low = current_app.config["MIN_QUEUE_NAME_LENGTH"]
+    high = current_app.config["MAX_QUEUE_NAME_LENGTH"]
+    if not low <= len(queue) <= high:
+        abort(400, f"the queue name must be {low} to {high} characters long")
+    if ":" in queue:
+        abort(400, "the queue name must not contain ':'")
 
 
-def _text(value: str) -> str:
-    if not value:
-        raise ValueError("must not be empty")
-    return value
+@jobs.post("/queues/<queue>/jobs/<path:job_id>/progress")
+@with_job_token
+def set_progress(queue: str, job_id: str, token: bytes) -> tuple[str, dict[str, str]]:
+    """Set the progress of the job the caller holds."""
+    store().set_progress(queue, job_id, token, progress_json(request_body()))
+    return "OK", PLAIN
 
 
-def _whole(low: int, high: int) -> Callable[[str], int]:
+@jobs.post("/queues/<queue>/jobs/<path:job_id>/logs")
+@with_job_token
+def add_log(queue: str, job_id: str, token: bytes) -> tuple[str, dict[str, str]]:
+    """Append one line to the logs of the job the caller holds."""
+    store().add_log(queue, job_id, token, log_line(request_body()))
+    return "OK", PLAIN
+
+
+@jobs.get("/queues/<queue>/jobs/<path:job_id>/logs")
+@api_token_required
+def read_logs(queue: str, job_id: str) -> Response:
+    """Return one page of a job's logs, oldest first unless order=desc."""
+    start = query_number("start", 0, parse_start)
+    length = query_number("length", 10, parse_length)
+    order = request.args.get("order", "asc")
+    if order not in ("asc", "desc"):
+        abort(400, "order must be asc or desc")
+    count, lines = store().read_logs(queue, job_id, start, length, newest_first=order == "desc")
+    body = {"count": count, "logs": [line.decode("utf-8", "replace") for line in lines]}
+    return current_app.response_class(
+        json.dumps(body, ensure_ascii=False, separators=(",", ":")),
+        mimetype="application/json",
+    )
+
+
+@health.get("/healthz")
+def healthz() -> tuple[str, dict[str, str]]:
+    """Answer that the process is alive, touching nothing else."""
+    return "OK", PLAIN
+
+
+@health.get("/readyz")
+def readyz() -> tuple[str, dict[str, str]]:
+    """Answer whether Redis answers."""
+    store().client.ping()
+    return "OK", PLAIN
+
+
+OPENAPI = Path(__file__).with_name("openapi.yaml")
+
+
+@docs.get("/openapi.json")
+def openapi() -> Response:
+    """Return the OpenAPI description, its server URL where the caller reached us."""
+    spec = {**current_app.extensions["openapi"], "servers": [{"url": request.script_root or "/"}]}
+    return current_app.response_class(json.dumps(spec), mimetype="application/json")
+
+
+# ------------------------------------------------------------------------ input
+
+
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """Return a parser of whole numbers from low to high, written in ASCII digits."""
     digits = len(str(high))  # longer text is out of range: no need to convert it
 
     def parse(value: str) -> int:
@@ -343,258 +197,20 @@ def _whole(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _seconds(value: str) -> float:
+# start stops at JavaScript's largest safe integer: BullMQ's clients cannot page past it.
+parse_start = whole_number(0, 2**53 - 1)
+parse_length = whole_number(1, 100)
+
+
+def query_number(name: str, default: int, parse: Callable[[str], int]) -> int:
+    """Return a whole-number query parameter as `parse` reads it, or stop with a 400."""
+    text = request.args.get(name)
+    if text is None:
+        return default
     try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not 0 < seconds <= 60:
-        raise ValueError("must be a number of seconds above 0 and at most 60")
-    return seconds
-
-
-def _flag(value: str) -> bool:
-    flags = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-    if value.lower() not in flags:
-        raise ValueError("must be true or false")
-    return flags[value.lower()]
-
-
-def _redis_url(value: str) -> str:
-    # Several, comma separated, name the seed nodes of a cluster.
-    for url in value.split(","):
-        if urlsplit(url.strip()).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-    return value
-
-
-def _addresses(value: str) -> tuple[tuple[str, int], ...]:
-    addresses = []
-    for item in value.split(","):
-        host, _, port = item.strip().rpartition(":")
-        if not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-            raise ValueError("must be host:port, comma separated")
-        addresses.append((host, int(port)))
-    return tuple(addresses)
-
-
-def _token_list(value: str) -> tuple[str, ...]:
-    return tuple(token.strip() for token in value.split(",") if token.strip())
-
-
-def _token_file(path: str) -> tuple[str, ...]:
-    try:
-        with open(path, encoding="utf-8") as file:
-            lines = [line.strip() for line in file]
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot be read ({error})") from None
-    return tuple(line for line in lines if line and not line.startswith("#"))
-
-
-ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
-    # variable: (setting, parser); a parser raises ValueError saying what is expected
-    "REDIS_URL": ("REDIS_URL", _redis_url),
-    "REDIS_HOST": ("REDIS_HOST", _text),
-    "REDIS_PORT": ("REDIS_PORT", _whole(1, 65535)),
-    "REDIS_USERNAME": ("REDIS_USERNAME", _text),
-    "REDIS_PASSWORD": ("REDIS_PASSWORD", _text),
-    "REDIS_TLS": ("REDIS_TLS", _flag),
-    "REDIS_TIMEOUT": ("REDIS_TIMEOUT", _seconds),
-    "REDIS_CLUSTER": ("REDIS_CLUSTER", _flag),
-    "REDIS_CLUSTER_NODES": ("REDIS_CLUSTER_NODES", _addresses),
-    "REDIS_SENTINELS": ("REDIS_SENTINELS", _addresses),
-    "REDIS_SENTINEL_MASTER": ("REDIS_SENTINEL_MASTER", _text),
-    "REDIS_SENTINEL_PASSWORD": ("REDIS_SENTINEL_PASSWORD", _text),
-    "QUEUE_PREFIX": ("QUEUE_PREFIX", _text),
-    "AUTH_TOKENS": ("AUTH_TOKENS", _token_list),
-    "AUTH_TOKENS_FILE": ("AUTH_TOKENS_FROM_FILE", _token_file),
-    "MIN_QUEUE_NAME_LENGTH": ("MIN_QUEUE_NAME_LENGTH", _whole(1, 1000)),
-    "MAX_QUEUE_NAME_LENGTH": ("MAX_QUEUE_NAME_LENGTH", _whole(1, 1000)),
-    "MAX_BODY_BYTES": ("MAX_BODY_BYTES", _whole(1, 512 * 1024 * 1024)),
-    "MAX_LOGS_PER_JOB": ("MAX_LOGS_PER_JOB", _whole(1, 2**31)),
-    "MAX_LOG_LINE_BYTES": ("MAX_LOG_LINE_BYTES", _whole(1, 512 * 1024 * 1024)),
-    "MAX_PROGRESS_BYTES": ("MAX_PROGRESS_BYTES", _whole(1, 512 * 1024 * 1024)),
-    "MAX_PAGE_BYTES": ("MAX_PAGE_BYTES", _whole(1, 512 * 1024 * 1024)),
-    "TRUSTED_PROXIES": ("TRUSTED_PROXIES", _whole(0, 10)),
-    "REDIS_MAX_CONNECTIONS": ("REDIS_MAX_CONNECTIONS", _whole(1, 10_000)),
-}
-
-
-def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Parse the service's environment variables; raise ConfigError on a bad one."""
-    settings: dict[str, Any] = {}
-    for variable, (setting, parse) in ENVIRONMENT.items():
-        value = environ.get(variable)
-        if value is None or (value == "" and variable != "AUTH_TOKENS"):
-            continue
-        try:
-            settings[setting] = parse(value)
-        except ValueError as error:
-            raise ConfigError(f"{variable}={value!r} {error}") from None
-    # Tokens may come from both places, say while one is being rotated out.
-    if "AUTH_TOKENS_FROM_FILE" in settings:
-        from_file = settings.pop("AUTH_TOKENS_FROM_FILE")
-        settings["AUTH_TOKENS"] = settings.get("AUTH_TOKENS", ()) + from_file
-    return settings
-
-
-HASH_TAG = re.compile(r"\{[^}]+\}")
-
-
-def check_settings(config: Mapping[str, Any]) -> None:
-    """Raise ConfigError when settings contradict each other; warn of risky ones."""
-    if config["MIN_QUEUE_NAME_LENGTH"] > config["MAX_QUEUE_NAME_LENGTH"]:
-        raise ConfigError(
-            f"MIN_QUEUE_NAME_LENGTH={config['MIN_QUEUE_NAME_LENGTH']} is above "
-            f"MAX_QUEUE_NAME_LENGTH={config['MAX_QUEUE_NAME_LENGTH']}"
-        )
-    if config["REDIS_CLUSTER"] and config["REDIS_SENTINELS"]:
-        raise ConfigError("REDIS_CLUSTER and REDIS_SENTINELS are set: choose one")
-    if config["REDIS_SENTINELS"] and not config["REDIS_SENTINEL_MASTER"]:
-        raise ConfigError("REDIS_SENTINELS is set without REDIS_SENTINEL_MASTER, the master's name")
-    if "," in (config["REDIS_URL"] or "") and not config["REDIS_CLUSTER"]:
-        raise ConfigError("REDIS_URL names several servers: set REDIS_CLUSTER=1 for a cluster")
-    if config["REDIS_CLUSTER"] and not HASH_TAG.search(config["QUEUE_PREFIX"].split(":")[0]):
-        log.warning(
-            "QUEUE_PREFIX=%s has no hash tag: on Redis Cluster every queue name then needs "
-            "one, like {orders}; QUEUE_PREFIX={bull} covers every queue",
-            config["QUEUE_PREFIX"],
-        )
-
-
-class SentinelBlockingConnectionPool(SentinelConnectionPool, redis.BlockingConnectionPool):
-    """A pool that asks the sentinels for the master, and waits for a free connection."""
-
-
-def redis_client(config: Mapping[str, Any]) -> redis.Redis | RedisCluster:
-    """Make the process's Redis client (a connection pool) from the settings."""
-    options: dict[str, Any] = {
-        "socket_timeout": config["REDIS_TIMEOUT"],
-        "socket_connect_timeout": config["REDIS_TIMEOUT"],
-        # One immediate retry on a broken connection (say, after Redis restarted), never
-        # on a timeout: a timed-out write may still have run, and must not run twice.
-        "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
-        # At most this many connections per process (per node, on a cluster); a request
-        # beyond them waits for one to come free, up to REDIS_TIMEOUT, then answers 503.
-        "max_connections": config["REDIS_MAX_CONNECTIONS"],
-        "timeout": config["REDIS_TIMEOUT"],
-    }
-    if config["REDIS_CLUSTER"]:
-        return cluster_client(config, options)
-    if config["REDIS_SENTINELS"]:
-        sentinels = Sentinel(
-            config["REDIS_SENTINELS"],
-            sentinel_kwargs={
-                "password": config["REDIS_SENTINEL_PASSWORD"],
-                "socket_timeout": config["REDIS_TIMEOUT"],
-            },
-        )
-        # The pool asks the sentinels for the master whenever it connects, so after a
-        # failover the next connection goes to the new master.
-        return sentinels.master_for(
-            config["REDIS_SENTINEL_MASTER"],
-            connection_pool_class=SentinelBlockingConnectionPool,
-            username=config["REDIS_USERNAME"],
-            password=config["REDIS_PASSWORD"],
-            ssl=config["REDIS_TLS"],
-            **options,
-        )
-    if config["REDIS_URL"]:
-        pool = redis.BlockingConnectionPool.from_url(config["REDIS_URL"], **options)
-    else:
-        pool = redis.BlockingConnectionPool(
-            host=config["REDIS_HOST"],
-            port=config["REDIS_PORT"],
-            username=config["REDIS_USERNAME"],
-            password=config["REDIS_PASSWORD"],
-            connection_class=redis.SSLConnection if config["REDIS_TLS"] else redis.Connection,
-            **options,
-        )
-    return redis.Redis.from_pool(pool)
-
-
-def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisCluster:
-    """Make a Redis Cluster client from its seed nodes."""
-    seeds = [ClusterNode(host, port) for host, port in config["REDIS_CLUSTER_NODES"]]
-    credentials = {"username": config["REDIS_USERNAME"], "password": config["REDIS_PASSWORD"]}
-    tls = config["REDIS_TLS"]
-    for url in (config["REDIS_URL"] or "").split(","):
-        if url.strip():
-            parts = urlsplit(url.strip())
-            seeds.append(ClusterNode(parts.hostname or "localhost", parts.port or 6379))
-            credentials = {"username": parts.username, "password": parts.password}
-            tls = tls or parts.scheme == "rediss"
-    if not seeds:
-        seeds = [ClusterNode(config["REDIS_HOST"], config["REDIS_PORT"])]
-    first, *others = seeds
-    return RedisCluster(
-        # Given a URL, the client makes each node's pool of connection_pool_class; given
-        # none, it makes pools that refuse a caller past their size instead of waiting.
-        url=f"{'rediss' if tls else 'redis'}://{first.host}:{first.port}",
-        startup_nodes=others,
-        socket_timeout=options["socket_timeout"],
-        socket_connect_timeout=options["socket_connect_timeout"],
-        connection_pool_class=redis.BlockingConnectionPool,
-        max_connections=options["max_connections"],
-        timeout=options["timeout"],
-        # MOVED and ASK are followed at once; a node down or a failover under way is
-        # retried a few times, within about a second, before the request answers 503.
-        retry=Retry(ExponentialBackoff(cap=0.4, base=0.05), 4),
-        **credentials,
-    )
-
-
-# ------------------------------------------------------------------------- auth
-
-# RFC 9110: the scheme in any case, then one or more spaces (tabs are let pass too); the
-# token is every byte after them, none a space or tab, whatever else it is.
-BEARER = re.compile(r"bearer[ \t]+([^ \t]+)", re.IGNORECASE)
-
-
-def unauthorized(reason: str) -> NoReturn:
-    """Stop the request with a 401 that says why."""
-    abort(401, reason)
-
-
-def bearer_token() -> bytes:
-    """Return the request's Bearer token as sent, or stop with a 401."""
-    header = request.headers.get("Authorization")
-    if header is None:
-        unauthorized("send the token as 'Authorization: Bearer <token>'")
-    match = BEARER.fullmatch(header)
-    if match is None:
-        unauthorized("the Authorization header must be exactly 'Bearer <token>'")
-    # WSGI hands headers over as latin-1; this gives back the bytes the client sent.
-    return match[1].encode("latin-1")
-
-
-def job_token(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Require a job token; the view's script compares it with the job's lock."""
-
-    @functools.wraps(view)
-    def wrapper(**kwargs: Any) -> Any:
-        return view(token=bearer_token(), **kwargs)
-
-    return wrapper
-
-
-def api_token(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Require one of the configured API tokens."""
-
-    @functools.wraps(view)
-    def wrapper(**kwargs: Any) -> Any:
-        token = bearer_token()
-        tokens = current_app.config["API_TOKENS"]
-        if not tokens:
-            unauthorized("this server has no API token configured (AUTH_TOKENS)")
-        if not any([hmac.compare_digest(token, known) for known in tokens]):
-            unauthorized("the API token is not valid")
-        return view(**kwargs)
-
-    return wrapper
-
-
-# ------------------------------------------------------------------------ input
+        return parse(text)
+    except ValueError as error:
+        abort(400, f"{name} {error}")
 
 
 def _not_json(name: str) -> NoReturn:
@@ -750,127 +366,514 @@ def log_line(body: bytes) -> str:
     return line
 
 
-# start stops at JavaScript's largest safe integer: BullMQ's clients cannot page past it.
-START = _whole(0, 2**53 - 1)
-LENGTH = _whole(1, 100)
+# -------------------------------------------------------------------- job store
 
 
-def whole_arg(name: str, default: int, parse: Callable[[str], int]) -> int:
-    """Return a whole-number query parameter as `parse` reads it, or stop with a 400."""
-    text = request.args.get(name)
-    if text is None:
-        return default
-    try:
-        return parse(text)
-    except ValueError as error:
-        abort(400, f"{name} {error}")
+class NotLockHolder(Exception):
+    """The caller's token is not the job's current lock token."""
 
 
-def no_such_job(queue: str, job_id: str) -> NoReturn:
-    """Stop the request with a 404 for a job that is not there."""
-    abort(404, f"job {job_id!r} not found in queue {queue!r}")
+class NoSuchJob(Exception):
+    """The job is not in its queue."""
+
+    def __init__(self, queue: str, job_id: str) -> None:
+        super().__init__(queue, job_id)
+        self.queue = queue
+        self.job_id = job_id
 
 
-def check(code: int, queue: str, job_id: str) -> None:
-    """Turn a script's return code into the HTTP error it stands for."""
-    if code == NOT_LOCK_HOLDER:
-        unauthorized(
-            "the token is not this job's lock token: the lock expired or moved, "
-            "the job finished, or the token is wrong"
+class CrossSlot(Exception):
+    """A job's keys would fall in different Redis Cluster slots."""
+
+
+SET_PROGRESS = """
+--[[
+  Set a job's progress, exactly as BullMQ's updateProgress does, if the caller holds
+  the job's lock.
+
+  KEYS[1] job hash         <prefix>:<queue>:<id>
+  KEYS[2] job lock         <prefix>:<queue>:<id>:lock
+  KEYS[3] event stream     <prefix>:<queue>:events
+  KEYS[4] queue meta hash  <prefix>:<queue>:meta
+
+  ARGV[1] job token (must equal the lock's value)
+  ARGV[2] job id
+  ARGV[3] progress, as JSON
+
+  Returns  0 written
+          -1 the token is not the job's current lock token (nothing written)
+          -2 no such job (nothing written)
+]]
+if redis.call("GET", KEYS[2]) ~= ARGV[1] then return -1 end
+if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
+
+local maxEvents = redis.call("HGET", KEYS[4], "opts.maxLenEvents")
+if not maxEvents then
+  maxEvents = 10000
+  redis.call("HSET", KEYS[4], "opts.maxLenEvents", maxEvents)
+end
+redis.call("HSET", KEYS[1], "progress", ARGV[3])
+redis.call("XADD", KEYS[3], "MAXLEN", "~", maxEvents, "*",
+           "event", "progress", "jobId", ARGV[2], "data", ARGV[3])
+return 0
+"""
+
+ADD_LOG = """
+--[[
+  Append one line to a job's logs, as BullMQ's Job.log does (honouring the job's own
+  keepLogs option, stored as "kl" in the JSON of the hash field "opts"), if the caller
+  holds the job's lock; then keep at most the server's cap of newest lines, if any.
+
+  KEYS[1] job hash   <prefix>:<queue>:<id>
+  KEYS[2] job lock   <prefix>:<queue>:<id>:lock
+  KEYS[3] job logs   <prefix>:<queue>:<id>:logs
+
+  ARGV[1] job token (must equal the lock's value)
+  ARGV[2] the log line
+  ARGV[3] the most lines a job keeps (MAX_LOGS_PER_JOB), or "" for no cap
+
+  Returns >0 the number of lines the job keeps, this one included
+          -1 the token is not the job's current lock token (nothing written)
+          -2 no such job (nothing written)
+]]
+if redis.call("GET", KEYS[2]) ~= ARGV[1] then return -1 end
+if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
+
+local count = redis.call("RPUSH", KEYS[3], ARGV[2])
+local keep = tonumber(ARGV[3])
+local opts = redis.call("HGET", KEYS[1], "opts")
+if opts then
+  local ok, decoded = pcall(cjson.decode, opts)
+  local kl = ok and type(decoded) == "table" and tonumber(decoded["kl"])
+  if kl and kl >= 1 and (not keep or kl < keep) then keep = math.floor(kl) end
+end
+if keep and count > keep then
+  redis.call("LTRIM", KEYS[3], -keep, -1)
+  count = keep
+end
+return count
+"""
+
+READ_LOGS = """
+--[[
+  Return one page of a job's logs and how many lines it has. A script, not MULTI: Redis
+  refuses every MULTI while it is out of memory, and reads must still work then.
+
+  KEYS[1] job hash   <prefix>:<queue>:<id>
+  KEYS[2] job logs   <prefix>:<queue>:<id>:logs
+
+  ARGV[1] LRANGE start   (the page, as indexes of the list)
+  ARGV[2] LRANGE stop
+  ARGV[3] "desc" to return the page newest first, else oldest first
+  ARGV[4] the most bytes of lines one page holds; it always holds at least one line
+
+  Returns {count, line, line, ...}: whole lines, as many as fit
+          -2 no such job
+]]
+if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
+
+local lines = redis.call("LRANGE", KEYS[2], ARGV[1], ARGV[2])
+local first, last, step = 1, #lines, 1
+if ARGV[3] == "desc" then first, last, step = #lines, 1, -1 end
+local page = {redis.call("LLEN", KEYS[2])}
+local room = tonumber(ARGV[4])
+for i = first, last, step do
+  room = room - #lines[i]
+  if room < 0 and #page > 1 then break end
+  page[#page + 1] = lines[i]
+end
+return page
+"""
+
+# Script return codes, turned into NotLockHolder and NoSuchJob in JobStore._run.
+NOT_LOCK_HOLDER = -1
+NO_SUCH_JOB = -2
+
+
+class JobStore:
+    """BullMQ's keys of the jobs in one Redis database or cluster.
+
+    Every method is one script, one round trip; it raises NotLockHolder, NoSuchJob or
+    CrossSlot for what the caller got wrong, a RedisError for what Redis did.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], redis.Redis | RedisCluster],
+        prefix: str,
+        max_logs: int | None = None,
+        cluster: bool = False,
+        max_page_bytes: int = 1024 * 1024,
+    ) -> None:
+        self.connect = connect
+        self.prefix = prefix
+        self.max_logs = b"" if max_logs is None else str(max_logs).encode()
+        self.max_page_bytes = max_page_bytes
+        # A script may touch one cluster slot only.
+        self.one_slot = cluster
+        self._client: redis.Redis | RedisCluster | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> redis.Redis | RedisCluster:
+        """Return the Redis client, made on first use.
+
+        A cluster client reads the cluster's layout as it is made; made here, a cluster
+        that is down at start-up costs 503s until it is up, not a failed start.
+        """
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    client = self.connect()
+                    self._set_progress = client.register_script(SET_PROGRESS)
+                    self._add_log = client.register_script(ADD_LOG)
+                    self._read_logs = client.register_script(READ_LOGS)
+                    self._client = client
+        return self._client
+
+    def close(self) -> None:
+        """Close the Redis client's connections, if it was made; it is made anew on use."""
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def key(self, queue: str, *parts: str) -> str:
+        """Return BullMQ's key for a queue, or for one of its jobs and a suffix."""
+        return ":".join((self.prefix, queue, *parts))
+
+    def set_progress(self, queue: str, job_id: str, token: bytes, progress: bytes) -> None:
+        """Store a job's progress and publish a progress event."""
+        keys = (
+            self.key(queue, job_id),
+            self.key(queue, job_id, "lock"),
+            self.key(queue, "events"),
+            self.key(queue, "meta"),
         )
-    if code == NO_SUCH_JOB:
-        no_such_job(queue, job_id)
+        self._run("_set_progress", queue, job_id, keys, (token, job_id, progress))
+
+    def add_log(self, queue: str, job_id: str, token: bytes, line: str) -> int:
+        """Append a line to a job's logs; return how many lines the job keeps."""
+        keys = (
+            self.key(queue, job_id),
+            self.key(queue, job_id, "lock"),
+            self.key(queue, job_id, "logs"),
+        )
+        count: int = self._run("_add_log", queue, job_id, keys, (token, line, self.max_logs))
+        return count
+
+    def read_logs(
+        self, queue: str, job_id: str, start: int, length: int, newest_first: bool
+    ) -> tuple[int, list[bytes]]:
+        """Return (total count, one page of lines) of a job's logs.
+
+        The page holds whole lines up to max_page_bytes, and at least one line.
+        """
+        keys = (self.key(queue, job_id), self.key(queue, job_id, "logs"))
+        end = start + length - 1
+        # Newest first counts from the end of the list; BullMQ appends at the end.
+        span = (-(end + 1), -(start + 1)) if newest_first else (start, end)
+        order = b"desc" if newest_first else b"asc"
+        args = (*span, order, self.max_page_bytes)
+        count, *lines = self._run("_read_logs", queue, job_id, keys, args)
+        return count, lines
+
+    def _run(
+        self, script: str, queue: str, job_id: str, keys: tuple[str, ...], args: tuple[Any, ...]
+    ) -> Any:
+        """Run one of the scripts on a job's keys; raise what its return code stands for."""
+        if self.one_slot and len({key_slot(key.encode()) for key in keys}) > 1:
+            raise CrossSlot(keys[0])
+        client = self.client
+        run: Script = getattr(self, script)
+        try:
+            result = run(keys, args, client=client)
+        except redis.exceptions.ResponseError as error:
+            raise script_error(error) from error
+        if result == NOT_LOCK_HOLDER:
+            raise NotLockHolder
+        if result == NO_SUCH_JOB:
+            raise NoSuchJob(queue, job_id)
+        return result
 
 
-# ------------------------------------------------------------------------ views
+def script_error(error: redis.exceptions.ResponseError) -> redis.exceptions.RedisError:
+    """Return the error a failed script stands for.
 
-PLAIN = {"Content-Type": "text/plain; charset=utf-8"}
-
-
-@jobs.url_value_preprocessor
-def check_queue_name(endpoint: str | None, values: dict[str, Any] | None) -> None:
-    """Refuse queue names that BullMQ would refuse, before any other work."""
-    queue = (values or {}).get("queue", "")
-    low = current_app.config["MIN_QUEUE_NAME_LENGTH"]
-    high = current_app.config["MAX_QUEUE_NAME_LENGTH"]
-    if not low <= len(queue) <= high:
-        abort(400, f"the queue name must be {low} to {high} characters long")
-    if ":" in queue:
-        abort(400, "the queue name must not contain ':'")
+    Redis before 7 reports a write refused inside a script (out of memory, a read-only
+    replica) as a script error, where Redis 7 reports the refusal itself.
+    """
+    message = str(error)
+    if "OOM command not allowed" in message:
+        return redis.exceptions.OutOfMemoryError(message)
+    if "-READONLY" in message:
+        return redis.exceptions.ReadOnlyError(message)
+    return error
 
 
-@jobs.post("/queues/<queue>/jobs/<path:job_id>/progress")
-@job_token
-def set_progress(queue: str, job_id: str, token: bytes) -> tuple[str, dict[str, str]]:
-    """Set the progress of the job the caller holds."""
-    progress = progress_json(request_body())
-    check(store().set_progress(queue, job_id, token, progress), queue, job_id)
-    return "OK", PLAIN
+def store() -> JobStore:
+    """Return the current app's job store."""
+    store: JobStore = current_app.extensions["bullmq_http"]
+    return store
 
 
-@jobs.post("/queues/<queue>/jobs/<path:job_id>/logs")
-@job_token
-def add_log(queue: str, job_id: str, token: bytes) -> tuple[str, dict[str, str]]:
-    """Append one line to the logs of the job the caller holds."""
-    line = log_line(request_body())
-    check(store().add_log(queue, job_id, token, line), queue, job_id)
-    return "OK", PLAIN
+# ---------------------------------------------------------------------- Redis
 
 
-@jobs.get("/queues/<queue>/jobs/<path:job_id>/logs")
-@api_token
-def read_logs(queue: str, job_id: str) -> Response:
-    """Return one page of a job's logs, oldest first unless order=desc."""
-    start = whole_arg("start", 0, START)
-    length = whole_arg("length", 10, LENGTH)
-    order = request.args.get("order", "asc")
-    if order not in ("asc", "desc"):
-        abort(400, "order must be asc or desc")
-    page = store().read_logs(queue, job_id, start, length, newest_first=order == "desc")
-    if page is None:
-        no_such_job(queue, job_id)
-    count, lines = page
-    body = {"count": count, "logs": [line.decode("utf-8", "replace") for line in lines]}
-    return current_app.response_class(
-        json.dumps(body, ensure_ascii=False, separators=(",", ":")),
-        mimetype="application/json",
+class SentinelBlockingConnectionPool(SentinelConnectionPool, redis.BlockingConnectionPool):
+    """A pool that asks the sentinels for the master, and waits for a free connection."""
+
+
+def redis_client(config: Mapping[str, Any]) -> redis.Redis | RedisCluster:
+    """Make the process's Redis client (a connection pool) from the settings."""
+    options: dict[str, Any] = {
+        "socket_timeout": config["REDIS_TIMEOUT"],
+        "socket_connect_timeout": config["REDIS_TIMEOUT"],
+        # One immediate retry on a broken connection (say, after Redis restarted), never
+        # on a timeout: a timed-out write may still have run, and must not run twice.
+        "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+        # At most this many connections per process (per node, on a cluster); a request
+        # beyond them waits for one to come free, up to REDIS_TIMEOUT, then answers 503.
+        "max_connections": config["REDIS_MAX_CONNECTIONS"],
+        "timeout": config["REDIS_TIMEOUT"],
+    }
+    if config["REDIS_CLUSTER"]:
+        return cluster_client(config, options)
+    if config["REDIS_SENTINELS"]:
+        sentinels = Sentinel(
+            config["REDIS_SENTINELS"],
+            sentinel_kwargs={
+                "password": config["REDIS_SENTINEL_PASSWORD"],
+                "socket_timeout": config["REDIS_TIMEOUT"],
+            },
+        )
+        # The pool asks the sentinels for the master whenever it connects, so after a
+        # failover the next connection goes to the new master.
+        return sentinels.master_for(
+            config["REDIS_SENTINEL_MASTER"],
+            connection_pool_class=SentinelBlockingConnectionPool,
+            username=config["REDIS_USERNAME"],
+            password=config["REDIS_PASSWORD"],
+            ssl=config["REDIS_TLS"],
+            **options,
+        )
+    if config["REDIS_URL"]:
+        pool = redis.BlockingConnectionPool.from_url(config["REDIS_URL"], **options)
+    else:
+        pool = redis.BlockingConnectionPool(
+            host=config["REDIS_HOST"],
+            port=config["REDIS_PORT"],
+            username=config["REDIS_USERNAME"],
+            password=config["REDIS_PASSWORD"],
+            connection_class=redis.SSLConnection if config["REDIS_TLS"] else redis.Connection,
+            **options,
+        )
+    return redis.Redis.from_pool(pool)
+
+
+def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisCluster:
+    """Make a Redis Cluster client from its seed nodes."""
+    seeds = [ClusterNode(host, port) for host, port in config["REDIS_CLUSTER_NODES"]]
+    credentials = {"username": config["REDIS_USERNAME"], "password": config["REDIS_PASSWORD"]}
+    tls = config["REDIS_TLS"]
+    for url in (config["REDIS_URL"] or "").split(","):
+        if url.strip():
+            parts = urlsplit(url.strip())
+            seeds.append(ClusterNode(parts.hostname or "localhost", parts.port or 6379))
+            credentials = {"username": parts.username, "password": parts.password}
+            tls = tls or parts.scheme == "rediss"
+    if not seeds:
+        seeds = [ClusterNode(config["REDIS_HOST"], config["REDIS_PORT"])]
+    first, *others = seeds
+    return RedisCluster(
+        # Given a URL, the client makes each node's pool of connection_pool_class; given
+        # none, it makes pools that refuse a caller past their size instead of waiting.
+        url=f"{'rediss' if tls else 'redis'}://{first.host}:{first.port}",
+        startup_nodes=others,
+        socket_timeout=options["socket_timeout"],
+        socket_connect_timeout=options["socket_connect_timeout"],
+        connection_pool_class=redis.BlockingConnectionPool,
+        max_connections=options["max_connections"],
+        timeout=options["timeout"],
+        # MOVED and ASK are followed at once; a node down or a failover under way is
+        # retried a few times, within about a second, before the request answers 503.
+        retry=Retry(ExponentialBackoff(cap=0.4, base=0.05), 4),
+        **credentials,
     )
 
 
-@health.get("/healthz")
-def healthz() -> tuple[str, dict[str, str]]:
-    """Answer that the process is alive, touching nothing else."""
-    return "OK", PLAIN
+# -------------------------------------------------------------------- settings
 
 
-@health.get("/readyz")
-def readyz() -> tuple[str, dict[str, str]]:
-    """Answer whether Redis answers."""
-    store().client.ping()
-    return "OK", PLAIN
+class ConfigError(RuntimeError):
+    """A setting that cannot work; start-up stops with its one-line message."""
 
 
-OPENAPI = Path(__file__).with_name("openapi.yaml")
+def _text(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    return value
 
 
-@health.get("/openapi.json")
-def openapi() -> Response:
-    """Return the OpenAPI description, its server URL where the caller reached us."""
-    spec = {**current_app.extensions["openapi"], "servers": [{"url": request.script_root or "/"}]}
-    return current_app.response_class(json.dumps(spec), mimetype="application/json")
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= 60:
+        raise ValueError("must be a number of seconds above 0 and at most 60")
+    return seconds
 
 
-# ----------------------------------------------------------------------- errors
+def _flag(value: str) -> bool:
+    flags = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if value.lower() not in flags:
+        raise ValueError("must be true or false")
+    return flags[value.lower()]
+
+
+def _redis_url(value: str) -> str:
+    # Several, comma separated, name the seed nodes of a cluster.
+    for url in value.split(","):
+        if urlsplit(url.strip()).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+    return value
+
+
+def _addresses(value: str) -> tuple[tuple[str, int], ...]:
+    addresses = []
+    for item in value.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError("must be host:port, comma separated")
+        addresses.append((host, int(port)))
+    return tuple(addresses)
+
+
+def _token_list(value: str) -> tuple[str, ...]:
+    return tuple(token.strip() for token in value.split(",") if token.strip())
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A setting's default, and the parser of its environment variable (which raises
+    ValueError saying what is expected)."""
+
+    default: Any
+    parse: Callable[[str], Any]
+
+
+# Each setting is read from the environment variable of its name.
+SETTINGS: dict[str, Setting] = {
+    "REDIS_URL": Setting(None, _redis_url),
+    "REDIS_HOST": Setting("localhost", _text),
+    "REDIS_PORT": Setting(6379, whole_number(1, 65535)),
+    "REDIS_USERNAME": Setting(None, _text),
+    "REDIS_PASSWORD": Setting(None, _text),
+    "REDIS_TLS": Setting(False, _flag),
+    "REDIS_TIMEOUT": Setting(2.0, _seconds),
+    "REDIS_MAX_CONNECTIONS": Setting(50, whole_number(1, 10_000)),
+    "REDIS_CLUSTER": Setting(False, _flag),
+    "REDIS_CLUSTER_NODES": Setting((), _addresses),
+    "REDIS_SENTINELS": Setting((), _addresses),
+    "REDIS_SENTINEL_MASTER": Setting(None, _text),
+    "REDIS_SENTINEL_PASSWORD": Setting(None, _text),
+    "QUEUE_PREFIX": Setting("bull", _text),
+    "AUTH_TOKENS": Setting((), _token_list),
+    "AUTH_TOKENS_FILE": Setting(None, _text),  # read by api_tokens
+    "MIN_QUEUE_NAME_LENGTH": Setting(3, whole_number(1, 1000)),
+    "MAX_QUEUE_NAME_LENGTH": Setting(100, whole_number(1, 1000)),
+    "MAX_BODY_BYTES": Setting(1024 * 1024, whole_number(1, 512 * 1024 * 1024)),
+    "MAX_PROGRESS_BYTES": Setting(64 * 1024, whole_number(1, 512 * 1024 * 1024)),
+    "MAX_LOG_LINE_BYTES": Setting(64 * 1024, whole_number(1, 512 * 1024 * 1024)),
+    "MAX_LOGS_PER_JOB": Setting(None, whole_number(1, 2**31)),
+    "MAX_PAGE_BYTES": Setting(1024 * 1024, whole_number(1, 512 * 1024 * 1024)),
+    "TRUSTED_PROXIES": Setting(0, whole_number(0, 10)),
+}
+DEFAULTS = {name: setting.default for name, setting in SETTINGS.items()}
+
+
+def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Parse the service's environment variables; raise ConfigError on a bad one."""
+    settings: dict[str, Any] = {}
+    for name, setting in SETTINGS.items():
+        value = environ.get(name)
+        # An empty variable is unset, except AUTH_TOKENS: empty there means none.
+        if value is None or (value == "" and name != "AUTH_TOKENS"):
+            continue
+        try:
+            settings[name] = setting.parse(value)
+        except ValueError as error:
+            raise ConfigError(f"{name}={value!r} {error}") from None
+    return settings
+
+
+def api_tokens(config: Mapping[str, Any]) -> tuple[bytes, ...]:
+    """Return the API tokens: AUTH_TOKENS, then the lines of AUTH_TOKENS_FILE (tokens
+    may come from both, say while one is being rotated out); raise ConfigError when
+    the file cannot be read."""
+    tokens = list(config["AUTH_TOKENS"])
+    path = config["AUTH_TOKENS_FILE"]
+    if path:
+        try:
+            with open(path, encoding="utf-8") as file:
+                lines = [line.strip() for line in file]
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"AUTH_TOKENS_FILE={path!r} cannot be read ({error})") from None
+        tokens += [line for line in lines if line and not line.startswith("#")]
+    return tuple(token.encode("utf-8") for token in tokens)
+
+
+HASH_TAG = re.compile(r"\{[^}]+\}")
+
+
+def check_settings(config: Mapping[str, Any]) -> None:
+    """Raise ConfigError when settings contradict each other; warn of risky ones."""
+    if config["MIN_QUEUE_NAME_LENGTH"] > config["MAX_QUEUE_NAME_LENGTH"]:
+        raise ConfigError(
+            f"MIN_QUEUE_NAME_LENGTH={config['MIN_QUEUE_NAME_LENGTH']} is above "
+            f"MAX_QUEUE_NAME_LENGTH={config['MAX_QUEUE_NAME_LENGTH']}"
+        )
+    if config["REDIS_CLUSTER"] and config["REDIS_SENTINELS"]:
+        raise ConfigError("REDIS_CLUSTER and REDIS_SENTINELS are set: choose one")
+    if config["REDIS_SENTINELS"] and not config["REDIS_SENTINEL_MASTER"]:
+        raise ConfigError("REDIS_SENTINELS is set without REDIS_SENTINEL_MASTER, the master's name")
+    if "," in (config["REDIS_URL"] or "") and not config["REDIS_CLUSTER"]:
+        raise ConfigError("REDIS_URL names several servers: set REDIS_CLUSTER=1 for a cluster")
+    if config["REDIS_CLUSTER"] and not HASH_TAG.search(config["QUEUE_PREFIX"].split(":")[0]):
+        log.warning(
+            "QUEUE_PREFIX=%s has no hash tag: on Redis Cluster every queue name then needs "
+            "one, like {orders}; QUEUE_PREFIX={bull} covers every queue",
+            config["QUEUE_PREFIX"],
+        )
+
+
+# ---------------------------------------------------------------------- errors
 
 
 def plain_error(error: HTTPException) -> Response:
     """Render an HTTP error as its plain-text reason, keeping headers such as Allow."""
-    response = error.get_response()
+    response: Response = error.get_response()  # type: ignore[assignment]
     response.set_data(error.description or "")
     response.content_type = PLAIN["Content-Type"]
     if error.code == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
     return response
+
+
+def not_lock_holder(error: NotLockHolder) -> Response:
+    """Answer 401 to a job token that is not the job's lock."""
+    return plain_error(
+        Unauthorized(
+            "the token is not this job's lock token: the lock expired or moved, "
+            "the job finished, or the token is wrong"
+        )
+    )
+
+
+def no_such_job(error: NoSuchJob) -> Response:
+    """Answer 404 for a job that is not there."""
+    return Response(f"job {error.job_id!r} not found in queue {error.queue!r}", 404, PLAIN)
 
 
 def cross_slot(error: CrossSlot) -> Response:
@@ -883,6 +886,19 @@ def cross_slot(error: CrossSlot) -> Response:
     )
 
 
+# Redis trouble answers 503: the caller may retry, and the pool reconnects by itself.
+REDIS_UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    # A cluster that is failing over, resharding, or missing a slot's master.
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.RedisClusterException,
+)
+
+
 def redis_unavailable(error: redis.exceptions.RedisError) -> Response:
     """Answer 503 while Redis cannot be reached; the pool reconnects by itself."""
     log.warning("Redis unavailable for %s %s: %s", request.method, loggable(request.path), error)
@@ -893,7 +909,7 @@ def redis_unavailable(error: redis.exceptions.RedisError) -> Response:
     )
 
 
-# ------------------------------------------------------------------- access log
+# ------------------------------------------------------------------ access log
 
 # A request id from the caller is kept when it is a plain token, so it can be logged
 # and echoed safely; anything else is replaced.
@@ -962,7 +978,7 @@ class AccessLog:
             )
 
 
-# -------------------------------------------------------------------------- app
+# ------------------------------------------------------------------------- app
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -973,7 +989,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(config or {})
     check_settings(app.config)
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY_BYTES"]
-    app.config["API_TOKENS"] = tuple(token.encode("utf-8") for token in app.config["AUTH_TOKENS"])
+    app.config["API_TOKENS"] = api_tokens(app.config)
     if not app.config["API_TOKENS"]:
         log.warning("no API token configured (AUTH_TOKENS): GET logs will answer 401")
 
@@ -987,7 +1003,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     )
     app.register_blueprint(jobs)
     app.register_blueprint(health)
+    app.register_blueprint(docs)
     app.register_error_handler(HTTPException, plain_error)
+    app.register_error_handler(NotLockHolder, not_lock_holder)
+    app.register_error_handler(NoSuchJob, no_such_job)
     app.register_error_handler(CrossSlot, cross_slot)
     for error in REDIS_UNAVAILABLE:
         app.register_error_handler(error, redis_unavailable)
@@ -996,6 +1015,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if hops:
         # Each proxy appends the address it saw to X-Forwarded-For: believe that many
         # entries. The scheme and mount prefix are set (not appended) by the nearest.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=1, x_prefix=1)
-    app.wsgi_app = AccessLog(app.wsgi_app)
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=1, x_prefix=1)  # type: ignore[method-assign]
+    app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]
     return app

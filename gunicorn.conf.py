@@ -9,7 +9,14 @@ per gthread worker, default 8). The app reads the service's settings.
 
 import os
 
-worker_class = os.environ.get("WORKER_CLASS") or "gevent"
+# Every request is short and spends its time waiting on one Redis round trip, and
+# workers and dashboards call again and again over keep-alive connections. Greenlets
+# overlap those waits and hold idle connections for next to nothing. Measured by
+# `make bench` (bench/results.md): against gthread, gevent serves more requests per
+# second at 32 connections, at a lower p99, and evenly: gthread's workers race to
+# accept, and one can end up with most keep-alive connections while the other idles.
+# (The sync worker closes every connection after one request.)
+worker_class: str | type = os.environ.get("WORKER_CLASS") or "gevent"
 if worker_class == "gevent":
     # The app is loaded here in the master, before the workers fork: patch first, so
     # that its sockets, locks and ssl are gevent's from the start rather than swapped
@@ -20,6 +27,8 @@ if worker_class == "gevent":
 
 import logging  # noqa: E402
 import sys  # noqa: E402
+
+from app import access_log  # noqa: E402
 
 
 def _whole(name: str, default: int, low: int, high: int) -> int:
@@ -44,13 +53,6 @@ wsgi_app = "app:create_app()"
 bind = [os.environ.get("BIND") or f"127.0.0.1:{_whole('PORT', 8080, 1, 65535)}"]
 workers = _whole("WEB_CONCURRENCY", os.cpu_count() or 1, 1, 256)
 
-# Every request is short and spends its time waiting on one Redis round trip, and
-# workers and dashboards call again and again over keep-alive connections. Greenlets
-# overlap those waits and hold idle connections for next to nothing. Measured by
-# `make bench` (bench/results.md): against gthread, gevent serves more requests per
-# second at 32 connections, at a lower p99, and evenly: gthread's workers race to
-# accept, and one can end up with most keep-alive connections while the other idles.
-# (The sync worker closes every connection after one request.)
 worker_connections = _whole("WORKER_CONNECTIONS", 1000, 1, 10_000)
 if worker_class == "gevent":
     # gevent's worker with deadlines: a request must arrive whole within
@@ -92,5 +94,5 @@ logging.basicConfig(
 )
 _access = logging.StreamHandler(sys.stdout)
 _access.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(message)s", _DATES))
-logging.getLogger("app.access").addHandler(_access)
-logging.getLogger("app.access").propagate = False
+access_log.addHandler(_access)
+access_log.propagate = False

@@ -151,7 +151,7 @@ class DeadlineWorker(GeventWorker):
                 longest_idle = next(iter(self.idle))
                 del self.idle[longest_idle]
                 longest_idle.close_idle()
-            super().handle(listener, Client(client, self), addr)  # type: ignore[arg-type]
+            super().handle(listener, Client(client, self), addr)
         finally:
             self.open -= 1
 

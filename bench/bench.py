@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app import ADD_LOG, SET_PROGRESS  # noqa: E402
-from dev import Gunicorn, RedisCluster, RedisServer, free_port  # noqa: E402
+from dev import ClusterServers, Gunicorn, RedisServer, add_active_job, free_port  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 WORKERS = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
@@ -122,9 +122,7 @@ def wrk(bind: str, route: Route, connections: int) -> Run:
 def seed(client: redis.Redis | redis.RedisCluster, queue: str = "bench") -> None:
     """Lay out the active jobs the routes use, as a BullMQ worker holds them."""
     for job_id in ("progress", "logs", "read"):
-        key = f"bull:{queue}:{job_id}"
-        client.hset(key, mapping={"name": "bench", "data": "{}", "opts": "{}", "timestamp": 1})
-        client.set(f"{key}:lock", JOB_TOKEN)
+        add_active_job(client, queue, job_id, JOB_TOKEN, name="bench", lock_ms=None)
     client.rpush(f"bull:{queue}:read:logs", *[f"line {n}" for n in range(100)])
 
 
@@ -222,7 +220,7 @@ def start(server: Gunicorn) -> Gunicorn:
 def cluster_rows(workdir: Path, best: float) -> list[Row]:
     """Run the routes on a 3-master Redis Cluster, the load spread over all masters."""
     rows = []
-    with RedisCluster(workdir / "cluster") as cluster:
+    with ClusterServers(workdir / "cluster") as cluster:
         queues = tuple(cluster.queues_per_master())
         data = redis.RedisCluster(host="127.0.0.1", port=cluster.masters[0].port)
         for queue in queues:

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from flask import Flask
+from flask.testing import FlaskClient
 
 from app import create_app
-from dev import RedisServer, harness_environ, redis_server_version
+from dev import RedisServer, add_active_job, harness_environ, redis_server_version
 
 ROOT = Path(__file__).resolve().parent.parent
 API_TOKEN = "test-api-token"
@@ -52,48 +52,31 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def app(redis_url: str, r: redis.Redis):
-    """Yield a fresh app against the test database; close its connections after."""
-    the_app = create_app({"REDIS_URL": redis_url, "AUTH_TOKENS": [API_TOKEN], "TESTING": True})
-    yield the_app
-    the_app.extensions["bullmq_http"].close()
+def make_app(redis_url: str, r: redis.Redis) -> Iterator[Callable[..., Flask]]:
+    """Yield a function that makes a fresh app against the test database, with the API
+    token and any other settings given; close their connections after the test."""
+    apps: list[Flask] = []
+
+    def make(**settings: Any) -> Flask:
+        base = {"REDIS_URL": redis_url, "AUTH_TOKENS": [API_TOKEN], "TESTING": True}
+        apps.append(create_app({**base, **settings}))
+        return apps[-1]
+
+    yield make
+    for app in apps:
+        app.extensions["bullmq_http"].close()
 
 
 @pytest.fixture
-def client(app):
+def app(make_app: Callable[..., Flask]) -> Flask:
+    """Return a fresh app against the test database."""
+    return make_app()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
     """Return a test client of the app."""
     return app.test_client()
-
-
-def add_active_job(
-    r: redis.Redis,
-    queue: str,
-    job_id: str,
-    token: str,
-    *,
-    opts: Mapping[str, Any] | None = None,
-    lock_ms: int = 30_000,
-    prefix: str = "bull",
-) -> str:
-    """Lay out a job as a BullMQ worker holds it: hash, active list, lock; return its key."""
-    key = f"{prefix}:{queue}:{job_id}"
-    now = int(time.time() * 1000)
-    r.hset(
-        key,
-        mapping={
-            "name": "test-job",
-            "data": json.dumps({"n": 1}),
-            "opts": json.dumps({"attempts": 1, **(opts or {})}),
-            "timestamp": now,
-            "delay": 0,
-            "priority": 0,
-            "processedOn": now,
-            "ats": 1,
-        },
-    )
-    r.lpush(f"{prefix}:{queue}:active", job_id)
-    r.set(f"{key}:lock", token, px=lock_ms)
-    return key
 
 
 @pytest.fixture

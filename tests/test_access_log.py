@@ -5,7 +5,6 @@ import re
 
 import pytest
 
-from app import create_app
 from tests.conftest import API_TOKEN, JOB_TOKEN, bearer
 
 LINE = re.compile(r'(\S+) "(\S+) (\S+)" (\d{3}) (\d+\.\d\d)ms (\S+)')
@@ -76,8 +75,8 @@ def test_forwarded_headers_are_ignored_by_default(client, access):
 
 
 @pytest.mark.parametrize(("hops", "address"), [(1, "10.0.0.2"), (2, "203.0.113.9")])
-def test_forwarded_headers_are_used_from_trusted_hops(redis_url, access, hops, address):
-    client = create_app({"REDIS_URL": redis_url, "TRUSTED_PROXIES": hops}).test_client()
+def test_forwarded_headers_are_used_from_trusted_hops(make_app, access, hops, address):
+    client = make_app(TRUSTED_PROXIES=hops).test_client()
     client.get("/healthz", headers=FORWARDED)
     logged_address, _, path, *_ = access()[-1]
     assert (logged_address, path) == (address, "/bullmq/healthz")
@@ -107,7 +106,7 @@ def test_what_a_client_sends_is_escaped_so_a_request_is_one_line(
     assert access()[-1][1:4] == ("GET", logged, "404")
 
 
-def test_a_forwarded_address_is_escaped_too(redis_url, access):
-    client = create_app({"REDIS_URL": redis_url, "TRUSTED_PROXIES": 1}).test_client()
+def test_a_forwarded_address_is_escaped_too(make_app, access):
+    client = make_app(TRUSTED_PROXIES=1).test_client()
     client.get("/healthz", headers={"X-Forwarded-For": "10.0.0.2\x1b[2J\x00"})
     assert access()[-1][0] == r"10.0.0.2\x1b[2J\x00"

@@ -2,13 +2,12 @@
 
 import pytest
 
-from app import create_app
 from tests.conftest import JOB_TOKEN, bearer, snapshot
 
 URL = "/queues/orders/jobs/1/logs"
 
 
-def post(client, body, content_type=None, url=URL, token=JOB_TOKEN):
+def post(client, body, content_type=None, token=JOB_TOKEN, url=URL):
     return client.post(url, data=body, content_type=content_type, headers=bearer(token))
 
 
@@ -109,17 +108,17 @@ def test_log_of_a_job_whose_hash_is_gone_is_a_404(client, r, job):
         (10, {}, [f"line {n}" for n in range(5)]),
     ],
 )
-def test_max_logs_per_job_caps_every_job(redis_url, r, job, cap, opts, kept):
+def test_max_logs_per_job_caps_every_job(make_app, r, job, cap, opts, kept):
     job(opts=opts)
-    client = create_app({"REDIS_URL": redis_url, "MAX_LOGS_PER_JOB": cap}).test_client()
+    client = make_app(MAX_LOGS_PER_JOB=cap).test_client()
     for n in range(5):
         assert post(client, f"line {n}".encode()).status_code == 200
     assert r.lrange("bull:orders:1:logs", 0, -1) == kept
 
 
-def test_max_log_line_bytes_refuses_longer_lines(redis_url, r, job):
+def test_max_log_line_bytes_refuses_longer_lines(make_app, r, job):
     job()
-    client = create_app({"REDIS_URL": redis_url, "MAX_LOG_LINE_BYTES": 8}).test_client()
+    client = make_app(MAX_LOG_LINE_BYTES=8).test_client()
     assert post(client, b"12345678").status_code == 200
     assert post(client, '"1234567é"'.encode(), "application/json").status_code == 413
     before = snapshot(r)

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from app import create_app
+from dev import wait_until
 from tests.conftest import API_TOKEN, JOB_TOKEN, bearer, snapshot
 
 WRITES = ["/queues/orders/jobs/1/progress", "/queues/orders/jobs/1/logs"]
@@ -50,11 +50,11 @@ def test_scheme_is_case_insensitive_and_spaces_may_be_many(client, r, job, schem
     assert response.status_code == 200
 
 
-def test_a_token_is_its_bytes_as_sent_whatever_they_are(redis_url, r, job):
+def test_a_token_is_its_bytes_as_sent_whatever_they_are(make_app, r, job):
     # Bytes beyond ASCII, such as 0xA0 (a no-break space in latin-1), are part of it.
     token = "tok\xa0én"
     key = job(token=token)
-    client = create_app({"REDIS_URL": redis_url, "AUTH_TOKENS": [token]}).test_client()
+    client = make_app(AUTH_TOKENS=[token]).test_client()
     sent = {"Authorization": f"Bearer {token}".encode().decode("latin-1")}
     response = client.post(WRITES[0], data=b"3", headers=sent)
     assert response.status_code == 200
@@ -103,9 +103,7 @@ def test_a_lock_that_expires_stops_the_token(client, r, job):
     key = job(lock_ms=300)
     assert client.post(WRITES[0], data=b"1", headers=bearer(JOB_TOKEN)).status_code == 200
     assert client.post(WRITES[1], data=b"one", headers=bearer(JOB_TOKEN)).status_code == 200
-    deadline = time.monotonic() + 5
-    while r.exists(f"{key}:lock") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not r.exists(f"{key}:lock"), 5, "the lock to expire")
     before = snapshot(r)
     assert client.post(WRITES[0], data=b"2", headers=bearer(JOB_TOKEN)).status_code == 401
     assert client.post(WRITES[1], data=b"two", headers=bearer(JOB_TOKEN)).status_code == 401
@@ -122,9 +120,9 @@ def test_a_renewed_lock_keeps_the_token(client, r, job):
     assert r.hget(key, "progress") == "3"
 
 
-def test_any_configured_api_token_reads(redis_url, r, job):
+def test_any_configured_api_token_reads(make_app, r, job):
     job()
-    app = create_app({"REDIS_URL": redis_url, "AUTH_TOKENS": ["old-token", "new-token", "ключ"]})
+    app = make_app(AUTH_TOKENS=["old-token", "new-token", "ключ"])
     client = app.test_client()
     for token in ("old-token", "new-token"):
         assert client.get(READ, headers=bearer(token)).status_code == 200
@@ -134,9 +132,9 @@ def test_any_configured_api_token_reads(redis_url, r, job):
     assert client.get(READ, headers=bearer("other")).status_code == 401
 
 
-def test_without_api_tokens_reads_are_refused_and_writes_still_work(redis_url, r, job):
+def test_without_api_tokens_reads_are_refused_and_writes_still_work(make_app, r, job):
     key = job()
-    client = create_app({"REDIS_URL": redis_url, "AUTH_TOKENS": []}).test_client()
+    client = make_app(AUTH_TOKENS=[]).test_client()
     response = client.get(READ, headers=bearer("anything"))
     assert response.status_code == 401
     assert response.data == b"this server has no API token configured (AUTH_TOKENS)"

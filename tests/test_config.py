@@ -39,7 +39,8 @@ def test_environment_is_parsed(tmp_path):
         "REDIS_TLS": True,
         "REDIS_TIMEOUT": 0.5,
         "QUEUE_PREFIX": "{jobs}",
-        "AUTH_TOKENS": ("one", "two", "from-file-1", "from-file-2"),
+        "AUTH_TOKENS": ("one", "two"),
+        "AUTH_TOKENS_FILE": str(tokens),
         "MIN_QUEUE_NAME_LENGTH": 1,
         "MAX_QUEUE_NAME_LENGTH": 50,
         "MAX_BODY_BYTES": 2048,
@@ -69,13 +70,29 @@ def test_empty_variables_are_unset_but_empty_auth_tokens_means_none():
             "MAX_BODY_BYTES='1M' must be a whole number from 1 to 536870912",
         ),
         ({"MIN_QUEUE_NAME_LENGTH": "-1"}, "MIN_QUEUE_NAME_LENGTH='-1' must be a whole number"),
-        ({"AUTH_TOKENS_FILE": "/no/such/file"}, "AUTH_TOKENS_FILE='/no/such/file' cannot be read"),
     ],
 )
 def test_bad_environment_is_one_clear_error(environ, message):
     with pytest.raises(ConfigError) as raised:
         settings_from_env(environ)
     assert str(raised.value).startswith(message)
+    assert "\n" not in str(raised.value)
+
+
+def test_api_tokens_come_from_the_variable_and_the_file(tmp_path, monkeypatch):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# rotated monthly\nfrom-file-1\n\n  from-file-2  \n")
+    monkeypatch.setenv("AUTH_TOKENS", "one, two,,")
+    monkeypatch.setenv("AUTH_TOKENS_FILE", str(tokens))
+    app = create_app()
+    assert app.config["API_TOKENS"] == (b"one", b"two", b"from-file-1", b"from-file-2")
+
+
+def test_an_unreadable_token_file_stops_the_factory(monkeypatch):
+    monkeypatch.setenv("AUTH_TOKENS_FILE", "/no/such/file")
+    with pytest.raises(ConfigError) as raised:
+        create_app()
+    assert str(raised.value).startswith("AUTH_TOKENS_FILE='/no/such/file' cannot be read")
     assert "\n" not in str(raised.value)
 
 

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import redis
 
 from dev import Gunicorn, free_port
 from tests.conftest import JOB_TOKEN
 
+T = TypeVar("T")
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
 
 
@@ -71,8 +73,8 @@ async def ask_once(server: Gunicorn, request: bytes) -> Answer:
         client.close()
 
 
-def run(coroutine: Awaitable[object]) -> object:
-    return asyncio.run(coroutine)  # type: ignore[arg-type]
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coroutine)
 
 
 def test_hundreds_of_slow_clients_neither_block_others_nor_outstay_the_deadline(
@@ -113,7 +115,7 @@ def test_hundreds_of_slow_clients_neither_block_others_nor_outstay_the_deadline(
             ]
             return served, await trickles
 
-        served, endings = run(scenario())  # type: ignore[misc]
+        served, endings = run(scenario())
 
     assert [(answer.status, answer.body) for answer in served] == [(200, b"OK")] * 3
     assert all(answer.seconds < deadline for answer in served)
@@ -140,7 +142,7 @@ def test_idle_clients_give_way_to_new_ones_when_a_worker_is_full(tmp_path, redis
                 client.close()
             return answers, oldest
 
-        answers, oldest = run(scenario())  # type: ignore[misc]
+        answers, oldest = run(scenario())
 
     assert [answer.status for answer in answers] == [200] * 150
     assert oldest == [b""] * 50
@@ -160,7 +162,7 @@ def burst(server: Gunicorn, clients: int, requests: int, body: bytes) -> list[An
         results = await asyncio.gather(*(one(n) for n in range(clients)))
         return [answer for answers in results for answer in answers]
 
-    return run(every())  # type: ignore[return-value]
+    return run(every())
 
 
 def connections_since(client: redis.Redis, started: float) -> int:

@@ -5,9 +5,8 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
-from dev import free_port, harness_environ
+from dev import free_port, harness_environ, wait_until
 from tests.conftest import ROOT
 
 
@@ -24,10 +23,12 @@ def test_printed_curl_lines_work(tmp_path):
             start_new_session=True,  # its own process group, as a terminal gives it
         )
     try:
-        deadline = time.monotonic() + 20
-        while "Booting worker" not in log.read_text():
-            assert stack.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_until(
+            lambda: stack.poll() is not None or "Booting worker" in log.read_text(),
+            20,
+            "make run to serve",
+        )
+        assert stack.poll() is None, log.read_text()
         printed = log.read_text()
         curls = [line.strip() for line in printed.splitlines() if line.startswith("  curl ")]
         assert len(curls) == 3

@@ -4,13 +4,12 @@ import http.client
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from dev import Gunicorn, harness_environ
+from dev import GUNICORN, Gunicorn, harness_environ
 from tests.conftest import API_TOKEN, JOB_TOKEN, ROOT, bearer
 
 THREADS, LINES = 8, 40
@@ -80,7 +79,7 @@ def test_chunked_body_over_the_limit_is_a_413(tmp_path, redis_url, r, job):
 def start_with(env):
     """Start gunicorn with the production config and a bad setting; return (code, stderr)."""
     result = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+        GUNICORN,
         cwd=ROOT,
         env={**harness_environ(), "BIND": "127.0.0.1:0", **env},
         capture_output=True,

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from dev import Gunicorn, RedisServer, free_port
+from dev import Gunicorn, RedisServer, answers, free_port, wait_until
 from tests.conftest import API_TOKEN, JOB_TOKEN, ROOT, add_active_job, bearer
 
 EXAMPLE = ROOT / "deploy" / "nginx.conf"
@@ -59,7 +58,7 @@ http {{
 @dataclass
 class Stack:
     port: int
-    redis: RedisServer
+    redis_server: RedisServer
     gunicorn: Gunicorn
     data: redis.Redis
 
@@ -77,7 +76,9 @@ class Stack:
         """Return the client address the app logged for a request id."""
         for line in self.gunicorn.log.read_text().splitlines():
             if line.endswith(f" {request_id}"):
-                return re.search(r'\] (\S+) "', line)[1]
+                found = re.search(r'\] (\S+) "', line)
+                assert found, line
+                return found[1]
         raise AssertionError(f"no access-log line for {request_id}")
 
 
@@ -118,16 +119,15 @@ def stack(request, nginx, tmp_path_factory):
             )  # fmt: skip
             data = redis.Redis.from_url(redis_server.url, decode_responses=True)
             stack = Stack(port, redis_server, server, data)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    if stack.request("GET", "/bullmq/healthz")[0] == 200:
-                        break
-                except OSError:
-                    pass
-                assert process.poll() is None, process.stderr.read().decode()
-                assert time.monotonic() < deadline, "nginx did not answer"
-                time.sleep(0.05)
+            wait_until(
+                lambda: (
+                    process.poll() is not None
+                    or answers(lambda: stack.request("GET", "/bullmq/healthz")[0] == 200, OSError)
+                ),
+                10,
+                "nginx to answer",
+            )
+            assert process.poll() is None, process.stderr.read().decode()
             try:
                 yield stack, bool(request.param)
             finally:
@@ -196,12 +196,12 @@ def test_oversized_bodies_are_413_from_nginx_and_from_the_app(stack, job):
 def test_readyz_under_the_prefix_follows_redis(stack, job):
     s, _ = stack
     assert s.request("GET", "/bullmq/readyz")[0] == 200
-    s.redis.stop()
+    s.redis_server.stop()
     try:
         status, headers, body = s.request("GET", "/bullmq/readyz")
         assert (status, headers["Retry-After"]) == (503, "1")
         assert body == b"Redis is unavailable; retry shortly"
         assert s.request("GET", "/bullmq/healthz")[0] == 200
     finally:
-        s.redis.start()
+        s.redis_server.start()
     assert s.request("GET", "/bullmq/readyz")[::2] == (200, b"OK")

@@ -4,7 +4,7 @@ import re
 
 import yaml
 
-from app import OPENAPI, create_app
+from app import OPENAPI
 
 METHODS = {"get", "post", "put", "patch", "delete"}
 
@@ -55,8 +55,8 @@ def test_the_description_is_served_as_json(client):
     assert described_routes(spec) == described_routes(yaml.safe_load(OPENAPI.read_text()))
 
 
-def test_the_served_server_url_is_the_trusted_mount_prefix(redis_url):
-    client = create_app({"REDIS_URL": redis_url, "TRUSTED_PROXIES": 1}).test_client()
+def test_the_served_server_url_is_the_trusted_mount_prefix(make_app):
+    client = make_app(TRUSTED_PROXIES=1).test_client()
     spec = client.get("/openapi.json", headers={"X-Forwarded-Prefix": "/bullmq"}).get_json()
     assert spec["servers"] == [{"url": "/bullmq"}]
 

@@ -7,8 +7,8 @@ from tests.conftest import API_TOKEN, JOB_TOKEN, bearer, snapshot
 URL = "/queues/orders/jobs/1/progress"
 
 
-def post(client, body, token=JOB_TOKEN, url=URL, **kw):
-    return client.post(url, data=body, headers=bearer(token), **kw)
+def post(client, body, content_type=None, token=JOB_TOKEN, url=URL):
+    return client.post(url, data=body, content_type=content_type, headers=bearer(token))
 
 
 @pytest.mark.parametrize(
@@ -91,12 +91,9 @@ def test_job_ids_may_contain_colons_and_slashes(client, r, job):
     assert r.hget(key, "progress") == "6"
 
 
-def test_queue_prefix_is_configurable(redis_url, r):
-    from app import create_app
-    from tests.conftest import add_active_job
-
-    key = add_active_job(r, "orders", "1", JOB_TOKEN, prefix="{jobs}")
-    client = create_app({"REDIS_URL": redis_url, "QUEUE_PREFIX": "{jobs}"}).test_client()
+def test_queue_prefix_is_configurable(make_app, r, job):
+    key = job(prefix="{jobs}")
+    client = make_app(QUEUE_PREFIX="{jobs}").test_client()
     assert post(client, b"3").status_code == 200
     assert r.hget(key, "progress") == "3"
     assert r.xlen("{jobs}:orders:events") == 1

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from app import create_app
 from tests.conftest import API_TOKEN, JOB_TOKEN, bearer, snapshot
 
 URL = "/queues/orders/jobs/1/logs"
@@ -120,19 +119,17 @@ def test_job_token_is_not_an_api_token(client, logged):
         ("?order=desc&start=3", ["a" * 40]),
     ],
 )
-def test_a_page_holds_whole_lines_up_to_max_page_bytes(redis_url, r, job, query, logs):
+def test_a_page_holds_whole_lines_up_to_max_page_bytes(make_app, r, job, query, logs):
     job()
     r.rpush("bull:orders:1:logs", "a" * 40, "b" * 40, "c" * 40, "d" * 10)
-    client = create_app({"REDIS_URL": redis_url, "AUTH_TOKENS": [API_TOKEN], "MAX_PAGE_BYTES": 100})
-    response = get(client.test_client(), query)
+    response = get(make_app(MAX_PAGE_BYTES=100).test_client(), query)
     assert response.get_json() == {"count": 4, "logs": logs}
 
 
-def test_a_line_larger_than_a_page_is_still_returned_whole(redis_url, r, job):
+def test_a_line_larger_than_a_page_is_still_returned_whole(make_app, r, job):
     job()
     r.rpush("bull:orders:1:logs", "x" * 500, "y")
-    client = create_app({"REDIS_URL": redis_url, "AUTH_TOKENS": [API_TOKEN], "MAX_PAGE_BYTES": 100})
-    response = get(client.test_client())
+    response = get(make_app(MAX_PAGE_BYTES=100).test_client())
     assert response.get_json() == {"count": 2, "logs": ["x" * 500]}
 
 

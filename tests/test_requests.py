@@ -4,7 +4,6 @@ import io
 
 import pytest
 
-from app import create_app
 from tests.conftest import API_TOKEN, JOB_TOKEN, bearer, snapshot
 
 ROUTES = [
@@ -34,9 +33,9 @@ def test_bad_queue_name_is_a_400(client, r, job, method, route, token, queue, re
     assert snapshot(r) == before
 
 
-def test_queue_name_lengths_are_configurable(redis_url, r, job):
+def test_queue_name_lengths_are_configurable(make_app, r, job):
     key = job(queue="q")
-    app = create_app({"REDIS_URL": redis_url, "MIN_QUEUE_NAME_LENGTH": 1})
+    app = make_app(MIN_QUEUE_NAME_LENGTH=1)
     response = app.test_client().post(
         "/queues/q/jobs/1/progress", data=b"1", headers=bearer(JOB_TOKEN)
     )
@@ -83,9 +82,9 @@ def test_wrong_method_is_a_405_with_allow(client, r, job, method, route, allowed
 
 
 @pytest.mark.parametrize("route", ["progress", "logs"])
-def test_oversized_body_is_a_413_and_writes_nothing(redis_url, r, job, route):
+def test_oversized_body_is_a_413_and_writes_nothing(make_app, r, job, route):
     job()
-    client = create_app({"REDIS_URL": redis_url, "MAX_BODY_BYTES": 64}).test_client()
+    client = make_app(MAX_BODY_BYTES=64).test_client()
     before = snapshot(r)
     url = f"/queues/orders/jobs/1/{route}"
     response = client.post(url, data=b"1" * 65, headers=bearer(JOB_TOKEN))
@@ -101,10 +100,9 @@ def test_oversized_body_is_a_413_and_writes_nothing(redis_url, r, job, route):
     assert response.status_code == 200
 
 
-def test_default_body_limit_is_one_mebibyte(redis_url, r, job):
+def test_default_body_limit_is_one_mebibyte(make_app, r, job):
     job()
-    settings = {"REDIS_URL": redis_url, "MAX_LOG_LINE_BYTES": 2 * 1024 * 1024}
-    client = create_app(settings).test_client()
+    client = make_app(MAX_LOG_LINE_BYTES=2 * 1024 * 1024).test_client()
     line = b"x" * (1024 * 1024)
     assert (
         client.post("/queues/orders/jobs/1/logs", data=line, headers=bearer(JOB_TOKEN)).status_code
@@ -147,9 +145,9 @@ def test_progress_and_log_lines_are_capped_at_64_kib_by_default(
     assert r.exists(key)
 
 
-def test_a_progress_that_grows_when_written_out_is_capped_too(redis_url, r, job):
+def test_a_progress_that_grows_when_written_out_is_capped_too(make_app, r, job):
     job()
-    client = create_app({"REDIS_URL": redis_url, "MAX_PROGRESS_BYTES": 16}).test_client()
+    client = make_app(MAX_PROGRESS_BYTES=16).test_client()
     before = snapshot(r)
     response = client.post(
         "/queues/orders/jobs/1/progress", data=b"[1e20]", headers=bearer(JOB_TOKEN)

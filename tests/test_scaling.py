@@ -11,13 +11,13 @@ from redis.crc import key_slot
 from redis.sentinel import Sentinel
 
 from app import create_app
-from dev import RedisCluster, Sentinels
+from dev import ClusterServers, Sentinels
 from tests.conftest import API_TOKEN, JOB_TOKEN, add_active_job, bearer
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with RedisCluster(tmp_path_factory.mktemp("cluster")) as the_cluster:
+    with ClusterServers(tmp_path_factory.mktemp("cluster")) as the_cluster:
         yield the_cluster
 
 
@@ -32,7 +32,7 @@ def data(cluster):
     client.close()
 
 
-def cluster_app(the_cluster: RedisCluster, **settings):
+def cluster_app(the_cluster: ClusterServers, **settings):
     nodes = tuple(("127.0.0.1", node.port) for node in the_cluster.masters)
     config = {"REDIS_CLUSTER": True, "REDIS_CLUSTER_NODES": nodes, "AUTH_TOKENS": [API_TOKEN]}
     return create_app({**config, **settings})

@@ -12,7 +12,7 @@ import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
-from dev import Gunicorn, RedisCluster, free_port
+from dev import ClusterServers, Gunicorn, free_port
 from tests.conftest import API_TOKEN
 
 HERE = Path(__file__).resolve().parent
@@ -59,7 +59,7 @@ class Service:
         return self.redis_url
 
 
-def all_keys(client: redis.Redis | redis.RedisCluster, pattern: str) -> list[str]:
+def all_keys(client: redis.Redis | redis.RedisCluster, pattern: str) -> list[bytes | str]:
     """Return the keys matching a pattern, from every master of a cluster."""
     if isinstance(client, redis.RedisCluster):
         return client.keys(pattern, target_nodes=redis.RedisCluster.PRIMARIES)
@@ -67,8 +67,8 @@ def all_keys(client: redis.Redis | redis.RedisCluster, pattern: str) -> list[str
 
 
 @pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory) -> Iterator[RedisCluster]:
-    with RedisCluster(tmp_path_factory.mktemp("cluster")) as cluster:
+def redis_cluster(tmp_path_factory) -> Iterator[ClusterServers]:
+    with ClusterServers(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
 
 

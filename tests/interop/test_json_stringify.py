@@ -68,7 +68,7 @@ def test_progress_is_stored_as_json_stringify_writes_it(node, client, r, job):
 def random_doubles(count: int) -> list[float]:
     """Return doubles of every magnitude, drawn from their bits, and short decimals."""
     draw = random.Random(20261129)  # noqa: S311 (a fixed seed, for the same numbers each run)
-    doubles = []
+    doubles: list[float] = []
     while len(doubles) < count:
         bits = struct.unpack("<d", draw.getrandbits(64).to_bytes(8, "little"))[0]
         if math.isfinite(bits):
