@@ -48,6 +48,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 from werkzeug.exceptions import HTTPException, Unauthorized
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.wrappers import Response as BaseResponse
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(f"{__name__}.access")
@@ -851,9 +852,9 @@ def check_settings(config: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------- errors
 
 
-def plain_error(error: HTTPException) -> Response:
+def plain_error(error: HTTPException) -> BaseResponse:
     """Render an HTTP error as its plain-text reason, keeping headers such as Allow."""
-    response: Response = error.get_response()  # type: ignore[assignment]
+    response = error.get_response()
     response.set_data(error.description or "")
     response.content_type = PLAIN["Content-Type"]
     if error.code == 401:
@@ -861,7 +862,7 @@ def plain_error(error: HTTPException) -> Response:
     return response
 
 
-def not_lock_holder(error: NotLockHolder) -> Response:
+def not_lock_holder(error: NotLockHolder) -> BaseResponse:
     """Answer 401 to a job token that is not the job's lock."""
     return plain_error(
         Unauthorized(
