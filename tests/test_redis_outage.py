@@ -6,7 +6,6 @@ import signal
 import pytest
 import redis
 
-from app import create_app
 from dev import RedisServer
 from tests.conftest import API_TOKEN, JOB_TOKEN, add_active_job, bearer
 
@@ -43,8 +42,8 @@ def assert_unavailable(responses):
         assert response.data == b"Redis is unavailable; retry shortly"
 
 
-def test_stopped_redis_is_a_503_then_recovers(server):
-    app = create_app({"REDIS_URL": server.url, "AUTH_TOKENS": [API_TOKEN], "REDIS_TIMEOUT": 0.5})
+def test_stopped_redis_is_a_503_then_recovers(make_app, server):
+    app = make_app(REDIS_URL=server.url, REDIS_TIMEOUT=0.5)
     client = app.test_client()
     seed(server)
     assert [response.status_code for response in requests(client)] == [200] * 4
@@ -60,8 +59,8 @@ def test_stopped_redis_is_a_503_then_recovers(server):
     assert data.lrange("bull:orders:1:logs", 0, -1) == ["a line"]
 
 
-def test_unresponsive_redis_times_out_as_a_503_then_recovers(server):
-    app = create_app({"REDIS_URL": server.url, "AUTH_TOKENS": [API_TOKEN], "REDIS_TIMEOUT": 0.3})
+def test_unresponsive_redis_times_out_as_a_503_then_recovers(make_app, server):
+    app = make_app(REDIS_URL=server.url, REDIS_TIMEOUT=0.3)
     client = app.test_client()
     data = seed(server)
     assert client.get("/readyz").status_code == 200
@@ -77,8 +76,8 @@ def test_unresponsive_redis_times_out_as_a_503_then_recovers(server):
     assert data.hget("bull:orders:1", "progress") == "50"
 
 
-def test_unreachable_redis_at_start_up_does_not_stop_the_app(tmp_path):
+def test_unreachable_redis_at_start_up_does_not_stop_the_app(make_app, tmp_path):
     url = f"unix://{tmp_path}/nothing-here.sock"
-    client = create_app({"REDIS_URL": url, "AUTH_TOKENS": [API_TOKEN]}).test_client()
+    client = make_app(REDIS_URL=url).test_client()
     assert client.get("/healthz").status_code == 200
     assert_unavailable(requests(client))

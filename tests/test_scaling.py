@@ -10,7 +10,6 @@ import redis
 from redis.crc import key_slot
 from redis.sentinel import Sentinel
 
-from app import create_app
 from dev import ClusterServers, Sentinels
 from tests.conftest import API_TOKEN, JOB_TOKEN, add_active_job, bearer
 
@@ -32,14 +31,19 @@ def data(cluster):
     client.close()
 
 
-def cluster_app(the_cluster: ClusterServers, **settings):
-    nodes = tuple(("127.0.0.1", node.port) for node in the_cluster.masters)
-    config = {"REDIS_CLUSTER": True, "REDIS_CLUSTER_NODES": nodes, "AUTH_TOKENS": [API_TOKEN]}
-    return create_app({**config, **settings})
+@pytest.fixture
+def cluster_app(make_app, cluster):
+    """Return a function that makes an app on the cluster, with other settings too."""
+    nodes = tuple(("127.0.0.1", node.port) for node in cluster.masters)
+
+    def make(**settings):
+        return make_app(REDIS_URL=None, REDIS_CLUSTER=True, REDIS_CLUSTER_NODES=nodes, **settings)
+
+    return make
 
 
-def test_every_route_works_on_every_master(cluster, data):
-    client = cluster_app(cluster).test_client()
+def test_every_route_works_on_every_master(cluster_app, cluster, data):
+    client = cluster_app().test_client()
     for queue in cluster.queues_per_master():
         key = add_active_job(data, queue, "1", JOB_TOKEN)
         url = f"/queues/{queue}/jobs/1"
@@ -57,17 +61,17 @@ def test_every_route_works_on_every_master(cluster, data):
     assert client.get("/readyz").status_code == 200
 
 
-def test_seed_nodes_may_come_from_redis_url(cluster, data):
+def test_seed_nodes_may_come_from_redis_url(make_app, cluster, data):
     seeds = ",".join(f"redis://127.0.0.1:{node.port}" for node in cluster.masters[1:])
-    client = create_app({"REDIS_CLUSTER": True, "REDIS_URL": seeds}).test_client()
+    client = make_app(REDIS_CLUSTER=True, REDIS_URL=seeds).test_client()
     key = add_active_job(data, "{q}", "1", JOB_TOKEN)
     response = client.post("/queues/{q}/jobs/1/progress", data=b"3", headers=bearer(JOB_TOKEN))
     assert response.status_code == 200
     assert data.hget(key, "progress") == "3"
 
 
-def test_a_prefix_hash_tag_serves_every_queue(cluster, data):
-    client = cluster_app(cluster, QUEUE_PREFIX="{jobs}").test_client()
+def test_a_prefix_hash_tag_serves_every_queue(cluster_app, cluster, data):
+    client = cluster_app(QUEUE_PREFIX="{jobs}").test_client()
     for queue in ("orders", "emails", "reports"):
         key = add_active_job(data, queue, "1", JOB_TOKEN, prefix="{jobs}")
         response = client.post(
@@ -77,9 +81,9 @@ def test_a_prefix_hash_tag_serves_every_queue(cluster, data):
         assert data.hget(key, "progress") == "7"
 
 
-def test_keys_in_different_slots_are_a_400_not_a_crossslot_500(cluster, data, caplog):
+def test_keys_in_different_slots_are_a_400_not_a_crossslot_500(cluster_app, cluster, data, caplog):
     with caplog.at_level(logging.WARNING, logger="app"):
-        client = cluster_app(cluster).test_client()
+        client = cluster_app().test_client()
     assert "QUEUE_PREFIX=bull has no hash tag" in caplog.text
     assert key_slot(b"bull:plain:1") != key_slot(b"bull:plain:events")
     key = add_active_job(data, "plain", "1", JOB_TOKEN)
@@ -119,8 +123,8 @@ def post_until_recovered(client, url: str, first: int, seconds: float = 20.0):
     return statuses, acknowledged
 
 
-def test_a_master_failover_answers_503_then_200_and_loses_nothing(cluster, data):
-    client = cluster_app(cluster, REDIS_TIMEOUT=0.5).test_client()
+def test_a_master_failover_answers_503_then_200_and_loses_nothing(cluster_app, cluster, data):
+    client = cluster_app(REDIS_TIMEOUT=0.5).test_client()
     queue = cluster.queues_per_master()[0]  # a queue on the master about to stop
     add_active_job(data, queue, "1", JOB_TOKEN)
     url = f"/queues/{queue}/jobs/1/logs"
@@ -147,15 +151,13 @@ def sentinels(tmp_path):
         yield the_sentinels
 
 
-def test_a_sentinel_failover_answers_503_then_200_and_loses_nothing(sentinels):
+def test_a_sentinel_failover_answers_503_then_200_and_loses_nothing(make_app, sentinels):
     addresses = tuple(("127.0.0.1", int(a.rsplit(":", 1)[1])) for a in sentinels.addresses)
-    app = create_app(
-        {
-            "REDIS_SENTINELS": addresses,
-            "REDIS_SENTINEL_MASTER": sentinels.name,
-            "AUTH_TOKENS": [API_TOKEN],
-            "REDIS_TIMEOUT": 0.5,
-        }
+    app = make_app(
+        REDIS_URL=None,
+        REDIS_SENTINELS=addresses,
+        REDIS_SENTINEL_MASTER=sentinels.name,
+        REDIS_TIMEOUT=0.5,
     )
     client = app.test_client()
     data = Sentinel(addresses).master_for(sentinels.name, decode_responses=True)
