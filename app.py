@@ -21,7 +21,6 @@ them together.
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 import logging
 import math
@@ -50,6 +49,8 @@ from werkzeug.exceptions import HTTPException, Unauthorized
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wrappers import Response as BaseResponse
 
+from tokens import ApiTokens, TokenFileError
+
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(f"{__name__}.access")
 
@@ -58,6 +59,8 @@ health = Blueprint("health", __name__)
 docs = Blueprint("docs", __name__)
 
 PLAIN = {"Content-Type": "text/plain; charset=utf-8"}
+# Where a view leaves the name of the API token a request used, for the access log.
+TOKEN_NAME = "bullmq_http.token_name"  # noqa: S105 (a key, not a secret)
 
 # ------------------------------------------------------------------------- auth
 
@@ -90,18 +93,20 @@ def with_job_token(view: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Let the request through only with one of the configured API tokens."""
+    """Let the request through only with an API token that may read the route's queue."""
 
     @functools.wraps(view)
     def wrapper(**kwargs: Any) -> Any:
-        token = bearer_token()
-        tokens = current_app.config["API_TOKENS"]
-        if not tokens:
-            abort(401, "this server has no API token configured (AUTH_TOKENS)")
-        # Every token is compared, in a list rather than any()'s short circuit, so the
-        # time taken says nothing of which token, or how much of one, matched.
-        if not any([hmac.compare_digest(token, known) for known in tokens]):
+        tokens: ApiTokens = current_app.extensions["bullmq_http.tokens"]
+        token = tokens.find(bearer_token())
+        if token is None:
+            if not len(tokens.current):
+                abort(401, "this server has no API token configured (AUTH_TOKENS)")
             abort(401, "the API token is not valid")
+        request.environ[TOKEN_NAME] = token.name  # for the access log
+        queue = kwargs.get("queue")
+        if queue is not None and not token.reads(queue):
+            abort(403, f"this token may not read queue {queue!r}")
         return view(**kwargs)
 
     return wrapper
@@ -809,20 +814,13 @@ def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return settings
 
 
-def api_tokens(config: Mapping[str, Any]) -> tuple[bytes, ...]:
-    """Return the API tokens: AUTH_TOKENS, then the lines of AUTH_TOKENS_FILE (tokens
-    may come from both, say while one is being rotated out); raise ConfigError when
-    the file cannot be read."""
-    tokens = list(config["AUTH_TOKENS"])
-    path = config["AUTH_TOKENS_FILE"]
-    if path:
-        try:
-            with open(path, encoding="utf-8") as file:
-                lines = [line.strip() for line in file]
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"AUTH_TOKENS_FILE={path!r} cannot be read ({error})") from None
-        tokens += [line for line in lines if line and not line.startswith("#")]
-    return tuple(token.encode("utf-8") for token in tokens)
+def api_tokens(config: Mapping[str, Any]) -> ApiTokens:
+    """Return the API tokens of AUTH_TOKENS and AUTH_TOKENS_FILE (tokens may come from
+    both, say while one is being rotated out); raise ConfigError for a bad file."""
+    try:
+        return ApiTokens(config["AUTH_TOKENS"], config["AUTH_TOKENS_FILE"])
+    except TokenFileError as error:
+        raise ConfigError(str(error)) from None
 
 
 HASH_TAG = re.compile(r"\{[^}]+\}")
@@ -942,8 +940,9 @@ def loggable_wsgi(text: str) -> str:
 class AccessLog:
     """WSGI middleware: give each request an id (X-Request-ID) and log one line for it.
 
-    The line holds the client address, method, path, status, duration and request id;
-    behind trusted proxies it sees the address and prefix they forwarded.
+    The line holds the client address, method, path, status, duration, request id and
+    the name of the API token used ("-" for none); behind trusted proxies it sees the
+    address and prefix they forwarded.
     """
 
     def __init__(self, wsgi_app: Callable[..., Iterable[bytes]]) -> None:
@@ -967,7 +966,7 @@ class AccessLog:
         finally:
             query = environ.get("QUERY_STRING")
             access_log.info(
-                '%s "%s %s%s%s" %s %.2fms %s',
+                '%s "%s %s%s%s" %s %.2fms %s %s',
                 loggable_wsgi(environ.get("REMOTE_ADDR") or "-"),
                 loggable_wsgi(environ.get("REQUEST_METHOD", "")),
                 loggable_wsgi(environ.get("SCRIPT_NAME", "")),
@@ -976,6 +975,7 @@ class AccessLog:
                 status,
                 (time.perf_counter() - started) * 1000,
                 request_id,
+                loggable(environ.get(TOKEN_NAME, "-")),
             )
 
 
@@ -990,8 +990,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(config or {})
     check_settings(app.config)
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY_BYTES"]
-    app.config["API_TOKENS"] = api_tokens(app.config)
-    if not app.config["API_TOKENS"]:
+    tokens = app.extensions["bullmq_http.tokens"] = api_tokens(app.config)
+    if not len(tokens.current):
         log.warning("no API token configured (AUTH_TOKENS): GET logs will answer 401")
 
     app.extensions["openapi"] = yaml.safe_load(OPENAPI.read_text(encoding="utf-8"))

@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import API_TOKEN, JOB_TOKEN, bearer
 
-LINE = re.compile(r'(\S+) "(\S+) (\S+)" (\d{3}) (\d+\.\d\d)ms (\S+)')
+LINE = re.compile(r'(\S+) "(\S+) (\S+)" (\d{3}) (\d+\.\d\d)ms (\S+) (\S+)')
 
 
 @pytest.fixture
@@ -29,14 +29,16 @@ def test_every_request_logs_one_line(client, job, access):
     client.post("/queues/orders/jobs/1/logs", data=b"", headers=bearer(JOB_TOKEN))
     client.get("/nowhere")
     logged = access()
-    assert [(method, path, status) for _, method, path, status, _, _ in logged] == [
+    assert [(method, path, status) for _, method, path, status, *_ in logged] == [
         ("POST", "/queues/orders/jobs/1/progress", "200"),
         ("GET", "/queues/orders/jobs/1/logs?start=0&length=2", "200"),
         ("POST", "/queues/orders/jobs/1/logs", "400"),
         ("GET", "/nowhere", "404"),
     ]
     assert all(address == "127.0.0.1" for address, *_ in logged)
-    assert all(float(duration) > 0 for *_, duration, _ in logged)
+    assert all(float(duration) > 0 for *_, duration, _, _ in logged)
+    # The API token's name where one was used; never a token itself.
+    assert [name for *_, name in logged] == ["-", "AUTH_TOKENS.1", "-", "-"]
 
 
 def test_request_id_is_passed_through_and_echoed(client, job, access):

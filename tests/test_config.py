@@ -84,8 +84,11 @@ def test_api_tokens_come_from_the_variable_and_the_file(tmp_path, monkeypatch):
     tokens.write_text("# rotated monthly\nfrom-file-1\n\n  from-file-2  \n")
     monkeypatch.setenv("AUTH_TOKENS", "one, two,,")
     monkeypatch.setenv("AUTH_TOKENS_FILE", str(tokens))
-    app = create_app()
-    assert app.config["API_TOKENS"] == (b"one", b"two", b"from-file-1", b"from-file-2")
+    tokens = create_app().extensions["bullmq_http.tokens"]
+    for sent in (b"one", b"two", b"from-file-1", b"from-file-2"):
+        assert tokens.find(sent).reads("any-queue")
+    assert tokens.find(b"# rotated monthly") is None
+    assert len(tokens.current) == 4
 
 
 def test_an_unreadable_token_file_stops_the_factory(monkeypatch):

@@ -75,7 +75,7 @@ class Stack:
     def logged_address(self, request_id: str) -> str:
         """Return the client address the app logged for a request id."""
         for line in self.gunicorn.log.read_text().splitlines():
-            if line.endswith(f" {request_id}"):
+            if f" {request_id} " in line:
                 found = re.search(r'\] (\S+) "', line)
                 assert found, line
                 return found[1]

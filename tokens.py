@@ -1,0 +1,197 @@
+"""API tokens: who may read which queues, from AUTH_TOKENS and AUTH_TOKENS_FILE.
+
+The token file holds one token a line (`#` starts a comment). A line is either a bare
+token, which reads every queue (the older format), or three fields:
+
+    # name        token                                         queues
+    dashboard     sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08  *
+    billing-ui    b1ll1ng-s3cret-token                          billing-*,invoices
+
+- name: what the access log shows for requests made with the token;
+- token: the token itself, or `sha256:<hex>` of it, so the file need hold no secret;
+- queues: comma-separated glob patterns (`*`, `billing-*`, an exact name).
+
+Tokens are looked up by their SHA-256 digest, so a request costs the same with one
+token or a thousand, and nothing about the secret shows in how long a lookup takes.
+The file is checked for changes at most once a second, on a request; a file that
+cannot be read or parsed leaves the last good set in force.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# How often, at most, a process looks at the token file for a change.
+CHECK_SECONDS = 1.0
+
+HASHED = re.compile(r"sha256:([0-9a-fA-F]{64})")
+
+
+class TokenFileError(ValueError):
+    """A token file that cannot be read or parsed; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Token:
+    """One API token: its name, the digest it is known by, and the queues it reads."""
+
+    name: str
+    digest: bytes
+    queues: re.Pattern[str]
+
+    def reads(self, queue: str) -> bool:
+        """Say whether the token may read this queue."""
+        return self.queues.fullmatch(queue) is not None
+
+
+def queue_patterns(patterns: Iterable[str]) -> re.Pattern[str]:
+    """Return one regular expression that matches any of the glob patterns."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns), re.DOTALL)
+
+
+EVERY_QUEUE = queue_patterns(["*"])
+
+
+def digest(token: bytes) -> bytes:
+    """Return the SHA-256 digest a token is known by."""
+    return hashlib.sha256(token).digest()
+
+
+class TokenSet:
+    """Tokens by digest; lookups take the same time whatever the set holds."""
+
+    def __init__(self, tokens: Iterable[Token]) -> None:
+        self.by_digest: dict[bytes, Token] = {}
+        names: set[str] = set()
+        for token in tokens:
+            twin = self.by_digest.get(token.digest)
+            if twin is not None:
+                raise TokenFileError(f"{token.name} is the same token as {twin.name}")
+            if token.name in names:
+                raise TokenFileError(f"the name {token.name} is given twice")
+            self.by_digest[token.digest] = token
+            names.add(token.name)
+
+    def __len__(self) -> int:
+        return len(self.by_digest)
+
+    def find(self, sent: bytes) -> Token | None:
+        """Return the token that was sent, or None."""
+        key = digest(sent)
+        token = self.by_digest.get(key)
+        # Compared once more in constant time: the lookup found it by its hash alone.
+        if token is None or not hmac.compare_digest(token.digest, key):
+            return None
+        return token
+
+
+def from_environment(tokens: Iterable[str]) -> list[Token]:
+    """Return AUTH_TOKENS as tokens that read every queue, named by their place."""
+    return [
+        Token(f"AUTH_TOKENS.{n}", digest(token.encode("utf-8")), EVERY_QUEUE)
+        for n, token in enumerate(tokens, 1)
+    ]
+
+
+def parse_file(path: str, text: str) -> list[Token]:
+    """Return the tokens of a token file's text; raise TokenFileError naming the line."""
+    tokens = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        where = f"AUTH_TOKENS_FILE={path!r} line {number}"
+        if len(fields) == 1:
+            secret, name, queues = fields[0], f"AUTH_TOKENS_FILE.{number}", EVERY_QUEUE
+        elif len(fields) == 3:
+            name, secret, patterns = fields
+            if not all(patterns.split(",")):
+                raise TokenFileError(f"{where}: an empty queue pattern in {patterns!r}")
+            queues = queue_patterns(patterns.split(","))
+        else:
+            raise TokenFileError(
+                f"{where}: expected a token alone, or three fields: name, token, queues"
+            )
+        hashed = HASHED.fullmatch(secret)
+        if secret.startswith("sha256:") and not hashed:
+            raise TokenFileError(f"{where}: sha256: must be followed by 64 hex digits")
+        known_by = bytes.fromhex(hashed[1]) if hashed else digest(secret.encode("utf-8"))
+        tokens.append(Token(name, known_by, queues))
+    return tokens
+
+
+def read_file(path: str) -> tuple[str, os.stat_result]:
+    """Return a file's text and the stat it was read at; raise TokenFileError."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            status = os.fstat(file.fileno())
+            return file.read(), status
+    except (OSError, UnicodeDecodeError) as error:
+        raise TokenFileError(f"AUTH_TOKENS_FILE={path!r} cannot be read ({error})") from None
+
+
+def signature(status: os.stat_result) -> tuple[int, int, int, int]:
+    """Return what changes when a file is replaced or rewritten."""
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+class ApiTokens:
+    """The API tokens in force: AUTH_TOKENS, and AUTH_TOKENS_FILE as it is now."""
+
+    def __init__(self, environment: Iterable[str], path: str | None) -> None:
+        """Load the tokens; raise TokenFileError when the file is bad at start-up."""
+        self.environment = from_environment(environment)
+        self.path = path
+        self.seen: tuple[int, int, int, int] | None = None
+        self.checked = time.monotonic()
+        self._lock = threading.Lock()
+        file_tokens: list[Token] = []
+        if path:
+            text, status = read_file(path)
+            file_tokens = parse_file(path, text)
+            self.seen = signature(status)
+        self.current = TokenSet(self.environment + file_tokens)
+
+    def find(self, sent: bytes) -> Token | None:
+        """Return the token that was sent, after a look at the file if one is due."""
+        if self.path and time.monotonic() - self.checked >= CHECK_SECONDS:
+            self.refresh()
+        return self.current.find(sent)
+
+    def refresh(self) -> None:
+        """Load the file again if it changed; keep the last good set if it is bad."""
+        assert self.path is not None
+        with self._lock:
+            self.checked = time.monotonic()
+            try:
+                status = os.stat(self.path)
+            except OSError as error:
+                self.keep(f"AUTH_TOKENS_FILE={self.path!r} cannot be read ({error})", None)
+                return
+            if signature(status) == self.seen:
+                return
+            try:
+                text, status = read_file(self.path)
+                tokens = TokenSet(self.environment + parse_file(self.path, text))
+            except TokenFileError as error:
+                self.keep(str(error), signature(status))
+                return
+            self.current, self.seen = tokens, signature(status)
+            log.warning("AUTH_TOKENS_FILE=%r reloaded: %d API tokens", self.path, len(tokens))
+
+    def keep(self, reason: str, seen: tuple[int, int, int, int] | None) -> None:
+        """Say once per change of the file that the last good set stays in force."""
+        if seen != self.seen:
+            log.error("%s; the last good set of %d API tokens stays", reason, len(self.current))
+        self.seen = seen
