@@ -5,7 +5,8 @@ Workers report on the job they hold, authorized by the job's lock token:
     POST /queues/<queue>/jobs/<job_id>/progress   set the job's progress (any JSON)
     POST /queues/<queue>/jobs/<job_id>/logs       append one line to the job's logs
 
-Dashboards and operators read, authorized by an API token (AUTH_TOKENS):
+Dashboards and operators read, authorized by an API token that may read the queue
+(AUTH_TOKENS, AUTH_TOKENS_FILE; see tokens.py):
 
     GET  /queues/<queue>/jobs/<job_id>/logs       one page of the job's logs
 
