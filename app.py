@@ -901,7 +901,14 @@ REDIS_UNAVAILABLE = (
 
 def redis_unavailable(error: redis.exceptions.RedisError) -> Response:
     """Answer 503 while Redis cannot be reached; the pool reconnects by itself."""
-    log.warning("Redis unavailable for %s %s: %s", request.method, loggable(request.path), error)
+    log.warning(
+        "Redis unavailable for %s %s (API token %s, request %s): %s",
+        request.method,
+        loggable(request.path),
+        loggable(request.environ.get(TOKEN_NAME, "-")),
+        request.environ.get("HTTP_X_REQUEST_ID", "-"),
+        error,
+    )
     return Response(
         "Redis is unavailable; retry shortly",
         503,

@@ -1,5 +1,6 @@
 """Redis going away: 503 with Retry-After, and 200 again once it is back, same process."""
 
+import logging
 import os
 import signal
 
@@ -42,14 +43,23 @@ def assert_unavailable(responses):
         assert response.data == b"Redis is unavailable; retry shortly"
 
 
-def test_stopped_redis_is_a_503_then_recovers(make_app, server):
+def test_stopped_redis_is_a_503_then_recovers(make_app, server, caplog):
     app = make_app(REDIS_URL=server.url, REDIS_TIMEOUT=0.5)
     client = app.test_client()
     seed(server)
     assert [response.status_code for response in requests(client)] == [200] * 4
 
     server.stop()
-    assert_unavailable(requests(client))
+    with caplog.at_level(logging.WARNING, logger="app"):
+        assert_unavailable(requests(client))
+    # Each says which request it was and whose API token, never the token itself.
+    warnings = [r.getMessage() for r in caplog.records if r.name == "app"]
+    assert len(warnings) == 4
+    assert warnings[0].startswith(f"Redis unavailable for POST {PROGRESS} (API token -, request ")
+    assert warnings[2].startswith(
+        f"Redis unavailable for GET {LOGS} (API token AUTH_TOKENS.1, request "
+    )
+    assert API_TOKEN not in "".join(warnings)
     assert client.get("/healthz").status_code == 200  # alive, just not ready
 
     server.start()
