@@ -148,6 +148,10 @@ def add_log(queue: str, job_id: str, token: bytes) -> tuple[str, dict[str, str]]
 @api_token_required
 def read_logs(queue: str, job_id: str) -> Response:
     """Return one page of a job's logs, oldest first unless order=desc."""
+    # A misspelt parameter (strat=20) would otherwise be a silently wrong page.
+    unknown = sorted(request.args.keys() - {"start", "length", "order"})
+    if unknown:
+        abort(400, f"unknown query parameter {unknown[0]!r}: use start, length and order")
     start = query_number("start", 0, parse_start)
     length = query_number("length", 10, parse_length)
     order = request.args.get("order", "asc")

@@ -95,6 +95,8 @@ def test_a_queue_level_key_is_not_a_job(client, r, job):
         ("?length=+5", "length must be a whole number from 1 to 100"),
         ("?order=newest", "order must be asc or desc"),
         ("?order=DESC", "order must be asc or desc"),
+        ("?strat=20", "unknown query parameter 'strat': use start, length and order"),
+        ("?start=0&_=1700000000", "unknown query parameter '_': use start, length and order"),
     ],
 )
 def test_bad_parameters_are_a_400(client, r, logged, query, reason):
