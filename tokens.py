@@ -153,15 +153,16 @@ class ApiTokens:
         """Load the tokens; raise TokenFileError when the file is bad at start-up."""
         self.environment = from_environment(environment)
         self.path = path
-        self.seen: tuple[int, int, int, int] | None = None
         self.checked = time.monotonic()
         self._lock = threading.Lock()
-        file_tokens: list[Token] = []
-        if path:
-            text, status = read_file(path)
-            file_tokens = parse_file(path, text)
-            self.seen = signature(status)
-        self.current = TokenSet(self.environment + file_tokens)
+        self.current, self.seen = self.load()
+
+    def load(self) -> tuple[TokenSet, tuple[int, int, int, int] | None]:
+        """Return the tokens in force now, and the signature of the file they came from."""
+        if not self.path:
+            return TokenSet(self.environment), None
+        text, status = read_file(self.path)
+        return TokenSet(self.environment + parse_file(self.path, text)), signature(status)
 
     def find(self, sent: bytes) -> Token | None:
         """Return the token that was sent, after a look at the file if one is due."""
@@ -182,13 +183,11 @@ class ApiTokens:
             if signature(status) == self.seen:
                 return
             try:
-                text, status = read_file(self.path)
-                tokens = TokenSet(self.environment + parse_file(self.path, text))
+                self.current, self.seen = self.load()
             except TokenFileError as error:
                 self.keep(str(error), signature(status))
                 return
-            self.current, self.seen = tokens, signature(status)
-            log.warning("AUTH_TOKENS_FILE=%r reloaded: %d API tokens", self.path, len(tokens))
+            log.warning("AUTH_TOKENS_FILE=%r reloaded: %d API tokens", self.path, len(self.current))
 
     def keep(self, reason: str, seen: tuple[int, int, int, int] | None) -> None:
         """Say once per change of the file that the last good set stays in force."""
