@@ -11,6 +11,11 @@ merely idle clients can hold every connection a worker has. This one adds:
 - An idle connection, before its first request or between two, is closed after
   `keepalive` seconds; when a worker holds nearly `worker_connections`, each new
   connection closes the one idle the longest, so idle clients never keep a new one out.
+- Turns between keep-alive connections: before waiting for a connection's next request,
+  its greenlet lets the others run. A client that sends its next request as soon as it
+  reads a response would otherwise find it already there, and gevent only switches when
+  a read would block: one connection could be served again and again while the others
+  wait for hundreds of milliseconds (bench/results.md: p99 at 32 connections).
 - gunicorn's own answers to malformed requests in plain text, like the service's.
 """
 
@@ -21,6 +26,7 @@ import socket
 import time
 from typing import Any
 
+import gevent
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
 
@@ -82,7 +88,9 @@ class Client:
             self.sock.settimeout(None)
 
     def first_bytes(self, size: int) -> bytes:
-        """Wait, idle, for the first bytes of a request; start its deadline."""
+        """Let the other connections take their turn, then wait, idle, for the first
+        bytes of a request; start its deadline."""
+        gevent.sleep(0)
         idle = self.worker.idle
         idle[self] = None
         try:
