@@ -22,6 +22,7 @@ them together.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -33,16 +34,18 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 from urllib.parse import urlsplit
 
+import gevent.lock
 import redis
 import yaml
 from flask import Blueprint, Flask, Response, abort, current_app, request
+from gevent import monkey
 from gunicorn.http.errors import ParseException
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.commands.core import Script
+from redis.connection import ConnectionInterface
 from redis.crc import key_slot
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
@@ -174,7 +177,7 @@ def healthz() -> tuple[str, dict[str, str]]:
 @health.get("/readyz")
 def readyz() -> tuple[str, dict[str, str]]:
     """Answer whether Redis answers."""
-    store().client.ping()
+    store().ping()
     return "OK", PLAIN
 
 
@@ -501,6 +504,15 @@ NOT_LOCK_HOLDER = -1
 NO_SUCH_JOB = -2
 
 
+class Script:
+    """A Lua script, run by its SHA1 from Redis's script cache."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        # Redis names cached scripts by SHA1; a name, not a safeguard.
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+
 class JobStore:
     """BullMQ's keys of the jobs in one Redis database or cluster.
 
@@ -508,9 +520,13 @@ class JobStore:
     CrossSlot for what the caller got wrong, a RedisError for what Redis did.
     """
 
+    set_progress_script = Script(SET_PROGRESS)
+    add_log_script = Script(ADD_LOG)
+    read_logs_script = Script(READ_LOGS)
+
     def __init__(
         self,
-        connect: Callable[[], redis.Redis | RedisCluster],
+        connect: Callable[[], RedisCommands],
         prefix: str,
         max_logs: int | None = None,
         cluster: bool = False,
@@ -522,32 +538,32 @@ class JobStore:
         self.max_page_bytes = max_page_bytes
         # A script may touch one cluster slot only.
         self.one_slot = cluster
-        self._client: redis.Redis | RedisCluster | None = None
+        self._redis: RedisCommands | None = None
         self._lock = threading.Lock()
 
     @property
-    def client(self) -> redis.Redis | RedisCluster:
-        """Return the Redis client, made on first use.
+    def redis(self) -> RedisCommands:
+        """Return the Redis connections, made on first use.
 
         A cluster client reads the cluster's layout as it is made; made here, a cluster
         that is down at start-up costs 503s until it is up, not a failed start.
         """
-        if self._client is None:
+        if self._redis is None:
             with self._lock:
-                if self._client is None:
-                    client = self.connect()
-                    self._set_progress = client.register_script(SET_PROGRESS)
-                    self._add_log = client.register_script(ADD_LOG)
-                    self._read_logs = client.register_script(READ_LOGS)
-                    self._client = client
-        return self._client
+                if self._redis is None:
+                    self._redis = self.connect()
+        return self._redis
 
     def close(self) -> None:
-        """Close the Redis client's connections, if it was made; it is made anew on use."""
+        """Close the Redis connections, if they were made; they are made anew on use."""
         with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            if self._redis is not None:
+                self._redis.close()
+                self._redis = None
+
+    def ping(self) -> None:
+        """Raise a RedisError unless Redis answers."""
+        self.redis.execute_command("PING")
 
     def key(self, queue: str, *parts: str) -> str:
         """Return BullMQ's key for a queue, or for one of its jobs and a suffix."""
@@ -561,7 +577,7 @@ class JobStore:
             self.key(queue, "events"),
             self.key(queue, "meta"),
         )
-        self._run("_set_progress", queue, job_id, keys, (token, job_id, progress))
+        self._run(self.set_progress_script, queue, job_id, keys, (token, job_id, progress))
 
     def add_log(self, queue: str, job_id: str, token: bytes, line: str) -> int:
         """Append a line to a job's logs; return how many lines the job keeps."""
@@ -570,7 +586,8 @@ class JobStore:
             self.key(queue, job_id, "lock"),
             self.key(queue, job_id, "logs"),
         )
-        count: int = self._run("_add_log", queue, job_id, keys, (token, line, self.max_logs))
+        args = (token, line, self.max_logs)
+        count: int = self._run(self.add_log_script, queue, job_id, keys, args)
         return count
 
     def read_logs(
@@ -586,19 +603,23 @@ class JobStore:
         span = (-(end + 1), -(start + 1)) if newest_first else (start, end)
         order = b"desc" if newest_first else b"asc"
         args = (*span, order, self.max_page_bytes)
-        count, *lines = self._run("_read_logs", queue, job_id, keys, args)
+        count, *lines = self._run(self.read_logs_script, queue, job_id, keys, args)
         return count, lines
 
     def _run(
-        self, script: str, queue: str, job_id: str, keys: tuple[str, ...], args: tuple[Any, ...]
+        self, script: Script, queue: str, job_id: str, keys: tuple[str, ...], args: tuple[Any, ...]
     ) -> Any:
         """Run one of the scripts on a job's keys; raise what its return code stands for."""
         if self.one_slot and len({key_slot(key.encode()) for key in keys}) > 1:
             raise CrossSlot(keys[0])
-        client = self.client
-        run: Script = getattr(self, script)
+        redis_ = self.redis
         try:
-            result = run(keys, args, client=client)
+            try:
+                result = redis_.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                # Redis restarted or its scripts were flushed: send the script itself,
+                # which Redis caches again for the EVALSHA of the next request.
+                result = redis_.execute_command("EVAL", script.source, len(keys), *keys, *args)
         except redis.exceptions.ResponseError as error:
             raise script_error(error) from error
         if result == NOT_LOCK_HOLDER:
@@ -631,22 +652,79 @@ def store() -> JobStore:
 # ---------------------------------------------------------------------- Redis
 
 
-class SentinelBlockingConnectionPool(SentinelConnectionPool, redis.BlockingConnectionPool):
-    """A pool that asks the sentinels for the master, and waits for a free connection."""
+class RedisCommands(Protocol):
+    """What the job store needs of Redis: one server's connections, or a cluster's."""
+
+    def execute_command(self, *args: Any) -> Any: ...
+
+    def close(self) -> None: ...
 
 
-def redis_client(config: Mapping[str, Any]) -> redis.Redis | RedisCluster:
-    """Make the process's Redis client (a connection pool) from the settings."""
+class Connections:
+    """The process's connections to one Redis server, each lent to one command at a time.
+
+    At most `size` are open; a command beyond them waits up to `timeout` for one to come
+    free, then fails (503). This is redis-py's BlockingConnectionPool and client call
+    less what costs more than the round trip itself (bench/results.md): a poll of each
+    connection as it is lent, which under gevent is a trip through the hub, and
+    telemetry. A connection that broke while idle (Redis restarted, or a failover
+    demoted its server) is found by the command, which is sent once more on a new
+    connection; a command that timed out is never sent again, as it may have run.
+    """
+
+    def __init__(self, pool: redis.ConnectionPool, size: int, timeout: float) -> None:
+        # The pool makes the connections: address, credentials, TLS, the sentinels' word.
+        self.connection_pool = pool
+        self.timeout = timeout
+        self.idle: list[ConnectionInterface] = []  # the most recently used last
+        self.free = bounded_semaphore(size)
+
+    def execute_command(self, *args: Any) -> Any:
+        """Send one command and return Redis's reply."""
+        if not self.free.acquire(timeout=self.timeout):
+            raise redis.exceptions.ConnectionError(
+                f"no Redis connection came free within {self.timeout:g} s (REDIS_MAX_CONNECTIONS)"
+            )
+        connection = self.idle.pop() if self.idle else self.connection_pool.make_connection()
+        try:
+            try:
+                return self.call(connection, args)
+            except redis.exceptions.ConnectionError:
+                connection.disconnect()
+                return self.call(connection, args)
+        finally:
+            self.idle.append(connection)
+            self.free.release()
+
+    @staticmethod
+    def call(connection: ConnectionInterface, args: tuple[Any, ...]) -> Any:
+        """Send a command on a connection and return the reply; connect first if need be
+        (a connection of Sentinel's asks the sentinels where the master is)."""
+        connection.connect()
+        connection.send_command(*args)
+        return connection.read_response()
+
+    def close(self) -> None:
+        """Close the idle connections; a closed one connects again when next lent."""
+        for connection in self.idle:
+            connection.disconnect()
+
+
+def bounded_semaphore(size: int) -> threading.BoundedSemaphore:
+    """Return a semaphore for `size` holders, of gevent's kind where gevent has patched
+    threading: threading's own, rebuilt on patched locks, costs more than a Redis call."""
+    if monkey.is_module_patched("threading"):
+        return gevent.lock.BoundedSemaphore(size)
+    return threading.BoundedSemaphore(size)
+
+
+def redis_client(config: Mapping[str, Any]) -> RedisCommands:
+    """Make the process's Redis connections from the settings."""
     options: dict[str, Any] = {
         "socket_timeout": config["REDIS_TIMEOUT"],
         "socket_connect_timeout": config["REDIS_TIMEOUT"],
-        # One immediate retry on a broken connection (say, after Redis restarted), never
-        # on a timeout: a timed-out write may still have run, and must not run twice.
+        # A failed connect is tried once more at once; a timeout never is.
         "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
-        # At most this many connections per process (per node, on a cluster); a request
-        # beyond them waits for one to come free, up to REDIS_TIMEOUT, then answers 503.
-        "max_connections": config["REDIS_MAX_CONNECTIONS"],
-        "timeout": config["REDIS_TIMEOUT"],
     }
     if config["REDIS_CLUSTER"]:
         return cluster_client(config, options)
@@ -660,18 +738,18 @@ def redis_client(config: Mapping[str, Any]) -> redis.Redis | RedisCluster:
         )
         # The pool asks the sentinels for the master whenever it connects, so after a
         # failover the next connection goes to the new master.
-        return sentinels.master_for(
+        pool: redis.ConnectionPool = SentinelConnectionPool(
             config["REDIS_SENTINEL_MASTER"],
-            connection_pool_class=SentinelBlockingConnectionPool,
+            sentinels,
             username=config["REDIS_USERNAME"],
             password=config["REDIS_PASSWORD"],
             ssl=config["REDIS_TLS"],
             **options,
         )
-    if config["REDIS_URL"]:
-        pool = redis.BlockingConnectionPool.from_url(config["REDIS_URL"], **options)
+    elif config["REDIS_URL"]:
+        pool = redis.ConnectionPool.from_url(config["REDIS_URL"], **options)
     else:
-        pool = redis.BlockingConnectionPool(
+        pool = redis.ConnectionPool(
             host=config["REDIS_HOST"],
             port=config["REDIS_PORT"],
             username=config["REDIS_USERNAME"],
@@ -679,7 +757,7 @@ def redis_client(config: Mapping[str, Any]) -> redis.Redis | RedisCluster:
             connection_class=redis.SSLConnection if config["REDIS_TLS"] else redis.Connection,
             **options,
         )
-    return redis.Redis.from_pool(pool)
+    return Connections(pool, config["REDIS_MAX_CONNECTIONS"], config["REDIS_TIMEOUT"])
 
 
 def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisCluster:
@@ -703,9 +781,11 @@ def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisC
         startup_nodes=others,
         socket_timeout=options["socket_timeout"],
         socket_connect_timeout=options["socket_connect_timeout"],
+        # At most this many connections per node; a request beyond them waits for one to
+        # come free, up to REDIS_TIMEOUT, then answers 503.
         connection_pool_class=redis.BlockingConnectionPool,
-        max_connections=options["max_connections"],
-        timeout=options["timeout"],
+        max_connections=config["REDIS_MAX_CONNECTIONS"],
+        timeout=config["REDIS_TIMEOUT"],
         # MOVED and ASK are followed at once; a node down or a failover under way is
         # retried a few times, within about a second, before the request answers 503.
         retry=Retry(ExponentialBackoff(cap=0.4, base=0.05), 4),

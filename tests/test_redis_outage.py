@@ -7,6 +7,7 @@ import signal
 import pytest
 import redis
 
+from app import JobStore
 from dev import RedisServer
 from tests.conftest import API_TOKEN, JOB_TOKEN, add_active_job, bearer
 
@@ -67,6 +68,33 @@ def test_stopped_redis_is_a_503_then_recovers(make_app, server, caplog):
     assert [response.status_code for response in requests(client)] == [200] * 4
     assert data.hget("bull:orders:1", "progress") == "50"
     assert data.lrange("bull:orders:1:logs", 0, -1) == ["a line"]
+
+
+def test_a_restart_while_connections_idle_costs_no_request(make_app, server):
+    # The pooled connections broke while idle, and the new server holds no scripts:
+    # each request reconnects and sends its script again, and none fails.
+    client = make_app(REDIS_URL=server.url).test_client()
+    seed(server)
+    assert [response.status_code for response in requests(client)] == [200] * 4
+
+    server.stop()
+    server.start()
+    data = seed(server)
+    assert [response.status_code for response in requests(client)] == [200] * 4
+    assert data.hget("bull:orders:1", "progress") == "50"
+    assert data.lrange("bull:orders:1:logs", 0, -1) == ["a line"]
+
+
+def test_scripts_flushed_from_redis_are_sent_again(make_app, server):
+    client = make_app(REDIS_URL=server.url).test_client()
+    data = seed(server)
+    assert [response.status_code for response in requests(client)] == [200] * 4
+    data.script_flush()
+    assert [response.status_code for response in requests(client)] == [200] * 4
+    assert data.lrange("bull:orders:1:logs", 0, -1) == ["a line", "a line"]
+    # Sent whole once, each script is cached again for the requests after.
+    shas = [script.sha for script in (JobStore.set_progress_script, JobStore.add_log_script)]
+    assert data.script_exists(*shas, JobStore.read_logs_script.sha) == [True, True, True]
 
 
 def test_unresponsive_redis_times_out_as_a_503_then_recovers(make_app, server):
