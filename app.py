@@ -30,7 +30,6 @@ import os
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -1044,7 +1043,7 @@ class AccessLog:
         started = time.perf_counter()
         request_id = environ.get("HTTP_X_REQUEST_ID", "")
         if not REQUEST_ID.fullmatch(request_id):
-            request_id = environ["HTTP_X_REQUEST_ID"] = uuid.uuid4().hex
+            request_id = environ["HTTP_X_REQUEST_ID"] = os.urandom(16).hex()
         status = "500"
 
         def start(line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
