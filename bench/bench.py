@@ -336,6 +336,21 @@ def render(rows: list[Row], memory: list[float], scripts: dict[str, tuple[float,
             f"| {run.p99_ms:.2f} | {run.non2xx + run.socket_errors} | {share} "
             f"| {row.cpu_per_request * 1e6:,.0f} µs | {redis_note} |"
         )
+    lines += ["", "Targets, each route at 32 connections:", ""]
+    lines += ["| route | ≥ 0.5 of best bare | ≤ 250 µs CPU/req | p99 ≤ 10 ms | one round trip |"]
+    lines += ["|---|---|---|---|---|"]
+    for row in rows:
+        ratio, trips, calls = row.ceiling_share, row.round_trips, row.script_calls
+        if row.connections != CONNECTIONS[-1] or ratio is None or trips is None or calls is None:
+            continue  # a ceiling, a single connection, or a cluster row
+        checks = (
+            (ratio >= 0.5, f"{ratio:.2f}"),
+            (row.cpu_per_request <= 250e-6, f"{row.cpu_per_request * 1e6:,.0f} µs"),
+            (row.run.p99_ms <= 10, f"{row.run.p99_ms:.1f} ms"),
+            (trips < 1.05 and abs(calls - 1) < 0.01, f"{trips:.2f} trips, {calls:.2f} calls"),
+        )
+        cells = " | ".join(f"{'met' if ok else 'missed'} ({value})" for ok, value in checks)
+        lines.append(f"| {row.name} | {cells} |")
     lines += [
         "",
         "Resident memory of each service worker after the runs: "
