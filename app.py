@@ -10,17 +10,19 @@ Dashboards and operators read, authorized by an API token that may read the queu
 
     GET  /queues/<queue>/jobs/<job_id>/logs       one page of the job's logs
 
-and probes and tools ask, with no token: GET /healthz, GET /readyz, GET /openapi.json.
+and probes and tools ask, with no token: GET /healthz, GET /readyz, GET /openapi.json,
+and GET /metrics (Prometheus; every gunicorn worker's figures added up).
 
 Every read and write is one script on the job's keys in BullMQ's own layout, so the
 BullMQ libraries see it all. The module reads top-down: blueprints, token decorators
 and views; the request parsing they call; the job store and its scripts; the Redis
-connection; settings; error handlers and the access log; and create_app, which wires
-them together.
+connections; settings; error handlers, the access log and the metrics; and
+create_app, which wires them together.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import hashlib
 import json
@@ -37,11 +39,14 @@ from typing import Any, NoReturn, Protocol
 from urllib.parse import urlsplit
 
 import gevent.lock
+import prometheus_client
 import redis
 import yaml
 from flask import Blueprint, Flask, Response, abort, current_app, request
 from gevent import monkey
 from gunicorn.http.errors import ParseException
+from prometheus_client import Counter, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import ConnectionInterface
@@ -178,6 +183,21 @@ def readyz() -> tuple[str, dict[str, str]]:
     """Answer whether Redis answers."""
     store().ping()
     return "OK", PLAIN
+
+
+@health.get("/metrics")
+def metrics() -> Response:
+    """Return the service's metrics in Prometheus's text format, every worker's added up."""
+    if not current_app.config["METRICS"]:
+        abort(404, "metrics are turned off (METRICS=0)")
+    registry = prometheus_client.REGISTRY
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # under gunicorn: gunicorn.conf.py
+        registry = prometheus_client.CollectorRegistry()
+        MultiProcessCollector(registry)
+    return Response(
+        prometheus_client.generate_latest(registry),
+        content_type=prometheus_client.CONTENT_TYPE_LATEST,
+    )
 
 
 OPENAPI = Path(__file__).with_name("openapi.yaml")
@@ -504,9 +524,12 @@ NO_SUCH_JOB = -2
 
 
 class Script:
-    """A Lua script, run by its SHA1 from Redis's script cache."""
+    """A Lua script, run by its SHA1 from Redis's script cache; `name` and `done` (what
+    it did when it succeeded) label its outcomes in the metrics."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, name: str, source: str, done: str) -> None:
+        self.name = name
+        self.done = done
         self.source = source
         # Redis names cached scripts by SHA1; a name, not a safeguard.
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
@@ -519,9 +542,9 @@ class JobStore:
     CrossSlot for what the caller got wrong, a RedisError for what Redis did.
     """
 
-    set_progress_script = Script(SET_PROGRESS)
-    add_log_script = Script(ADD_LOG)
-    read_logs_script = Script(READ_LOGS)
+    set_progress_script = Script("set_progress", SET_PROGRESS, "written")
+    add_log_script = Script("add_log", ADD_LOG, "written")
+    read_logs_script = Script("read_logs", READ_LOGS, "read")
 
     def __init__(
         self,
@@ -622,9 +645,12 @@ class JobStore:
         except redis.exceptions.ResponseError as error:
             raise script_error(error) from error
         if result == NOT_LOCK_HOLDER:
+            SCRIPT_OUTCOMES.labels(script.name, "not_lock_holder").inc()
             raise NotLockHolder
         if result == NO_SUCH_JOB:
+            SCRIPT_OUTCOMES.labels(script.name, "no_such_job").inc()
             raise NoSuchJob(queue, job_id)
+        SCRIPT_OUTCOMES.labels(script.name, script.done).inc()
         return result
 
 
@@ -879,6 +905,7 @@ SETTINGS: dict[str, Setting] = {
     "MAX_LOGS_PER_JOB": Setting(None, whole_number(1, 2**31)),
     "MAX_PAGE_BYTES": Setting(1024 * 1024, whole_number(1, 512 * 1024 * 1024)),
     "TRUSTED_PROXIES": Setting(0, whole_number(0, 10)),
+    "METRICS": Setting(True, _flag),
 }
 DEFAULTS = {name: setting.default for name, setting in SETTINGS.items()}
 
@@ -984,6 +1011,7 @@ REDIS_UNAVAILABLE = (
 
 def redis_unavailable(error: redis.exceptions.RedisError) -> Response:
     """Answer 503 while Redis cannot be reached; the pool reconnects by itself."""
+    REDIS_ERRORS.labels(type(error).__name__).inc()
     log.warning(
         "Redis unavailable for %s %s (API token %s, request %s): %s",
         request.method,
@@ -1028,16 +1056,26 @@ def loggable_wsgi(text: str) -> str:
     return loggable(text.encode("latin-1").decode("utf-8", "surrogateescape"))
 
 
+# What an access-log line holds, in order: the plain line is these fields joined as
+# ACCESS_LINE lays them out, a JSON line (LOG_FORMAT=json) is an object of them.
+ACCESS_FIELDS = (
+    "client", "method", "path", "status", "duration_ms", "request_id", "token",
+)  # fmt: skip
+ACCESS_LINE = '%s "%s %s" %s %.2fms %s %s'
+
+
 class AccessLog:
-    """WSGI middleware: give each request an id (X-Request-ID) and log one line for it.
+    """WSGI middleware: give each request an id (X-Request-ID), log one line for it, and
+    count it in the metrics (unless `metrics` is False).
 
     The line holds the client address, method, path, status, duration, request id and
     the name of the API token used ("-" for none); behind trusted proxies it sees the
     address and prefix they forwarded.
     """
 
-    def __init__(self, wsgi_app: Callable[..., Iterable[bytes]]) -> None:
+    def __init__(self, wsgi_app: Callable[..., Iterable[bytes]], metrics: bool = True) -> None:
         self.wsgi_app = wsgi_app
+        self.metrics = metrics
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         started = time.perf_counter()
@@ -1045,29 +1083,155 @@ class AccessLog:
         if not REQUEST_ID.fullmatch(request_id):
             request_id = environ["HTTP_X_REQUEST_ID"] = os.urandom(16).hex()
         status = "500"
+        response_bytes = "0"
 
         def start(line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            nonlocal status
+            nonlocal status, response_bytes
             status = line[:3]
+            for name, value in headers:
+                if name == "Content-Length":
+                    response_bytes = value
             headers.append(("X-Request-ID", request_id))
             return start_response(line, headers, exc_info)
 
         try:
             return self.wsgi_app(environ, start)
         finally:
+            seconds = time.perf_counter() - started
             query = environ.get("QUERY_STRING")
+            method = environ.get("REQUEST_METHOD", "")
             access_log.info(
-                '%s "%s %s%s%s" %s %.2fms %s %s',
+                ACCESS_LINE,
                 loggable_wsgi(environ.get("REMOTE_ADDR") or "-"),
-                loggable_wsgi(environ.get("REQUEST_METHOD", "")),
-                loggable_wsgi(environ.get("SCRIPT_NAME", "")),
-                loggable_wsgi(environ.get("PATH_INFO", "")),
-                loggable_wsgi(f"?{query}") if query else "",
+                loggable_wsgi(method),
+                loggable_wsgi(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""))
+                + (loggable_wsgi(f"?{query}") if query else ""),
                 status,
-                (time.perf_counter() - started) * 1000,
+                seconds * 1000,
                 request_id,
                 loggable(environ.get(TOKEN_NAME, "-")),
+                extra={"fields": ACCESS_FIELDS},
             )
+            if self.metrics:
+                count_request(environ, method, status, seconds, response_bytes)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """Format each record as one JSON object: an access-log line as its fields, any
+    other record as its level, logger and message (LOG_FORMAT=json)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "pid": record.process,
+        }
+        fields = getattr(record, "fields", None)
+        if fields is not None:
+            entry.update(zip(fields, record.args or (), strict=True))
+            entry["status"] = int(entry["status"])
+            entry["duration_ms"] = round(entry["duration_ms"], 2)
+        else:
+            entry.update(level=record.levelname, logger=record.name, message=record.getMessage())
+            if record.exc_info:
+                entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """Return the record's time in ISO 8601, to the millisecond, with its offset."""
+        moment = datetime.datetime.fromtimestamp(record.created).astimezone()
+        return moment.isoformat(timespec="milliseconds")
+
+
+# ---------------------------------------------------------------------- metrics
+
+# In prometheus_client's default registry. Under gunicorn each worker writes its figures
+# to files in PROMETHEUS_MULTIPROC_DIR (gunicorn.conf.py), and /metrics adds them up.
+# Routes are labelled by their template, never by the path: queue names and job ids
+# would make a new series each.
+REQUESTS = Counter(
+    "bullmq_http_requests",
+    "HTTP requests answered, by route template, method and status.",
+    ["route", "method", "status"],
+)
+DURATION = Histogram(
+    "bullmq_http_request_duration_seconds",
+    "Time from a request's arrival in the app to its response, by route template.",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+SIZES = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+REQUEST_BYTES = Histogram(
+    "bullmq_http_request_body_bytes",
+    "Request bodies as declared (Content-Length), by route template.",
+    ["route"],
+    buckets=SIZES,
+)
+RESPONSE_BYTES = Histogram(
+    "bullmq_http_response_body_bytes",
+    "Response bodies, by route template.",
+    ["route"],
+    buckets=SIZES,
+)
+REDIS_ERRORS = Counter(
+    "bullmq_http_redis_errors",
+    "Redis errors, each answered 503, by kind (the redis-py exception's name).",
+    ["kind"],
+)
+SCRIPT_OUTCOMES = Counter(
+    "bullmq_http_script_outcomes",
+    "Scripts run on a job's keys, by script and outcome: written or read, "
+    "not_lock_holder, no_such_job.",
+    ["script", "outcome"],
+)
+WORKER_RESTARTS = Counter(
+    "bullmq_http_worker_restarts",
+    "gunicorn workers that exited and were replaced, whatever the reason.",
+)
+# Where note_route leaves the matched route's template; a request no route matched (404,
+# 405) is labelled "unmatched".
+ROUTE = "bullmq_http.route"
+UNMATCHED = "unmatched"
+
+
+def note_route(endpoint: str | None, values: dict[str, Any] | None) -> None:
+    """Leave the matched route's template in the environ, where count_request finds it
+    after Flask has let go of the request; first of the URL value preprocessors, so that
+    a request one of them refuses is labelled with its route too."""
+    rule = request.url_rule
+    if rule is not None:
+        request.environ[ROUTE] = rule.rule
+
+
+def count_request(
+    environ: dict[str, Any], method: str, status: str, seconds: float, response_bytes: str
+) -> None:
+    """Count one answered request in the metrics."""
+    route = environ.get(ROUTE, UNMATCHED)
+    if method not in KNOWN_METHODS:
+        method = "other"  # a label per made-up method would be a new series each
+    request_count(route, method, status).inc()
+    duration, request_size, response_size = route_metrics(route)
+    duration.observe(seconds)
+    declared = environ.get("CONTENT_LENGTH") or "0"
+    request_size.observe(int(declared) if declared.isdigit() else 0)
+    response_size.observe(int(response_bytes) if response_bytes.isdigit() else 0)
+
+
+KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+
+
+# A labelled series is looked up once per process, not per request (half the cost of
+# counting one); routes, methods and statuses are few, so these stay small.
+@functools.cache
+def request_count(route: str, method: str, status: str) -> Counter:
+    """Return the request counter of one route, method and status."""
+    return REQUESTS.labels(route, method, status)
+
+
+@functools.cache
+def route_metrics(route: str) -> tuple[Histogram, Histogram, Histogram]:
+    """Return the duration, request size and response size histograms of one route."""
+    return DURATION.labels(route), REQUEST_BYTES.labels(route), RESPONSE_BYTES.labels(route)
 
 
 # ------------------------------------------------------------------------- app
@@ -1093,6 +1257,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         cluster=app.config["REDIS_CLUSTER"],
         max_page_bytes=app.config["MAX_PAGE_BYTES"],
     )
+    if app.config["METRICS"]:
+        app.url_value_preprocessor(note_route)
     app.register_blueprint(jobs)
     app.register_blueprint(health)
     app.register_blueprint(docs)
@@ -1108,5 +1274,5 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         # Each proxy appends the address it saw to X-Forwarded-For: believe that many
         # entries. The scheme and mount prefix are set (not appended) by the nearest.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=1, x_prefix=1)  # type: ignore[method-assign]
-    app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = AccessLog(app.wsgi_app, metrics=app.config["METRICS"])  # type: ignore[method-assign]
     return app

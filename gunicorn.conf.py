@@ -4,7 +4,9 @@ Environment: BIND (a host:port or unix:/path; overrides PORT), PORT (default 808
 127.0.0.1), WEB_CONCURRENCY (worker processes, default: one per core), WORKER_CLASS
 (default gevent), WORKER_CONNECTIONS (connections per gevent worker, default 1000),
 REQUEST_TIMEOUT (seconds for a request to arrive whole, default 10), THREADS (threads
-per gthread worker, default 8). The app reads the service's settings.
+per gthread worker, default 8), LOG_FORMAT (plain or json, default plain),
+PROMETHEUS_MULTIPROC_DIR (where workers keep their metrics; default a fresh temporary
+directory). The app reads the service's settings.
 """
 
 import os
@@ -25,10 +27,39 @@ if worker_class == "gevent":
 
     monkey.patch_all()
 
+import atexit  # noqa: E402
 import logging  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
-from app import access_log  # noqa: E402
+# Metrics: each worker writes its figures to files in one directory and /metrics adds
+# them up (prometheus_client's multiprocess mode). The directory is named before the
+# app imports prometheus_client, and starts empty: figures left by an earlier run would
+# be added to this one's. A reload (SIGHUP) reads this file again; it keeps the figures.
+if "app" not in sys.modules:
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _made = tempfile.mkdtemp(prefix="bullmq-http-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _made
+
+        def _remove(master: int = os.getpid(), directory: str = _made) -> None:
+            """Remove the directory when the master exits, however it exits; workers,
+            forked with this hook, leave it."""
+            if os.getpid() == master:
+                shutil.rmtree(directory, ignore_errors=True)
+
+        atexit.register(_remove)
+    _metrics = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    _metrics.mkdir(parents=True, exist_ok=True)
+    for _stale in _metrics.glob("*.db"):
+        _stale.unlink()
+
+from gunicorn.glogging import Logger as GunicornLogger  # noqa: E402
+from prometheus_client import multiprocess  # noqa: E402
+
+from app import WORKER_RESTARTS, JsonLogFormatter, access_log  # noqa: E402
 
 
 def _whole(name: str, default: int, low: int, high: int) -> int:
@@ -92,14 +123,40 @@ control_socket_disable = True
 accesslog = None
 errorlog = "-"
 
+# LOG_FORMAT=json writes every line, the access log's, the app's and gunicorn's own, as
+# one JSON object, for log shippers; plain is for people.
+LOG_FORMAT = os.environ.get("LOG_FORMAT") or "plain"
+if LOG_FORMAT not in ("plain", "json"):
+    sys.exit(f"LOG_FORMAT={LOG_FORMAT!r} must be plain or json")
 _DATES = "[%Y-%m-%d %H:%M:%S %z]"
-logging.basicConfig(
-    level=logging.INFO,
-    stream=sys.stderr,
-    format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
-    datefmt=_DATES,
-)
+_json = JsonLogFormatter()
+_plain = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+_warnings = logging.StreamHandler(sys.stderr)
+_warnings.setFormatter(_json if LOG_FORMAT == "json" else logging.Formatter(_plain, _DATES))
+logging.basicConfig(level=logging.INFO, handlers=[_warnings])
+_plain = "%(asctime)s [%(process)d] %(message)s"
 _access = logging.StreamHandler(sys.stdout)
-_access.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(message)s", _DATES))
+_access.setFormatter(_json if LOG_FORMAT == "json" else logging.Formatter(_plain, _DATES))
 access_log.addHandler(_access)
 access_log.propagate = False
+
+
+class Logger(GunicornLogger):
+    """gunicorn's own log, in JSON objects when LOG_FORMAT=json."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        if LOG_FORMAT == "json":
+            for handler in self.error_log.handlers:
+                handler.setFormatter(_json)
+
+
+logger_class = Logger
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Count a worker that exited while the server runs on (it is replaced), and drop
+    its live gauges from the metrics; its counters stay in the sums."""
+    if server.LISTENERS:  # emptied when the whole server stops
+        WORKER_RESTARTS.inc()
+    multiprocess.mark_process_dead(worker.pid)

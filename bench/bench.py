@@ -4,8 +4,9 @@ Starts a Redis server and the service under gunicorn with its production config,
 out real active jobs, and drives each route with wrk over keep-alive connections.
 Alternating with it, the same wrk runs against gunicorn serving a bare WSGI callable
 (bench/bare.py) under several worker classes, and redis-benchmark runs the service's
-own Lua scripts: what the service could reach if it cost nothing. Prints one table and
-writes it to bench/results.md.
+own Lua scripts: what the service could reach if it cost nothing; and the service once
+more with METRICS=0, for what counting each request costs. Prints one table and writes
+it to bench/results.md.
 
 BENCH_SECONDS (default 8) sets how long each wrk run lasts.
 """
@@ -56,6 +57,7 @@ ROUTES = [
     Route("POST logs", "POST", f"{JOB}/logs/logs", "step 3 done", content_type="text/plain"),
     Route("GET logs", "GET", f"{JOB}/read/logs?start=0&length=10", token=API_TOKEN),
 ]
+NO_METRICS = "POST progress, METRICS=0"
 BARE_REQUEST = Route("bare POST", "POST", "/", '{"percent":42}')
 # The project's own worker class, and the others gunicorn offers here.
 BARE_WORKERS = {
@@ -264,13 +266,18 @@ def main() -> int:
         seed(client)
         env = {"REDIS_URL": redis_server.url, "AUTH_TOKENS_FILE": token_file(workdir)}
         service = Gunicorn(workdir, env, bind=f"127.0.0.1:{free_port()}")
+        # The same service without metrics: what counting each request costs.
+        (workdir / "no-metrics").mkdir()
+        no_metrics = Gunicorn(
+            workdir / "no-metrics", {**env, "METRICS": "0"}, bind=f"127.0.0.1:{free_port()}"
+        )
         bare = {}
         for name, worker_env in BARE_WORKERS.items():
             directory = workdir / name.split()[0].strip(",")
             directory.mkdir()
             bind = f"127.0.0.1:{free_port()}"
             bare[name] = Gunicorn(directory, worker_env, bind=bind, args=("bench.bare:app",))
-        servers = [service, *bare.values()]
+        servers = [service, no_metrics, *bare.values()]
         try:
             for server in servers:
                 start(server)
@@ -285,6 +292,11 @@ def main() -> int:
                     rows.append(row)
                 for route in ROUTES:
                     row = measure(service, route, connections, client)
+                    row.ceiling_share = row.run.rate / best
+                    rows.append(row)
+                if connections == CONNECTIONS[-1]:
+                    route = replace(ROUTES[0], name=NO_METRICS)
+                    row = measure(no_metrics, route, connections, client)
                     row.ceiling_share = row.run.rate / best
                     rows.append(row)
             memory = rss_mb(service.worker_pids())
@@ -343,6 +355,8 @@ def render(rows: list[Row], memory: list[float], scripts: dict[str, tuple[float,
         ratio, trips, calls = row.ceiling_share, row.round_trips, row.script_calls
         if row.connections != CONNECTIONS[-1] or ratio is None or trips is None or calls is None:
             continue  # a ceiling, a single connection, or a cluster row
+        if row.name == NO_METRICS:
+            continue
         checks = (
             (ratio >= 0.5, f"{ratio:.2f}"),
             (row.cpu_per_request <= 250e-6, f"{row.cpu_per_request * 1e6:,.0f} µs"),
@@ -351,6 +365,17 @@ def render(rows: list[Row], memory: list[float], scripts: dict[str, tuple[float,
         )
         cells = " | ".join(f"{'met' if ok else 'missed'} ({value})" for ok, value in checks)
         lines.append(f"| {row.name} | {cells} |")
+    with_metrics = next(
+        r for r in rows if r.name == ROUTES[0].name and r.connections == CONNECTIONS[-1]
+    )
+    without = next(r for r in rows if r.name == NO_METRICS)
+    extra = with_metrics.cpu_per_request - without.cpu_per_request
+    lines += [
+        "",
+        f"Counting each request in the metrics: {extra * 1e6:+,.0f} µs of worker CPU per "
+        f"POST progress ({extra / without.cpu_per_request:+.0%}), "
+        f"{with_metrics.run.rate / without.run.rate - 1:+.0%} requests/s.",
+    ]
     lines += [
         "",
         "Resident memory of each service worker after the runs: "

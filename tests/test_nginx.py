@@ -166,6 +166,27 @@ def test_every_route_works_under_the_prefix(stack, job):
     assert s.request("GET", "/bullmq/queues/orders/jobs/2/logs", None, bearer(API_TOKEN))[0] == 404
 
 
+@pytest.mark.parametrize(
+    "path", ["/bullmq/metrics", "/bullmq//metrics", "/bullmq/%6Detrics", "/bullmq/metrics?a=1"]
+)
+def test_metrics_are_not_served_under_the_prefix(stack, path):
+    s, _ = stack
+    status, _, body = s.request("GET", path)
+    assert status == 404
+    assert b"bullmq_http" not in body
+    # The service itself serves them, to whoever reaches its own socket.
+    conn = s.gunicorn.connect()
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        assert (response.status, response.read().count(b"bullmq_http_requests_total") > 0) == (
+            200,
+            True,
+        )
+    finally:
+        conn.close()
+
+
 def test_the_client_address_is_believed_only_from_trusted_hops(stack, job):
     s, trusted = stack
     request_id = uuid.uuid4().hex
