@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -45,7 +46,7 @@ import yaml
 from flask import Blueprint, Flask, Response, abort, current_app, request
 from gevent import monkey
 from gunicorn.http.errors import ParseException
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
@@ -57,6 +58,7 @@ from werkzeug.exceptions import HTTPException, Unauthorized
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wrappers import Response as BaseResponse
 
+from streams import JobState, StreamId, Watcher, event_stream, parse_cursor, stream_id
 from tokens import ApiTokens, TokenFileError
 
 log = logging.getLogger(__name__)
@@ -105,19 +107,62 @@ def api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(view)
     def wrapper(**kwargs: Any) -> Any:
-        tokens: ApiTokens = current_app.extensions["bullmq_http.tokens"]
-        token = tokens.find(bearer_token())
-        if token is None:
-            if not len(tokens.current):
-                abort(401, "this server has no API token configured (AUTH_TOKENS)")
-            abort(401, "the API token is not valid")
-        request.environ[TOKEN_NAME] = token.name  # for the access log
-        queue = kwargs.get("queue")
-        if queue is not None and not token.reads(queue):
-            abort(403, f"this token may not read queue {queue!r}")
+        check_api_token(kwargs.get("queue"))
         return view(**kwargs)
 
     return wrapper
+
+
+def watch_or_api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Let the request through with a watch token for the route's job (?token=, what a
+    browser's EventSource can send), or else an API token that may read its queue."""
+
+    @functools.wraps(view)
+    def wrapper(**kwargs: Any) -> Any:
+        token = request.args.get("token")
+        if token is None:
+            check_api_token(kwargs.get("queue"))
+        else:
+            check_watch_token(token, kwargs["queue"], kwargs["job_id"])
+            request.environ[TOKEN_NAME] = "watch-token"  # for the access log
+        return view(**kwargs)
+
+    return wrapper
+
+
+def check_api_token(queue: str | None) -> None:
+    """Stop with 401 unless the request has a valid API token, 403 unless it may read
+    the queue."""
+    tokens: ApiTokens = current_app.extensions["bullmq_http.tokens"]
+    token = tokens.find(bearer_token())
+    if token is None:
+        if not len(tokens.current):
+            abort(401, "this server has no API token configured (AUTH_TOKENS)")
+        abort(401, "the API token is not valid")
+    request.environ[TOKEN_NAME] = token.name  # for the access log
+    if queue is not None and not token.reads(queue):
+        abort(403, f"this token may not read queue {queue!r}")
+
+
+def watch_token(secret: str, queue: str, job_id: str, expires: int) -> str:
+    """Return the watch token of one job's events, good until `expires` (Unix time)."""
+    message = f"bullmq-http watch\n{queue}\n{job_id}\n{expires}".encode()
+    signature = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+    return f"{expires}.{signature}"
+
+
+def check_watch_token(token: str, queue: str, job_id: str) -> None:
+    """Stop with 401 unless the token is an unexpired watch token of this job."""
+    secret = current_app.config["WATCH_TOKEN_SECRET"]
+    if not secret:
+        abort(401, "watch tokens are off on this server (WATCH_TOKEN_SECRET)")
+    expires, _, _ = token.partition(".")
+    if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):
+        abort(401, "the watch token is not valid")
+    if not hmac.compare_digest(token, watch_token(secret, queue, job_id, int(expires))):
+        abort(401, "the watch token is not valid for this job")
+    if int(expires) <= time.time():
+        abort(401, "the watch token has expired: ask for a new one")
 
 
 # ------------------------------------------------------------------------ views
@@ -155,10 +200,7 @@ def add_log(queue: str, job_id: str, token: bytes) -> tuple[str, dict[str, str]]
 @api_token_required
 def read_logs(queue: str, job_id: str) -> Response:
     """Return one page of a job's logs, oldest first unless order=desc."""
-    # A misspelt parameter (strat=20) would otherwise be a silently wrong page.
-    unknown = sorted(request.args.keys() - {"start", "length", "order"})
-    if unknown:
-        abort(400, f"unknown query parameter {unknown[0]!r}: use start, length and order")
+    no_query_parameters_but(("start", "length", "order"))
     start = query_number("start", 0, parse_start)
     length = query_number("length", 10, parse_length)
     order = request.args.get("order", "asc")
@@ -170,6 +212,52 @@ def read_logs(queue: str, job_id: str) -> Response:
         json.dumps(body, ensure_ascii=False, separators=(",", ":")),
         mimetype="application/json",
     )
+
+
+@jobs.get("/queues/<queue>/jobs/<path:job_id>/progress")
+@api_token_required
+def read_progress(queue: str, job_id: str) -> Response:
+    """Return a job's progress as stored, or 0 when it was never set, as BullMQ reads it."""
+    no_query_parameters_but(())
+    progress = store().read_progress(queue, job_id)
+    return Response(b"0" if progress is None else progress, mimetype="application/json")
+
+
+@jobs.get("/queues/<queue>/jobs/<path:job_id>/events")
+@watch_or_api_token_required
+def job_events(queue: str, job_id: str) -> Response:
+    """Stream a job's progress and log lines as server-sent events, as they happen."""
+    no_query_parameters_but(("tail", "token"))
+    tail = query_number("tail", 10, parse_tail)
+    resume = None
+    last_event_id = request.headers.get("Last-Event-ID")
+    if last_event_id:
+        resume = parse_cursor(last_event_id)
+        if resume is None:
+            abort(400, "Last-Event-ID must be the id of an event this service sent")
+    job_store = store()
+    state = job_store.job_state(queue, job_id)
+    watcher: Watcher = current_app.extensions["bullmq_http.watcher"]
+    events = event_stream(job_store, watcher, queue, job_id, state, tail, resume)
+    return Response(
+        counted_stream(events),
+        mimetype="text/event-stream",
+        # Not cached, and not buffered by nginx (X-Accel-Buffering), which would hold
+        # the events back until its buffer fills.
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@jobs.post("/queues/<queue>/jobs/<path:job_id>/events/token")
+@api_token_required
+def mint_watch_token(queue: str, job_id: str) -> Response:
+    """Return a short-lived token that opens this job's events and nothing else."""
+    secret = current_app.config["WATCH_TOKEN_SECRET"]
+    if not secret:
+        abort(404, "watch tokens are off: set WATCH_TOKEN_SECRET, the same on every instance")
+    expires = int(time.time()) + current_app.config["WATCH_TOKEN_SECONDS"]
+    body = {"token": watch_token(secret, queue, job_id, expires), "expires": expires}
+    return Response(json.dumps(body), mimetype="application/json")
 
 
 @health.get("/healthz")
@@ -233,6 +321,18 @@ def whole_number(low: int, high: int) -> Callable[[str], int]:
 # start stops at JavaScript's largest safe integer: BullMQ's clients cannot page past it.
 parse_start = whole_number(0, 2**53 - 1)
 parse_length = whole_number(1, 100)
+parse_tail = whole_number(0, 100)
+
+
+def no_query_parameters_but(known: tuple[str, ...]) -> None:
+    """Stop with 400 at a query parameter the route does not take: a misspelt one
+    (strat=20) would otherwise give a silently wrong answer."""
+    unknown = sorted(request.args.keys() - set(known))
+    if unknown and not known:
+        abort(400, f"unknown query parameter {unknown[0]!r}: this route takes none")
+    if unknown:
+        names = " and ".join((", ".join(known[:-1]), known[-1])) if known[:-1] else known[0]
+        abort(400, f"unknown query parameter {unknown[0]!r}: use {names}")
 
 
 def query_number(name: str, default: int, parse: Callable[[str], int]) -> int:
@@ -518,6 +618,53 @@ end
 return page
 """
 
+READ_PROGRESS = """
+--[[
+  Return a job's progress as stored.
+
+  KEYS[1] job hash   <prefix>:<queue>:<id>
+
+  Returns {progress}, or {} when none was ever set
+          -2 no such job
+]]
+if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
+local progress = redis.call("HGET", KEYS[1], "progress")
+if progress then return {progress} end
+return {}
+"""
+
+JOB_STATE = """
+--[[
+  Return what a job holds, and where its queue's event stream stands, for a stream of
+  the job's events to start from.
+
+  KEYS[1] job hash         <prefix>:<queue>:<id>
+  KEYS[2] job logs         <prefix>:<queue>:<id>:logs
+  KEYS[3] event stream     <prefix>:<queue>:events
+  KEYS[4] completed jobs   <prefix>:<queue>:completed
+  KEYS[5] failed jobs      <prefix>:<queue>:failed
+
+  ARGV[1] job id
+
+  Returns {progress or "", 1 if progress was set else 0, "completed", "failed" or "",
+           the return value or the failed reason, how many log lines the job has,
+           the newest id in the event stream, the oldest} ("0-0" for none)
+          -2 no such job
+]]
+if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
+local progress = redis.call("HGET", KEYS[1], "progress")
+local finished, outcome = "", ""
+if redis.call("ZSCORE", KEYS[4], ARGV[1]) then
+  finished, outcome = "completed", redis.call("HGET", KEYS[1], "returnvalue") or "null"
+elseif redis.call("ZSCORE", KEYS[5], ARGV[1]) then
+  finished, outcome = "failed", redis.call("HGET", KEYS[1], "failedReason") or ""
+end
+local newest = redis.call("XREVRANGE", KEYS[3], "+", "-", "COUNT", 1)[1]
+local oldest = redis.call("XRANGE", KEYS[3], "-", "+", "COUNT", 1)[1]
+return {progress or "", progress and 1 or 0, finished, outcome,
+        redis.call("LLEN", KEYS[2]), newest and newest[1] or "0-0", oldest and oldest[1] or "0-0"}
+"""
+
 # Script return codes, turned into NotLockHolder and NoSuchJob in JobStore._run.
 NOT_LOCK_HOLDER = -1
 NO_SUCH_JOB = -2
@@ -545,6 +692,8 @@ class JobStore:
     set_progress_script = Script("set_progress", SET_PROGRESS, "written")
     add_log_script = Script("add_log", ADD_LOG, "written")
     read_logs_script = Script("read_logs", READ_LOGS, "read")
+    read_progress_script = Script("read_progress", READ_PROGRESS, "read")
+    job_state_script = Script("job_state", JOB_STATE, "read")
 
     def __init__(
         self,
@@ -628,6 +777,53 @@ class JobStore:
         count, *lines = self._run(self.read_logs_script, queue, job_id, keys, args)
         return count, lines
 
+    def read_progress(self, queue: str, job_id: str) -> bytes | None:
+        """Return a job's progress as stored, None if it was never set."""
+        keys = (self.key(queue, job_id),)
+        found: list[bytes] = self._run(self.read_progress_script, queue, job_id, keys, ())
+        return found[0] if found else None
+
+    def job_state(self, queue: str, job_id: str) -> JobState:
+        """Return what a job holds, and where its queue's event stream stands."""
+        keys = (
+            self.key(queue, job_id),
+            self.key(queue, job_id, "logs"),
+            self.key(queue, "events"),
+            self.key(queue, "completed"),
+            self.key(queue, "failed"),
+        )
+        progress, has_progress, finished, outcome, log_count, newest, oldest = self._run(
+            self.job_state_script, queue, job_id, keys, (job_id,)
+        )
+        return JobState(
+            progress=progress.decode() if has_progress else None,
+            finished=finished.decode() or None,
+            outcome=outcome.decode(),
+            log_count=log_count,
+            stream_top=stream_id(newest),
+            stream_first=stream_id(oldest),
+        )
+
+    def events_after(
+        self, queue: str, after: StreamId, count: int
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Return up to `count` entries of a queue's event stream after a position."""
+        start = f"({after[0]}-{after[1]}"
+        key = self.key(queue, "events")
+        entries = self.redis.execute_command("XRANGE", key, start, "+", "COUNT", count)
+        # A cluster's client has parsed each entry's fields into a dict already.
+        return [
+            (entry_id, fields if isinstance(fields, dict) else pairs(fields))
+            for entry_id, fields in entries
+        ]
+
+    def log_lines(self, queue: str, job_id: str, start: int, stop: int) -> list[bytes]:
+        """Return a job's log lines from index start to stop, both included."""
+        lines: list[bytes] = self.redis.execute_command(
+            "LRANGE", self.key(queue, job_id, "logs"), start, stop
+        )
+        return lines
+
     def _run(
         self, script: Script, queue: str, job_id: str, keys: tuple[str, ...], args: tuple[Any, ...]
     ) -> Any:
@@ -652,6 +848,11 @@ class JobStore:
             raise NoSuchJob(queue, job_id)
         SCRIPT_OUTCOMES.labels(script.name, script.done).inc()
         return result
+
+
+def pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """Return a stream entry's fields, given as name, value, name, value..."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def script_error(error: redis.exceptions.ResponseError) -> redis.exceptions.RedisError:
@@ -785,6 +986,16 @@ def redis_client(config: Mapping[str, Any]) -> RedisCommands:
     return Connections(pool, config["REDIS_MAX_CONNECTIONS"], config["REDIS_TIMEOUT"])
 
 
+def watcher_client(config: Mapping[str, Any]) -> redis.Redis | RedisCluster:
+    """Make the job watcher's own client: one connection (one per node of a cluster),
+    its reads blocking for at most half of REDIS_TIMEOUT."""
+    client = redis_client({**config, "REDIS_MAX_CONNECTIONS": 1})
+    if isinstance(client, Connections):
+        return redis.Redis(connection_pool=client.connection_pool)
+    assert isinstance(client, RedisCluster)
+    return client
+
+
 def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisCluster:
     """Make a Redis Cluster client from its seed nodes."""
     seeds = [ClusterNode(host, port) for host, port in config["REDIS_CLUSTER_NODES"]]
@@ -906,6 +1117,8 @@ SETTINGS: dict[str, Setting] = {
     "MAX_PAGE_BYTES": Setting(1024 * 1024, whole_number(1, 512 * 1024 * 1024)),
     "TRUSTED_PROXIES": Setting(0, whole_number(0, 10)),
     "METRICS": Setting(True, _flag),
+    "WATCH_TOKEN_SECRET": Setting(None, _text),
+    "WATCH_TOKEN_SECONDS": Setting(300, whole_number(1, 86_400)),
 }
 DEFAULTS = {name: setting.default for name, setting in SETTINGS.items()}
 
@@ -1056,6 +1269,10 @@ def loggable_wsgi(text: str) -> str:
     return loggable(text.encode("latin-1").decode("utf-8", "surrogateescape"))
 
 
+# A watch token in a query string is logged as "token=-": whoever reads the log must not
+# be able to open the stream.
+WATCH_TOKEN = re.compile(r"(?<![^&])token=[^&]*")
+
 # What an access-log line holds, in order: the plain line is these fields joined as
 # ACCESS_LINE lays them out, a JSON line (LOG_FORMAT=json) is an object of them.
 ACCESS_FIELDS = (
@@ -1105,7 +1322,7 @@ class AccessLog:
                 loggable_wsgi(environ.get("REMOTE_ADDR") or "-"),
                 loggable_wsgi(method),
                 loggable_wsgi(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""))
-                + (loggable_wsgi(f"?{query}") if query else ""),
+                + (loggable_wsgi(f"?{WATCH_TOKEN.sub('token=-', query)}") if query else ""),
                 status,
                 seconds * 1000,
                 request_id,
@@ -1183,6 +1400,11 @@ SCRIPT_OUTCOMES = Counter(
     "not_lock_holder, no_such_job.",
     ["script", "outcome"],
 )
+OPEN_STREAMS = Gauge(
+    "bullmq_http_open_event_streams",
+    "Event streams open now (GET .../events).",
+    multiprocess_mode="livesum",
+)
 WORKER_RESTARTS = Counter(
     "bullmq_http_worker_restarts",
     "gunicorn workers that exited and were replaced, whatever the reason.",
@@ -1200,6 +1422,15 @@ def note_route(endpoint: str | None, values: dict[str, Any] | None) -> None:
     rule = request.url_rule
     if rule is not None:
         request.environ[ROUTE] = rule.rule
+
+
+def counted_stream(events: Iterator[bytes]) -> Iterator[bytes]:
+    """Pass a stream's events on, counting it among the open streams while it lasts."""
+    OPEN_STREAMS.inc()
+    try:
+        yield from events
+    finally:
+        OPEN_STREAMS.dec()
 
 
 def count_request(
@@ -1256,6 +1487,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.config["MAX_LOGS_PER_JOB"],
         cluster=app.config["REDIS_CLUSTER"],
         max_page_bytes=app.config["MAX_PAGE_BYTES"],
+    )
+    app.extensions["bullmq_http.watcher"] = Watcher(
+        functools.partial(watcher_client, dict(app.config)),
+        app.config["QUEUE_PREFIX"],
+        block_ms=max(1, min(250, int(app.config["REDIS_TIMEOUT"] * 500))),
     )
     if app.config["METRICS"]:
         app.url_value_preprocessor(note_route)

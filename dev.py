@@ -21,7 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Self
@@ -353,6 +354,48 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(self.timeout)
         self.sock.connect(self.path)
+
+
+@dataclass(frozen=True)
+class ServerSentEvent:
+    """One event of a text/event-stream, as a browser's EventSource hands it on."""
+
+    id: str
+    event: str
+    data: str
+
+
+class EventStream:
+    """A reader of a text/event-stream response, parsing it as EventSource does."""
+
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        self.response = response
+        self.last_event_id = ""
+        self.retry_ms: int | None = None
+        self.comments: list[str] = []
+
+    def __iter__(self) -> Iterator[ServerSentEvent]:
+        """Yield each event as it arrives; end when the server ends the stream."""
+        event, data = "message", list[str]()
+        while line := self.response.readline():
+            text = line.decode().rstrip("\r\n")
+            if not text:
+                if data:
+                    yield ServerSentEvent(self.last_event_id, event, "\n".join(data))
+                event, data = "message", []
+                continue
+            name, _, value = text.partition(":")
+            value = value.removeprefix(" ")
+            if not name:
+                self.comments.append(value)
+            elif name == "id":
+                self.last_event_id = value
+            elif name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+            elif name == "retry" and value.isdigit():
+                self.retry_ms = int(value)
 
 
 def free_port() -> int:

@@ -17,6 +17,8 @@ merely idle clients can hold every connection a worker has. This one adds:
   a read would block: one connection could be served again and again while the others
   wait for hundreds of milliseconds (bench/results.md: p99 at 32 connections).
 - gunicorn's own answers to malformed requests in plain text, like the service's.
+- On SIGTERM, open streams of events end within a second instead of holding the
+  graceful stop.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import Any
 import gevent
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
+
+import streams
 
 # Past this share of worker_connections, a new connection closes the longest-idle one.
 CROWDED = 0.9
@@ -147,6 +151,12 @@ class DeadlineWorker(GeventWorker):
         self.open = 0
         util.write_error = write_plain_error
         super().init_process()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # Streams of events would hold a graceful stop for its whole timeout: end them
+        # now, and their clients resume elsewhere with Last-Event-ID.
+        super().handle_exit(sig, frame)
+        streams.stop_all()
 
     def timeout_ctx(self) -> contextlib.AbstractContextManager[None]:
         # Client.first_bytes bounds the wait for each request to start.

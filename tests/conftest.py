@@ -64,6 +64,7 @@ def make_app(redis_url: str, r: redis.Redis) -> Iterator[Callable[..., Flask]]:
 
     yield make
     for app in apps:
+        app.extensions["bullmq_http.watcher"].stop()
         app.extensions["bullmq_http"].close()
 
 

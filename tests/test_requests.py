@@ -64,8 +64,9 @@ def test_unknown_route_is_a_404(client, path):
 @pytest.mark.parametrize(
     ("method", "route", "allowed"),
     [
-        ("GET", "progress", {"POST", "OPTIONS"}),
-        ("PUT", "progress", {"POST", "OPTIONS"}),
+        ("DELETE", "progress", {"GET", "HEAD", "POST", "OPTIONS"}),
+        ("PUT", "progress", {"GET", "HEAD", "POST", "OPTIONS"}),
+        ("POST", "events", {"GET", "HEAD", "OPTIONS"}),
         ("DELETE", "logs", {"GET", "HEAD", "POST", "OPTIONS"}),
         ("PATCH", "logs", {"GET", "HEAD", "POST", "OPTIONS"}),
     ],

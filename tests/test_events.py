@@ -1,0 +1,483 @@
+"""Reading a job's progress, and watching a job live as server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import itertools
+import json
+import re
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+import redis
+from bullmq import Queue, Worker
+
+from dev import EventStream, Gunicorn, RedisServer, ServerSentEvent, add_active_job, wait_until
+from streams import parse_cursor
+from tests.conftest import API_TOKEN, JOB_TOKEN, bearer
+
+SECRET = "a secret the instances share"
+
+
+# ------------------------------------------------------------------ GET progress
+
+
+def test_progress_is_0_until_set_then_as_stored(client, job):
+    job()
+    path = "/queues/orders/jobs/1/progress"
+    response = client.get(path, headers=bearer(API_TOKEN))
+    assert (response.status_code, response.mimetype, response.data) == (
+        200, "application/json", b"0"
+    )  # fmt: skip
+    client.post(path, data=b'{"step": 2, "of": 1e3}', headers=bearer(JOB_TOKEN))
+    response = client.get(path, headers=bearer(API_TOKEN))
+    assert (response.status_code, response.data) == (200, b'{"step":2,"of":1000}')
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "message"),
+    [
+        ("/queues/orders/jobs/2/progress", bearer(API_TOKEN), 404,
+         "job '2' not found in queue 'orders'"),
+        ("/queues/orders/jobs/1/progress", {}, 401,
+         "send the token as 'Authorization: Bearer <token>'"),
+        ("/queues/orders/jobs/1/progress", bearer(JOB_TOKEN), 401, "the API token is not valid"),
+        ("/queues/orders/jobs/1/progress?x=1", bearer(API_TOKEN), 400,
+         "unknown query parameter 'x': this route takes none"),
+    ],
+)  # fmt: skip
+def test_progress_refusals(client, job, r, path, headers, status, message):
+    job()
+    response = client.get(path, headers=headers)
+    assert (response.status_code, response.text) == (status, message)
+
+
+# ---------------------------------------------------------------- the event stream
+
+
+@dataclass
+class Service:
+    server: Gunicorn
+    redis_server: RedisServer
+    data: redis.Redis
+
+    def post(self, path: str, body: bytes, token: str = JOB_TOKEN) -> int:
+        conn = self.server.connect()
+        try:
+            conn.request("POST", path, body, bearer(token))
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+
+    @contextmanager
+    def events(self, path: str, headers: dict[str, str] | None = None) -> Iterator[EventStream]:
+        """Open a stream of events; yield its reader (whose status must be 200)."""
+        conn = self.server.connect()  # reads time out after 10 s, before a heartbeat
+        try:
+            conn.request("GET", path, headers=bearer(API_TOKEN) if headers is None else headers)
+            response = conn.getresponse()
+            assert response.status == 200, response.read()
+            assert response.getheader("Content-Type") == "text/event-stream; charset=utf-8"
+            yield EventStream(response)
+        finally:
+            conn.close()
+
+    def refusal(self, path: str, headers: dict[str, str]) -> tuple[int, str]:
+        conn = self.server.connect()
+        try:
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("events")
+    tokens = directory / "tokens"
+    tokens.write_text(f"dashboard {API_TOKEN} *\nnarrow narrow-token other-*\n")
+    with RedisServer(directory / "redis") as redis_server:
+        env = {
+            "REDIS_URL": redis_server.url,
+            "AUTH_TOKENS_FILE": str(tokens),
+            "WATCH_TOKEN_SECRET": SECRET,
+            "WEB_CONCURRENCY": "1",
+        }
+        data = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        with Gunicorn(directory, env) as server:
+            yield Service(server, redis_server, data)
+        data.close()
+
+
+@pytest.fixture
+def job_id(service):
+    """A fresh active job in queue orders, with its id."""
+    job_id = uuid.uuid4().hex[:8]
+    add_active_job(service.data, "orders", job_id, JOB_TOKEN)
+    return job_id
+
+
+def take(stream: EventStream, count: int) -> list[ServerSentEvent]:
+    return list(itertools.islice(stream, count))
+
+
+def kinds(events: list[ServerSentEvent]) -> list[tuple[str, str]]:
+    return [(event.event, event.data) for event in events]
+
+
+def log(index: int, line: str) -> tuple[str, str]:
+    return "log", json.dumps({"index": index, "line": line})
+
+
+def test_a_stream_opens_with_the_progress_and_the_newest_lines(service, job_id):
+    path = f"/queues/orders/jobs/{job_id}"
+    assert service.post(f"{path}/progress", b'{"step":1}') == 200
+    for n in range(15):
+        assert service.post(f"{path}/logs", f"line {n}".encode()) == 200
+    with service.events(f"{path}/events") as stream:
+        events = take(stream, 11)
+        assert stream.retry_ms == 2000
+    assert kinds(events) == [("progress", '{"step":1}')] + [
+        log(n, f"line {n}") for n in range(5, 15)
+    ]
+    with service.events(f"{path}/events?tail=0") as stream:
+        assert kinds(take(stream, 1)) == [("progress", '{"step":1}')]
+
+
+@pytest.mark.parametrize(
+    ("query", "headers", "status", "message"),
+    [
+        ("?tail=101", bearer(API_TOKEN), 400, "tail must be a whole number from 0 to 100"),
+        ("?tial=1", bearer(API_TOKEN), 400, "unknown query parameter 'tial': use tail and token"),
+        ("", {**bearer(API_TOKEN), "Last-Event-ID": "yesterday"}, 400,
+         "Last-Event-ID must be the id of an event this service sent"),
+        ("", {}, 401, "send the token as 'Authorization: Bearer <token>'"),
+        ("", bearer("narrow-token"), 403, "this token may not read queue 'orders'"),
+    ],
+)  # fmt: skip
+def test_stream_refusals(service, job_id, query, headers, status, message):
+    path = f"/queues/orders/jobs/{job_id}/events{query}"
+    assert service.refusal(path, headers) == (status, message)
+
+
+def test_a_missing_job_is_a_404_not_a_stream(service):
+    path = "/queues/orders/jobs/missing/events"
+    assert service.refusal(path, bearer(API_TOKEN)) == (
+        404, "job 'missing' not found in queue 'orders'"
+    )  # fmt: skip
+
+
+def read_in_background(stream: EventStream) -> tuple[list[ServerSentEvent], threading.Thread]:
+    """Read a stream to its end in a thread; return the list it fills, and the thread."""
+    events: list[ServerSentEvent] = []
+
+    def read() -> None:
+        try:
+            for event in stream:
+                events.append(event)
+        except (OSError, ValueError, http.client.HTTPException):
+            pass  # the test closed the connection first
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return events, thread
+
+
+def test_writes_through_the_service_arrive_as_they_happen_and_finishing_ends(service, job_id):
+    path = f"/queues/orders/jobs/{job_id}"
+    with service.events(f"{path}/events") as stream:
+        events, reader = read_in_background(stream)
+        for n in range(3):
+            assert service.post(f"{path}/progress", str(n).encode()) == 200
+            assert service.post(f"{path}/logs", f"line {n}".encode()) == 200
+        wait_until(lambda: len(events) == 6, 10, "the events")
+        # BullMQ finishes the job: the stream ends with it.
+        service.data.zadd("bull:orders:completed", {job_id: 1})
+        service.data.hset(f"bull:orders:{job_id}", "returnvalue", '{"sum": 3}')
+        service.data.xadd("bull:orders:events", {"event": "completed", "jobId": job_id,
+                                                 "returnvalue": '{"sum": 3}'})  # fmt: skip
+        reader.join(10)
+        assert not reader.is_alive()
+    progress = [("progress", str(n)) for n in range(3)]
+    lines = [log(n, f"line {n}") for n in range(3)]
+    got = kinds(events)
+    assert [e for e in got if e[0] == "progress"] == progress
+    assert [e for e in got if e[0] == "log"] == lines
+    assert got[-1] == ("completed", '{"returnvalue": {"sum": 3}}')
+    # Every id is a cursor: the stream position and the lines seen so far.
+    assert events[-1].id.endswith("/3")
+    cursors = [parse_cursor(event.id) for event in events]
+    assert cursors == sorted(cursors)
+
+
+def test_a_reconnecting_client_gets_exactly_what_it_missed(service, job_id):
+    path = f"/queues/orders/jobs/{job_id}"
+    service.post(f"{path}/progress", b"1")
+    service.post(f"{path}/logs", b"before")
+    with service.events(f"{path}/events") as stream:
+        seen = take(stream, 2)
+    assert kinds(seen) == [("progress", "1"), log(0, "before")]
+    # While it is away:
+    service.post(f"{path}/progress", b"2")
+    service.post(f"{path}/logs", b"away 1")
+    service.post(f"{path}/progress", b"3")
+    service.post(f"{path}/logs", b"away 2")
+    headers = {**bearer(API_TOKEN), "Last-Event-ID": seen[-1].id}
+    with service.events(f"{path}/events", headers) as stream:
+        missed = take(stream, 4)
+        service.post(f"{path}/progress", b"4")
+        after = take(stream, 1)
+    assert kinds(missed) == [("progress", "2"), ("progress", "3"),
+                             log(1, "away 1"), log(2, "away 2")]  # fmt: skip
+    assert kinds(after) == [("progress", "4")]
+
+
+def test_a_stream_trimmed_past_the_cursor_gives_the_current_progress(service, job_id):
+    path = f"/queues/orders/jobs/{job_id}"
+    service.post(f"{path}/progress", b"1")
+    with service.events(f"{path}/events") as stream:
+        seen = take(stream, 1)
+    service.post(f"{path}/progress", b"2")
+    service.post(f"{path}/progress", b"3")
+    service.data.xtrim("bull:orders:events", maxlen=0)
+    headers = {**bearer(API_TOKEN), "Last-Event-ID": seen[-1].id}
+    with service.events(f"{path}/events", headers) as stream:
+        assert kinds(take(stream, 1)) == [("progress", "3")]
+
+
+@pytest.mark.parametrize(
+    ("finished", "field", "value", "final"),
+    [
+        ("completed", "returnvalue", '"done"', ("completed", '{"returnvalue": "done"}')),
+        ("failed", "failedReason", "boom", ("failed", '{"failedReason": "boom"}')),
+    ],
+)
+def test_a_finished_job_gets_its_state_and_end_at_once(
+    service, job_id, finished, field, value, final
+):
+    path = f"/queues/orders/jobs/{job_id}"
+    service.post(f"{path}/progress", b"100")
+    service.post(f"{path}/logs", b"last line")
+    service.data.zadd(f"bull:orders:{finished}", {job_id: 1})
+    service.data.hset(f"bull:orders:{job_id}", field, value)
+    with service.events(f"{path}/events") as stream:
+        events = list(stream)  # it ends by itself
+    assert kinds(events) == [("progress", "100"), log(0, "last line"), final]
+
+
+def test_a_job_removed_while_watched_ends_the_stream(service, job_id):
+    path = f"/queues/orders/jobs/{job_id}"
+    with service.events(f"{path}/events") as stream:
+        events, reader = read_in_background(stream)
+        time.sleep(0.5)
+        service.data.delete(f"bull:orders:{job_id}")
+        reader.join(10)
+        assert not reader.is_alive()
+    assert kinds(events) == [("removed", json.dumps({"jobId": job_id}))]
+
+
+def test_the_watcher_survives_its_connection_being_killed(service, job_id):
+    path = f"/queues/orders/jobs/{job_id}"
+    with service.events(f"{path}/events") as stream:
+        events, _ = read_in_background(stream)
+        time.sleep(0.5)
+        service.data.client_kill_filter(_type="normal", skipme=True)
+        time.sleep(1.5)  # the watcher notices, and reconnects
+        assert service.post(f"{path}/progress", b'"after"') == 200
+        wait_until(lambda: events, 10, "the event")
+    assert kinds(events) == [("progress", '"after"')]
+
+
+def test_bullmq_writes_arrive_and_the_end_is_bullmqs(service):
+    """A real BullMQ worker updates progress, logs and completes; a failing one fails."""
+    results: dict[str, list[ServerSentEvent]] = {}
+
+    async def scenario() -> None:
+        name = f"events-{uuid.uuid4().hex[:8]}"
+        connection = {"connection": service.redis_server.url}
+        queue = Queue(name, connection)
+        started, go = asyncio.Event(), asyncio.Event()
+
+        async def process(job, token):
+            started.set()
+            await go.wait()
+            await job.updateProgress({"percent": 50})
+            await job.log("halfway")
+            if job.name == "bad":
+                raise RuntimeError("it broke")
+            return {"answer": 42}
+
+        worker = Worker(name, process, connection)
+        try:
+            for job_name in ("good", "bad"):
+                started.clear()
+                go.clear()
+                job = await queue.add(job_name, {}, {"attempts": 1})
+                await asyncio.wait_for(started.wait(), 10)
+                path = f"/queues/{name}/jobs/{job.id}/events"
+
+                def watch(path=path, job_name=job_name):
+                    with service.events(path) as stream:
+                        results[job_name] = list(stream)
+
+                watching = asyncio.create_task(asyncio.to_thread(watch))
+                await asyncio.sleep(0.5)
+                go.set()
+                await asyncio.wait_for(watching, 15)
+        finally:
+            await worker.close()
+            await queue.close()
+
+    asyncio.run(scenario())
+    assert kinds(results["good"]) == [
+        ("progress", '{"percent":50}'),
+        log(0, "halfway"),
+        ("completed", '{"returnvalue": {"answer": 42}}'),
+    ]
+    assert kinds(results["bad"]) == [
+        ("progress", '{"percent":50}'),
+        log(0, "halfway"),
+        ("failed", '{"failedReason": "it broke"}'),
+    ]
+
+
+# ------------------------------------------------------------------- watch tokens
+
+
+def mint(service, queue: str, job_id: str, token: str = API_TOKEN) -> tuple[int, dict]:
+    conn = service.server.connect()
+    try:
+        conn.request("POST", f"/queues/{queue}/jobs/{job_id}/events/token", None, bearer(token))
+        response = conn.getresponse()
+        body = response.read()
+        return response.status, json.loads(body) if response.status == 200 else body.decode()
+    finally:
+        conn.close()
+
+
+def test_a_watch_token_opens_its_jobs_stream_and_nothing_else(service, job_id):
+    status, minted = mint(service, "orders", job_id)
+    assert status == 200
+    assert 290 <= minted["expires"] - time.time() <= 300
+    token = minted["token"]
+    path = f"/queues/orders/jobs/{job_id}"
+    service.post(f"{path}/progress", b"7")
+    with service.events(f"{path}/events?token={token}", headers={}) as stream:
+        assert kinds(take(stream, 1)) == [("progress", "7")]
+    # Not another job's stream, not a read of its logs, not an API token.
+    add_active_job(service.data, "orders", "other", JOB_TOKEN)
+    assert service.refusal(f"/queues/orders/jobs/other/events?token={token}", {}) == (
+        401, "the watch token is not valid for this job"
+    )  # fmt: skip
+    assert service.refusal(f"{path}/logs", bearer(token))[0] == 401
+    assert service.refusal(f"{path}/events?token=1.abc", {}) == (
+        401, "the watch token is not valid for this job"
+    )  # fmt: skip
+    # Scoped API tokens mint only for their queues.
+    assert mint(service, "orders", job_id, "narrow-token")[0] == 403
+    # The access log never holds a watch token.
+    assert token not in service.server.log.read_text()
+    assert f"{path}/events?token=-" in service.server.log.read_text()
+
+
+def test_an_expired_watch_token_is_refused(make_app, job):
+    job()
+    app = make_app(WATCH_TOKEN_SECRET=SECRET)
+    from app import watch_token
+
+    token = watch_token(SECRET, "orders", "1", int(time.time()) - 1)
+    response = app.test_client().get(f"/queues/orders/jobs/1/events?token={token}")
+    assert (response.status_code, response.text) == (
+        401, "the watch token has expired: ask for a new one"
+    )  # fmt: skip
+
+
+def test_without_a_secret_watch_tokens_are_off(client, job):
+    job()
+    response = client.post("/queues/orders/jobs/1/events/token", headers=bearer(API_TOKEN))
+    assert (response.status_code, response.text) == (
+        404, "watch tokens are off: set WATCH_TOKEN_SECRET, the same on every instance"
+    )  # fmt: skip
+    response = client.get("/queues/orders/jobs/1/events?token=123.abc")
+    assert (response.status_code, response.text) == (
+        401, "watch tokens are off on this server (WATCH_TOKEN_SECRET)"
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------ at scale
+
+
+def test_a_thousand_subscribers_share_a_bounded_number_of_connections(tmp_path):
+    subscribers = 1000
+    with RedisServer(tmp_path / "redis") as redis_server:
+        data = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        add_active_job(data, "orders", "1", JOB_TOKEN)
+        env = {"REDIS_URL": redis_server.url, "AUTH_TOKENS": API_TOKEN,
+               "WEB_CONCURRENCY": "1", "WORKER_CONNECTIONS": "1200",
+               "REDIS_MAX_CONNECTIONS": "10"}  # fmt: skip
+        (tmp_path / "service").mkdir()
+        with Gunicorn(tmp_path / "service", env) as server:
+            path = server.bind.removeprefix("unix:")
+
+            async def subscriber(opened: asyncio.Event, go: asyncio.Event) -> bytes:
+                reader, writer = await asyncio.open_unix_connection(path)
+                writer.write(
+                    b"GET /queues/orders/jobs/1/events?tail=0 HTTP/1.1\r\nHost: x\r\n"
+                    + f"Authorization: Bearer {API_TOKEN}\r\n\r\n".encode()
+                )
+                head = await reader.readuntil(b"retry: 2000\n\n")
+                opened.set()
+                await go.wait()
+                event = await reader.readuntil(b"\n\n")  # inside a chunk of the body
+                writer.close()
+                found = re.search(rb"event: \w+\ndata: .*", event)
+                return head.split(b"\r\n", 1)[0] + b" " + (found[0] if found else event)
+
+            async def crowd() -> tuple[list[bytes], int]:
+                go = asyncio.Event()
+                opened = [asyncio.Event() for _ in range(subscribers)]
+                tasks = [asyncio.create_task(subscriber(o, go)) for o in opened]
+                await asyncio.wait_for(asyncio.gather(*(o.wait() for o in opened)), 60)
+                clients = len(data.client_list()) - 1  # all but this test's own
+                await asyncio.to_thread(
+                    lambda: Service(server, redis_server, data).post(
+                        "/queues/orders/jobs/1/progress", b"99"
+                    )
+                )
+                go.set()
+                return await asyncio.wait_for(asyncio.gather(*tasks), 60), clients
+
+            answers, clients = asyncio.run(crowd())
+        data.close()
+    assert answers == [b"HTTP/1.1 200 OK event: progress\ndata: 99"] * subscribers
+    # The pool (at most REDIS_MAX_CONNECTIONS) and the watcher's one: never one each.
+    assert clients <= 10 + 1
+
+
+def test_sigterm_ends_open_streams_within_a_second(tmp_path, redis_url, r):
+    add_active_job(r, "orders", "1", JOB_TOKEN)
+    env = {"REDIS_URL": redis_url, "AUTH_TOKENS": API_TOKEN, "WEB_CONCURRENCY": "1"}
+    server = Gunicorn(tmp_path, env).start()
+    service = Service(server, None, r)
+    try:
+        with service.events("/queues/orders/jobs/1/events") as stream:
+            _, reader = read_in_background(stream)
+            time.sleep(0.5)
+            stopped = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            reader.join(10)
+            ended = time.monotonic() - stopped
+        server.process.wait(10)
+        assert ended < 2.5  # a second, and the time to notice it
+    finally:
+        server.stop()
