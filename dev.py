@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import redis
 from redis.crc import key_slot
@@ -365,10 +365,16 @@ class ServerSentEvent:
     data: str
 
 
+class Lines(Protocol):
+    """A response body read line by line: an http.client.HTTPResponse, say."""
+
+    def readline(self) -> bytes: ...
+
+
 class EventStream:
     """A reader of a text/event-stream response, parsing it as EventSource does."""
 
-    def __init__(self, response: http.client.HTTPResponse) -> None:
+    def __init__(self, response: Lines) -> None:
         self.response = response
         self.last_event_id = ""
         self.retry_ms: int | None = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,14 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from app import create_app
-from dev import RedisServer, add_active_job, harness_environ, redis_server_version
+from dev import (
+    EventStream,
+    RedisServer,
+    ServerSentEvent,
+    add_active_job,
+    harness_environ,
+    redis_server_version,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 API_TOKEN = "test-api-token"
@@ -111,6 +120,44 @@ def snapshot(r: redis.Redis) -> dict[str, Any]:
 def bearer(token: str) -> dict[str, str]:
     """Return the Authorization header for a token."""
     return {"Authorization": f"Bearer {token}"}
+
+
+class StreamedBody:
+    """The body of a test client's streamed response, read line by line, as the next
+    event of a stream waits: next_event bounds the wait."""
+
+    def __init__(self, response: Any) -> None:
+        self.chunks = iter(response.response)
+        self.buffer = b""
+
+    def readline(self) -> bytes:
+        while b"\n" not in self.buffer:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                line, self.buffer = self.buffer, b""
+                return line
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line + b"\n"
+
+
+def open_events(client: FlaskClient, path: str) -> Iterator[ServerSentEvent]:
+    """Open a job's stream of events through a test client, with the API token."""
+    response = client.get(path, headers=bearer(API_TOKEN), buffered=False)
+    assert response.status_code == 200, response.get_data()
+    return iter(EventStream(StreamedBody(response)))
+
+
+def next_event(events: Iterator[ServerSentEvent], timeout: float = 10.0) -> ServerSentEvent:
+    """Return the stream's next event, failing after `timeout` seconds without one."""
+    arrived: queue.Queue[ServerSentEvent | None] = queue.Queue()
+    threading.Thread(target=lambda: arrived.put(next(events, None)), daemon=True).start()
+    try:
+        event = arrived.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"no event within {timeout:g} seconds") from None
+    assert event is not None, "the stream ended"
+    return event
 
 
 def pytest_report_header() -> str:

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 import pytest
 import redis
 from bullmq import Queue, Worker
+from prometheus_client import REGISTRY
 
+import streams
 from dev import EventStream, Gunicorn, RedisServer, ServerSentEvent, add_active_job, wait_until
 from streams import parse_cursor
-from tests.conftest import API_TOKEN, JOB_TOKEN, bearer
+from tests.conftest import API_TOKEN, JOB_TOKEN, StreamedBody, bearer
 
 SECRET = "a secret the instances share"
 
@@ -349,6 +351,20 @@ def test_bullmq_writes_arrive_and_the_end_is_bullmqs(service):
         log(0, "halfway"),
         ("failed", '{"failedReason": "it broke"}'),
     ]
+
+
+def test_idle_streams_get_heartbeats_and_are_counted_while_open(make_app, job, monkeypatch):
+    job()
+    monkeypatch.setattr(streams, "HEARTBEAT_SECONDS", 0.2)
+    client = make_app().test_client()
+    before = REGISTRY.get_sample_value("bullmq_http_open_event_streams")
+    response = client.get("/queues/orders/jobs/1/events", headers=bearer(API_TOKEN), buffered=False)
+    body = StreamedBody(response)
+    # Nothing happens to the job: after the retry field, a comment, within seconds.
+    assert [body.readline() for _ in range(3)] == [b"retry: 2000\n", b"\n", b": keep-alive\n"]
+    assert REGISTRY.get_sample_value("bullmq_http_open_event_streams") == before + 1
+    response.close()
+    assert REGISTRY.get_sample_value("bullmq_http_open_event_streams") == before
 
 
 # ------------------------------------------------------------------- watch tokens

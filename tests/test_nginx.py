@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from dev import Gunicorn, RedisServer, answers, free_port, wait_until
+from dev import EventStream, Gunicorn, RedisServer, answers, free_port, wait_until
 from tests.conftest import API_TOKEN, JOB_TOKEN, ROOT, add_active_job, bearer
 
 EXAMPLE = ROOT / "deploy" / "nginx.conf"
@@ -183,6 +183,29 @@ def test_metrics_are_not_served_under_the_prefix(stack, path):
             200,
             True,
         )
+    finally:
+        conn.close()
+
+
+def test_a_stream_of_events_passes_unbuffered(stack, job):
+    s, _ = stack
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+    try:
+        conn.request("GET", "/bullmq/queues/orders/jobs/1/events", headers=bearer(API_TOKEN))
+        response = conn.getresponse()
+        assert (response.status, response.getheader("Content-Type")) == (
+            200, "text/event-stream; charset=utf-8"
+        )  # fmt: skip
+        stream = EventStream(response)
+        events = iter(stream)
+        base = "/bullmq/queues/orders/jobs/1"
+        for n in range(3):
+            # Each small event comes through at once, not when a buffer fills.
+            assert (
+                s.request("POST", f"{base}/progress", str(n).encode(), bearer(JOB_TOKEN))[0] == 200
+            )
+            event = next(events)
+            assert (event.event, event.data) == ("progress", str(n))
     finally:
         conn.close()
 

@@ -11,7 +11,7 @@ from redis.crc import key_slot
 from redis.sentinel import Sentinel
 
 from dev import ClusterServers, Sentinels
-from tests.conftest import API_TOKEN, JOB_TOKEN, add_active_job, bearer
+from tests.conftest import API_TOKEN, JOB_TOKEN, add_active_job, bearer, next_event, open_events
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,23 @@ def test_every_route_works_on_every_master(cluster_app, cluster, data):
         assert data.xlen(f"bull:{queue}:events") == 1
         assert client.post(f"{url}/logs", data=b"x", headers=bearer("wrong")).status_code == 401
     assert client.get("/readyz").status_code == 200
+
+
+def test_a_jobs_events_stream_on_every_master(cluster_app, cluster, data):
+    client = cluster_app().test_client()
+    for queue in cluster.queues_per_master():
+        add_active_job(data, queue, "1", JOB_TOKEN)
+        url = f"/queues/{queue}/jobs/1"
+        client.post(f"{url}/progress", data=b"1", headers=bearer(JOB_TOKEN))
+        events = open_events(client, f"{url}/events")
+        assert next_event(events).data == "1"
+        client.post(f"{url}/progress", data=b"2", headers=bearer(JOB_TOKEN))
+        client.post(f"{url}/logs", data=b"a line", headers=bearer(JOB_TOKEN))
+        got = [next_event(events), next_event(events)]
+        assert [(event.event, event.data) for event in got] == [
+            ("progress", "2"),
+            ("log", '{"index": 0, "line": "a line"}'),
+        ]
 
 
 def test_seed_nodes_may_come_from_redis_url(make_app, cluster, data):
@@ -177,3 +194,15 @@ def test_a_sentinel_failover_answers_503_then_200_and_loses_nothing(make_app, se
     assert Sentinel(addresses).discover_master(sentinels.name)[1] == sentinels.replica.port
     response = client.get(f"{url}?length=100", headers=bearer(API_TOKEN))
     assert response.get_json()["logs"] == before + during
+
+
+def test_a_jobs_events_stream_through_sentinel(make_app, sentinels):
+    addresses = tuple(("127.0.0.1", int(a.rsplit(":", 1)[1])) for a in sentinels.addresses)
+    app = make_app(REDIS_URL=None, REDIS_SENTINELS=addresses, REDIS_SENTINEL_MASTER=sentinels.name)
+    client = app.test_client()
+    data = Sentinel(addresses).master_for(sentinels.name, decode_responses=True)
+    add_active_job(data, "orders", "1", JOB_TOKEN)
+    events = open_events(client, "/queues/orders/jobs/1/events")
+    client.post("/queues/orders/jobs/1/progress", data=b"7", headers=bearer(JOB_TOKEN))
+    event = next_event(events)
+    assert (event.event, event.data) == ("progress", "7")
