@@ -9,6 +9,11 @@ Dashboards and operators read, authorized by an API token that may read the queu
 (AUTH_TOKENS, AUTH_TOKENS_FILE; see tokens.py):
 
     GET  /queues/<queue>/jobs/<job_id>/logs       one page of the job's logs
+    GET  /queues/<queue>/jobs/<job_id>/progress   the job's progress
+    GET  /queues/<queue>/jobs/<job_id>/events     the job, live: server-sent events
+                                                  (see streams.py), also opened by
+                                                  a watch token (?token=)
+    POST /queues/<queue>/jobs/<job_id>/events/token   mint a watch token for a browser
 
 and probes and tools ask, with no token: GET /healthz, GET /readyz, GET /openapi.json,
 and GET /metrics (Prometheus; every gunicorn worker's figures added up).

@@ -300,6 +300,21 @@ def test_the_watcher_survives_its_connection_being_killed(service, job_id):
     assert kinds(events) == [("progress", '"after"')]
 
 
+def test_a_redis_restart_costs_an_open_stream_nothing(service, job_id):
+    path = f"/queues/orders/jobs/{job_id}"
+    with service.events(f"{path}/events") as stream:
+        events, reader = read_in_background(stream)
+        time.sleep(0.5)
+        service.data.shutdown(save=True)  # it keeps its data, as a real restart would
+        service.redis_server.process.wait(10)
+        service.redis_server.start()
+        # Requests see 503 at worst until the pool reconnects; the stream stays open.
+        wait_until(lambda: service.post(f"{path}/progress", b"5") == 200, 10, "a write")
+        wait_until(lambda: events, 10, "the event")
+        assert reader.is_alive()
+    assert kinds(events) == [("progress", "5")]
+
+
 def test_bullmq_writes_arrive_and_the_end_is_bullmqs(service):
     """A real BullMQ worker updates progress, logs and completes; a failing one fails."""
     results: dict[str, list[ServerSentEvent]] = {}
