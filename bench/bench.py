@@ -13,14 +13,17 @@ BENCH_SECONDS (default 8) sets how long each wrk run lasts.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
@@ -255,6 +258,99 @@ def cluster_rows(workdir: Path, best: float) -> list[Row]:
     return rows
 
 
+STREAMS = 1000  # streams of events one worker holds in the benchmark
+STREAM_WRITES = 40  # progress writes and log lines each of them receives
+
+
+@dataclass(frozen=True)
+class StreamReport:
+    streams: int
+    clients: int  # Redis connections of the worker while they were open
+    memory_per_stream_kb: float
+    delays_ms: dict[str, tuple[float, float]]  # kind of event -> (p50, p99)
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def stream_report(workdir: Path) -> StreamReport:
+    """Hold STREAMS streams of one job's events on one worker; write progress and log
+    lines stamped with the time; measure what arrives when, and what the worker holds."""
+    with RedisServer(workdir / "streams-redis") as redis_server:
+        client = redis.Redis.from_url(redis_server.url)
+        add_active_job(client, "bench", "watched", JOB_TOKEN, name="bench", lock_ms=None)
+        env = {"REDIS_URL": redis_server.url, "AUTH_TOKENS": API_TOKEN,
+               "WEB_CONCURRENCY": "1", "WORKER_CONNECTIONS": str(2 * STREAMS)}  # fmt: skip
+        (workdir / "streams").mkdir()
+        service = Gunicorn(workdir / "streams", env, bind=f"127.0.0.1:{free_port()}").start()
+        try:
+            report = asyncio.run(hold_streams(service, client))
+        finally:
+            service.stop()
+            client.close()
+    return report
+
+
+async def hold_streams(service: Gunicorn, client: redis.Redis) -> StreamReport:
+    """Open the streams, write, and read every event on every stream."""
+    host, port = service.bind.rsplit(":", 1)
+    worker = service.worker_pids()
+    before = rss_mb(worker)[0]
+    delays: dict[str, list[float]] = {"progress": [], "log": []}
+
+    async def subscriber(opened: asyncio.Event) -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"GET /queues/bench/jobs/watched/events?tail=0 HTTP/1.1\r\nHost: bench\r\n"
+            + f"Authorization: Bearer {API_TOKEN}\r\n\r\n".encode()
+        )
+        await reader.readuntil(b"retry: 2000\n\n")
+        opened.set()
+        received = 0
+        while received < 2 * STREAM_WRITES:
+            event = (await reader.readuntil(b"\n\n")).decode()
+            if "event: " not in event:
+                continue  # a heartbeat
+            received += 1
+            arrived = time.time()
+            sent = re.search(r"sent\D*([\d.]+)", event)
+            assert sent, event
+            kind = "progress" if "event: progress" in event else "log"
+            delays[kind].append((arrived - float(sent[1])) * 1000)
+        writer.close()
+
+    opened = [asyncio.Event() for _ in range(STREAMS)]
+    tasks = [asyncio.create_task(subscriber(event)) for event in opened]
+    await asyncio.wait_for(asyncio.gather(*(event.wait() for event in opened)), 120)
+    clients = len(client.client_list()) - 1  # all but this client
+    holding = rss_mb(worker)[0]
+    await asyncio.to_thread(write_stamped, service)
+    await asyncio.wait_for(asyncio.gather(*tasks), 120)
+    return StreamReport(
+        STREAMS,
+        clients,
+        (holding - before) * 1024 / STREAMS,
+        {kind: (percentile(ms, 0.5), percentile(ms, 0.99)) for kind, ms in delays.items()},
+    )
+
+
+def write_stamped(service: Gunicorn) -> None:
+    """Write progress and log lines to the watched job, each holding when it was sent."""
+    conn = service.connect()
+    path = "/queues/bench/jobs/watched"
+    for _ in range(STREAM_WRITES):
+        for route, body in (("progress", '{{"sent":{}}}'), ("logs", "sent {}")):
+            conn.request("POST", f"{path}/{route}", body.format(time.time()), {
+                "Authorization": f"Bearer {JOB_TOKEN}"})  # fmt: skip
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+            time.sleep(0.05)
+    conn.close()
+
+
 def main() -> int:
     for tool in ("wrk", "redis-benchmark"):
         if not shutil.which(tool):
@@ -306,15 +402,21 @@ def main() -> int:
         scripts = redis_ceiling(redis_server, client)
         client.close()
     rows += cluster_rows(workdir, best)
+    streams = stream_report(workdir)
     shutil.rmtree(workdir, ignore_errors=True)
 
-    report = render(rows, memory, scripts)
+    report = render(rows, memory, scripts, streams)
     print(report)
     (ROOT / "bench" / "results.md").write_text(report)
     return 0
 
 
-def render(rows: list[Row], memory: list[float], scripts: dict[str, tuple[float, float]]) -> str:
+def render(
+    rows: list[Row],
+    memory: list[float],
+    scripts: dict[str, tuple[float, float]],
+    streams: StreamReport,
+) -> str:
     """Render the results as Markdown."""
     names = ("flask", "werkzeug", "gunicorn", "gevent", "redis", "hiredis")
     versions = ", ".join(f"{name} {version(name)}" for name in names)
@@ -388,6 +490,16 @@ def render(rows: list[Row], memory: list[float], scripts: dict[str, tuple[float,
         "|---|---:|---:|",
     ]
     lines += [f"| {name} | {rps:,.0f} | {p99:.2f} |" for name, (rps, p99) in scripts.items()]
+    progress, log = streams.delays_ms["progress"], streams.delays_ms["log"]
+    lines += [
+        "",
+        f"Streams of events: one worker held {streams.streams:,} streams of one job's events "
+        f"with {streams.clients} Redis connections, at {streams.memory_per_stream_kb:.0f} KB "
+        f"of resident memory each. From a write to its event at each of the "
+        f"{streams.streams:,} subscribers ({STREAM_WRITES} of each kind, 50 ms apart): "
+        f"progress p50 {progress[0]:.0f} ms, p99 {progress[1]:.0f} ms; log lines p50 "
+        f"{log[0]:.0f} ms, p99 {log[1]:.0f} ms.",
+    ]
     return "\n".join(lines) + "\n"
 
 
