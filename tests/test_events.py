@@ -421,6 +421,25 @@ def test_a_watch_token_opens_its_jobs_stream_and_nothing_else(service, job_id):
     assert f"{path}/events?token=-" in service.server.log.read_text()
 
 
+def test_a_watch_token_works_on_every_instance_sharing_the_secret(make_app, job, r):
+    job()
+    minting = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()
+    response = minting.post("/queues/orders/jobs/1/events/token", headers=bearer(API_TOKEN))
+    token = response.get_json()["token"]
+    r.hset("bull:orders:1", "progress", "3")
+    other = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()
+    response = other.get(f"/queues/orders/jobs/1/events?token={token}", buffered=False)
+    assert response.status_code == 200
+    event = next(iter(EventStream(StreamedBody(response))))  # the job's state comes at once
+    assert (event.event, event.data) == ("progress", "3")
+    response.close()
+    stranger = make_app(WATCH_TOKEN_SECRET="another secret").test_client()
+    response = stranger.get(f"/queues/orders/jobs/1/events?token={token}")
+    assert (response.status_code, response.text) == (
+        401, "the watch token is not valid for this job"
+    )  # fmt: skip
+
+
 def test_an_expired_watch_token_is_refused(make_app, job):
     job()
     app = make_app(WATCH_TOKEN_SECRET=SECRET)
