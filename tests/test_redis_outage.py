@@ -37,6 +37,14 @@ def requests(client):
     ]
 
 
+def assert_served_and_stored(client, server):
+    """Lay the job out afresh; every request must succeed, and store what it sent."""
+    data = seed(server)
+    assert [response.status_code for response in requests(client)] == [200] * 4
+    assert data.hget("bull:orders:1", "progress") == "50"
+    assert data.lrange("bull:orders:1:logs", 0, -1) == ["a line"]
+
+
 def assert_unavailable(responses):
     for response in responses:
         assert response.status_code == 503
@@ -64,10 +72,7 @@ def test_stopped_redis_is_a_503_then_recovers(make_app, server, caplog):
     assert client.get("/healthz").status_code == 200  # alive, just not ready
 
     server.start()
-    data = seed(server)
-    assert [response.status_code for response in requests(client)] == [200] * 4
-    assert data.hget("bull:orders:1", "progress") == "50"
-    assert data.lrange("bull:orders:1:logs", 0, -1) == ["a line"]
+    assert_served_and_stored(client, server)
 
 
 def test_a_restart_while_connections_idle_costs_no_request(make_app, server):
@@ -79,10 +84,7 @@ def test_a_restart_while_connections_idle_costs_no_request(make_app, server):
 
     server.stop()
     server.start()
-    data = seed(server)
-    assert [response.status_code for response in requests(client)] == [200] * 4
-    assert data.hget("bull:orders:1", "progress") == "50"
-    assert data.lrange("bull:orders:1:logs", 0, -1) == ["a line"]
+    assert_served_and_stored(client, server)
 
 
 def test_scripts_flushed_from_redis_are_sent_again(make_app, server):
