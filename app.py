@@ -511,7 +511,7 @@ class NotLockHolder(Exception):
     """The caller's token is not the job's current lock token."""
 
 
-class NoSuchJob(Exception):
+class NoSuchJob(LookupError):
     """The job is not in its queue."""
 
     def __init__(self, queue: str, job_id: str) -> None:

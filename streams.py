@@ -93,7 +93,9 @@ class JobState:
 class JobReader(Protocol):
     """What event_stream reads of a job beside its state (app.JobStore)."""
 
-    def job_state(self, queue: str, job_id: str) -> JobState: ...
+    def job_state(self, queue: str, job_id: str) -> JobState:
+        """Raise LookupError for a job that is not there."""
+        ...
 
     def events_after(
         self, queue: str, after: StreamId, count: int
@@ -398,12 +400,11 @@ def event_stream(
                 yield cursor.announce(Event("progress", state.stream_top, state.progress))
         elif resume[0] == START or START < state.stream_first <= resume[0]:
             # All the stream since the cursor is there: replay what the job missed.
+            # Its end, if it came, is in the state read below, after its last lines.
             cursor = Cursor(*resume)
             for event in replay(reader, queue_name, job_id, resume[0], state.stream_top):
-                if (sent := cursor.send(event)) is not None:
+                if event.kind == "progress" and (sent := cursor.send(event)) is not None:
                     yield sent
-                if event.kind in FINAL or event.kind == "removed":
-                    return
             cursor.position = max(cursor.position, state.stream_top)
         else:
             # Trimmed past the cursor: what it missed is gone, but the progress is not.
@@ -460,17 +461,21 @@ def follow(
             if (sent := cursor.send(event)) is not None:
                 yield sent
             continue
-        state = reader.job_state(subscription.queue_name, subscription.job_id)
-        if state.finished != event.kind:
+        try:
+            state: JobState | None = reader.job_state(subscription.queue_name, subscription.job_id)
+        except LookupError:
+            state = None  # removed as it finished (BullMQ's removeOnComplete, removeOnFail)
+        if state is not None and state.finished != event.kind:
             # A failed attempt that BullMQ retries leaves the job unfinished: not the end.
             cursor.send(event)
             continue
-        # The lines the job wrote before it finished, which the watcher may not have
-        # read yet, then the end.
-        for line in lines(reader, subscription.queue_name, subscription.job_id,
-                          cursor.log_next, state.log_count):  # fmt: skip
-            if (sent := cursor.send(line)) is not None:
-                yield sent
+        if state is not None:
+            # The lines the job wrote before it finished, which the watcher may not
+            # have read yet, then the end.
+            for line in lines(reader, subscription.queue_name, subscription.job_id,
+                              cursor.log_next, state.log_count):  # fmt: skip
+                if (sent := cursor.send(line)) is not None:
+                    yield sent
         if (sent := cursor.send(event)) is not None:
             yield sent
         return

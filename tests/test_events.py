@@ -244,6 +244,41 @@ def test_a_reconnecting_client_gets_exactly_what_it_missed(service, job_id):
     assert kinds(after) == [("progress", "4")]
 
 
+def test_a_client_away_while_the_job_finished_gets_the_rest_and_the_end(service, job_id):
+    path = f"/queues/orders/jobs/{job_id}"
+    service.post(f"{path}/progress", b"1")
+    with service.events(f"{path}/events") as stream:
+        seen = take(stream, 1)
+    service.post(f"{path}/progress", b"2")
+    service.post(f"{path}/logs", b"done")
+    service.data.zadd("bull:orders:completed", {job_id: 1})
+    service.data.hset(f"bull:orders:{job_id}", "returnvalue", "7")
+    service.data.xadd("bull:orders:events", {"event": "completed", "jobId": job_id,
+                                             "returnvalue": "7"})  # fmt: skip
+    headers = {**bearer(API_TOKEN), "Last-Event-ID": seen[-1].id}
+    with service.events(f"{path}/events", headers) as stream:
+        events = list(stream)  # it ends by itself
+    assert kinds(events) == [
+        ("progress", "2"), log(0, "done"), ("completed", '{"returnvalue": 7}')
+    ]  # fmt: skip
+
+
+def test_a_job_removed_as_it_completes_still_ends_with_completed(service, job_id):
+    path = f"/queues/orders/jobs/{job_id}"
+    with service.events(f"{path}/events") as stream:
+        events, reader = read_in_background(stream)
+        time.sleep(0.5)
+        # BullMQ's removeOnComplete: the event, and the job gone with it, at once.
+        finish = service.data.pipeline(transaction=True)
+        finish.xadd("bull:orders:events", {"event": "completed", "jobId": job_id,
+                                           "returnvalue": "null"})  # fmt: skip
+        finish.delete(f"bull:orders:{job_id}")
+        finish.execute()
+        reader.join(10)
+        assert not reader.is_alive()
+    assert kinds(events) == [("completed", '{"returnvalue": null}')]
+
+
 def test_a_stream_trimmed_past_the_cursor_gives_the_current_progress(service, job_id):
     path = f"/queues/orders/jobs/{job_id}"
     service.post(f"{path}/progress", b"1")
