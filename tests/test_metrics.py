@@ -170,6 +170,28 @@ def test_a_worker_that_dies_is_counted_and_its_requests_kept(stack):
     assert requests(samples, "/healthz", "GET", "200") == before
 
 
+def test_a_reload_keeps_the_figures_and_counts_its_restarts(stack):
+    _, _, server = stack
+    for _ in range(5):
+        assert send(server, "GET", "/healthz") == 200
+    before = requests(scrape(server), "/healthz", "GET", "200")
+    old = set(server.worker_pids())
+    server.process.send_signal(signal.SIGHUP)  # new workers, the old ones leave
+    wait_until(
+        lambda: not old & set(pids := server.worker_pids()) and len(pids) == 2,
+        30,
+        "the workers to be replaced",
+    )
+
+    def both_restarts_counted():
+        """The master counts each old worker as it reaps it."""
+        samples = scrape(server)
+        return samples if value(samples, "bullmq_http_worker_restarts_total") == 2 else None
+
+    samples = wait_until(both_restarts_counted, 10, "both restarts to be counted")
+    assert requests(samples, "/healthz", "GET", "200") == before
+
+
 def test_metrics_can_be_turned_off(make_app, job):
     job()
     client = make_app(METRICS=False).test_client()
