@@ -179,6 +179,34 @@ def test_a_missing_job_is_a_404_not_a_stream(service):
     )  # fmt: skip
 
 
+def complete(service: Service, job_id: str, returnvalue: str, remove: bool = False) -> None:
+    """Complete a job as BullMQ's moveToFinished leaves it: in the completed set, with
+    its return value (or, with removeOnComplete, gone), and a completed event on the
+    queue's stream; all at once."""
+    finish = service.data.pipeline(transaction=True)
+    if remove:
+        finish.delete(f"bull:orders:{job_id}")
+    else:
+        finish.zadd("bull:orders:completed", {job_id: 1})
+        finish.hset(f"bull:orders:{job_id}", "returnvalue", returnvalue)
+    finish.xadd("bull:orders:events",
+                {"event": "completed", "jobId": job_id, "returnvalue": returnvalue})  # fmt: skip
+    finish.execute()
+
+
+def watched_once(service: Service, path: str) -> list[ServerSentEvent]:
+    """Set the job's progress to 1, watch it until that arrives, and go away; return
+    what was seen."""
+    service.post(f"{path}/progress", b"1")
+    with service.events(f"{path}/events") as stream:
+        return take(stream, 1)
+
+
+def resume_after(seen: list[ServerSentEvent]) -> dict[str, str]:
+    """Return the headers of a browser reconnecting after the last event it saw."""
+    return {**bearer(API_TOKEN), "Last-Event-ID": seen[-1].id}
+
+
 def read_in_background(stream: EventStream) -> tuple[list[ServerSentEvent], threading.Thread]:
     """Read a stream to its end in a thread; return the list it fills, and the thread."""
     events: list[ServerSentEvent] = []
@@ -204,10 +232,7 @@ def test_writes_through_the_service_arrive_as_they_happen_and_finishing_ends(ser
             assert service.post(f"{path}/logs", f"line {n}".encode()) == 200
         wait_until(lambda: len(events) == 6, 10, "the events")
         # BullMQ finishes the job: the stream ends with it.
-        service.data.zadd("bull:orders:completed", {job_id: 1})
-        service.data.hset(f"bull:orders:{job_id}", "returnvalue", '{"sum": 3}')
-        service.data.xadd("bull:orders:events", {"event": "completed", "jobId": job_id,
-                                                 "returnvalue": '{"sum": 3}'})  # fmt: skip
+        complete(service, job_id, '{"sum": 3}')
         reader.join(10)
         assert not reader.is_alive()
     progress = [("progress", str(n)) for n in range(3)]
@@ -234,8 +259,7 @@ def test_a_reconnecting_client_gets_exactly_what_it_missed(service, job_id):
     service.post(f"{path}/logs", b"away 1")
     service.post(f"{path}/progress", b"3")
     service.post(f"{path}/logs", b"away 2")
-    headers = {**bearer(API_TOKEN), "Last-Event-ID": seen[-1].id}
-    with service.events(f"{path}/events", headers) as stream:
+    with service.events(f"{path}/events", resume_after(seen)) as stream:
         missed = take(stream, 4)
         service.post(f"{path}/progress", b"4")
         after = take(stream, 1)
@@ -246,17 +270,11 @@ def test_a_reconnecting_client_gets_exactly_what_it_missed(service, job_id):
 
 def test_a_client_away_while_the_job_finished_gets_the_rest_and_the_end(service, job_id):
     path = f"/queues/orders/jobs/{job_id}"
-    service.post(f"{path}/progress", b"1")
-    with service.events(f"{path}/events") as stream:
-        seen = take(stream, 1)
+    seen = watched_once(service, path)
     service.post(f"{path}/progress", b"2")
     service.post(f"{path}/logs", b"done")
-    service.data.zadd("bull:orders:completed", {job_id: 1})
-    service.data.hset(f"bull:orders:{job_id}", "returnvalue", "7")
-    service.data.xadd("bull:orders:events", {"event": "completed", "jobId": job_id,
-                                             "returnvalue": "7"})  # fmt: skip
-    headers = {**bearer(API_TOKEN), "Last-Event-ID": seen[-1].id}
-    with service.events(f"{path}/events", headers) as stream:
+    complete(service, job_id, "7")
+    with service.events(f"{path}/events", resume_after(seen)) as stream:
         events = list(stream)  # it ends by itself
     assert kinds(events) == [
         ("progress", "2"), log(0, "done"), ("completed", '{"returnvalue": 7}')
@@ -268,12 +286,7 @@ def test_a_job_removed_as_it_completes_still_ends_with_completed(service, job_id
     with service.events(f"{path}/events") as stream:
         events, reader = read_in_background(stream)
         time.sleep(0.5)
-        # BullMQ's removeOnComplete: the event, and the job gone with it, at once.
-        finish = service.data.pipeline(transaction=True)
-        finish.xadd("bull:orders:events", {"event": "completed", "jobId": job_id,
-                                           "returnvalue": "null"})  # fmt: skip
-        finish.delete(f"bull:orders:{job_id}")
-        finish.execute()
+        complete(service, job_id, "null", remove=True)
         reader.join(10)
         assert not reader.is_alive()
     assert kinds(events) == [("completed", '{"returnvalue": null}')]
@@ -281,14 +294,11 @@ def test_a_job_removed_as_it_completes_still_ends_with_completed(service, job_id
 
 def test_a_stream_trimmed_past_the_cursor_gives_the_current_progress(service, job_id):
     path = f"/queues/orders/jobs/{job_id}"
-    service.post(f"{path}/progress", b"1")
-    with service.events(f"{path}/events") as stream:
-        seen = take(stream, 1)
+    seen = watched_once(service, path)
     service.post(f"{path}/progress", b"2")
     service.post(f"{path}/progress", b"3")
     service.data.xtrim("bull:orders:events", maxlen=0)
-    headers = {**bearer(API_TOKEN), "Last-Event-ID": seen[-1].id}
-    with service.events(f"{path}/events", headers) as stream:
+    with service.events(f"{path}/events", resume_after(seen)) as stream:
         assert kinds(take(stream, 1)) == [("progress", "3")]
 
 
