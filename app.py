@@ -992,8 +992,7 @@ def redis_client(config: Mapping[str, Any]) -> RedisCommands:
 
 
 def watcher_client(config: Mapping[str, Any]) -> redis.Redis | RedisCluster:
-    """Make the job watcher's own client: one connection (one per node of a cluster),
-    its reads blocking for at most half of REDIS_TIMEOUT."""
+    """Make the job watcher's own client: one connection (one per node of a cluster)."""
     client = redis_client({**config, "REDIS_MAX_CONNECTIONS": 1})
     if isinstance(client, Connections):
         return redis.Redis(connection_pool=client.connection_pool)
@@ -1486,7 +1485,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         log.warning("no API token configured (AUTH_TOKENS): GET logs will answer 401")
 
     app.extensions["openapi"] = yaml.safe_load(OPENAPI.read_text(encoding="utf-8"))
-    app.extensions["bullmq_http"] = JobStore(
+    job_store = app.extensions["bullmq_http"] = JobStore(
         functools.partial(redis_client, dict(app.config)),
         app.config["QUEUE_PREFIX"],
         app.config["MAX_LOGS_PER_JOB"],
@@ -1495,7 +1494,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     )
     app.extensions["bullmq_http.watcher"] = Watcher(
         functools.partial(watcher_client, dict(app.config)),
-        app.config["QUEUE_PREFIX"],
+        job_store.key,
+        # Its XREAD waits at most 250 ms, and at most half its socket's REDIS_TIMEOUT.
         block_ms=max(1, min(250, int(app.config["REDIS_TIMEOUT"] * 500))),
     )
     if app.config["METRICS"]:

@@ -27,7 +27,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -154,10 +154,13 @@ class Watcher:
     """Reads the events and new log lines of every watched job, for the whole process."""
 
     def __init__(
-        self, connect: Callable[[], redis.Redis | RedisCluster], prefix: str, block_ms: int
+        self,
+        connect: Callable[[], redis.Redis | RedisCluster],
+        key: Callable[..., str],
+        block_ms: int,
     ) -> None:
         self.connect = connect
-        self.prefix = prefix
+        self.key = key  # BullMQ's key of a queue's part, or a job's (JobStore.key)
         self.block_ms = block_ms
         self.lock = threading.Lock()
         self.queues: dict[str, StreamId] = {}  # queue -> position in its event stream
@@ -195,10 +198,6 @@ class Watcher:
                 if not any(queue_name == subscription.queue_name for queue_name, _ in self.jobs):
                     del self.queues[subscription.queue_name]
 
-    def open_streams(self) -> int:
-        with self.lock:
-            return sum(len(job.subscriptions) for job in self.jobs.values())
-
     def run(self) -> None:
         """Read and hand on events until the process ends; outlive Redis outages."""
         client: redis.Redis | RedisCluster | None = None
@@ -209,15 +208,15 @@ class Watcher:
                     client = self.connect()
                 if not self.queues:
                     time.sleep(POLL_SECONDS)
-                    continue
-                cluster = isinstance(client, RedisCluster)
-                if not isinstance(client, RedisCluster):
-                    self.read_events(client)
-                if cluster or time.monotonic() - polled >= POLL_SECONDS:
+                elif isinstance(client, RedisCluster):
                     polled = time.monotonic()
-                    self.poll(client, events=cluster)
-                    if cluster:
-                        time.sleep(max(0.0, POLL_SECONDS - (time.monotonic() - polled)))
+                    self.poll(client, events=True)
+                    time.sleep(max(0.0, POLL_SECONDS - (time.monotonic() - polled)))
+                else:
+                    self.read_events(client)
+                    if time.monotonic() - polled >= POLL_SECONDS:
+                        polled = time.monotonic()
+                        self.poll(client, events=False)
             except redis.exceptions.RedisError as error:
                 log.warning("Redis unavailable to the job watcher, retrying: %s", error)
                 if client is not None:
@@ -228,12 +227,12 @@ class Watcher:
     def read_events(self, client: redis.Redis) -> None:
         """Wait up to block_ms for new events in any watched queue; hand them on."""
         with self.lock:
-            streams = {self.key(name, "events"): at for name, at in self.queues.items()}
+            queues = dict(self.queues)
         ids: dict[KeyT, StreamIdT] = {
-            key: f"{position[0]}-{position[1]}" for key, position in streams.items()
+            self.key(name, "events"): f"{at[0]}-{at[1]}" for name, at in queues.items()
         }
         replies = client.xread(ids, count=PAGE, block=self.block_ms) or []
-        self.deliver_events(replies)
+        self.deliver_events(replies, self.stream_names(queues))
 
     def poll(self, client: redis.Redis | RedisCluster, events: bool) -> None:
         """Read each watched job's new log lines (and, on a cluster, each watched
@@ -250,8 +249,9 @@ class Watcher:
             pipe.lrange(self.key(name, job_id, "logs"), start, start + PAGE - 1)
         replies = iter(pipe.execute())
         if events:
+            names = self.stream_names(queues)
             for _ in queues:
-                self.deliver_events(next(replies) or [])
+                self.deliver_events(next(replies) or [], names)
         for (name, job_id), start in jobs.items():
             exists, lines = next(replies), next(replies)
             if not exists:
@@ -265,10 +265,14 @@ class Watcher:
             for index, line in enumerate(lines, start):
                 self.deliver(name, job_id, Event("log", index, log_data(index, line)))
 
-    def deliver_events(self, replies: Any) -> None:
+    def stream_names(self, queues: Iterable[str]) -> dict[bytes, str]:
+        """Return the queues by the keys of their event streams, as XREAD names them."""
+        return {self.key(name, "events").encode(): name for name in queues}
+
+    def deliver_events(self, replies: Any, names: dict[bytes, str]) -> None:
         """Hand on what XREAD gave, and move past it."""
         for key, entries in replies:
-            name = key.decode().removeprefix(f"{self.prefix}:").removesuffix(":events")
+            name = names[key]
             for entry_id, fields in entries:
                 event = stream_event(entry_id, fields)
                 if event is not None:
@@ -288,10 +292,6 @@ class Watcher:
                 subscription.inbox.put_nowait(event)
             except queue.Full:
                 subscription.overflowed = True
-
-    def key(self, queue_name: str, *parts: str) -> str:
-        """Return BullMQ's key for a queue's part, or for one of its jobs and a suffix."""
-        return ":".join((self.prefix, queue_name, *parts))
 
     def stop(self) -> None:
         """End every open stream within a second (the process is stopping)."""
