@@ -846,12 +846,12 @@ class JobStore:
         except redis.exceptions.ResponseError as error:
             raise script_error(error) from error
         if result == NOT_LOCK_HOLDER:
-            SCRIPT_OUTCOMES.labels(script.name, "not_lock_holder").inc()
+            script_outcome(script.name, "not_lock_holder").inc()
             raise NotLockHolder
         if result == NO_SUCH_JOB:
-            SCRIPT_OUTCOMES.labels(script.name, "no_such_job").inc()
+            script_outcome(script.name, "no_such_job").inc()
             raise NoSuchJob(queue, job_id)
-        SCRIPT_OUTCOMES.labels(script.name, script.done).inc()
+        script_outcome(script.name, script.done).inc()
         return result
 
 
@@ -1461,6 +1461,12 @@ KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 def request_count(route: str, method: str, status: str) -> Counter:
     """Return the request counter of one route, method and status."""
     return REQUESTS.labels(route, method, status)
+
+
+@functools.cache
+def script_outcome(script: str, outcome: str) -> Counter:
+    """Return the counter of one script's outcome."""
+    return SCRIPT_OUTCOMES.labels(script, outcome)
 
 
 @functools.cache
