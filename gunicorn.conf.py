@@ -130,13 +130,20 @@ if LOG_FORMAT not in ("plain", "json"):
     sys.exit(f"LOG_FORMAT={LOG_FORMAT!r} must be plain or json")
 _DATES = "[%Y-%m-%d %H:%M:%S %z]"
 _json = JsonLogFormatter()
-_plain = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+
+
+def _formatter(plain: str) -> logging.Formatter:
+    """Return the formatter LOG_FORMAT asks for: JSON, or lines in the format given."""
+    return _json if LOG_FORMAT == "json" else logging.Formatter(plain, _DATES)
+
+
 _warnings = logging.StreamHandler(sys.stderr)
-_warnings.setFormatter(_json if LOG_FORMAT == "json" else logging.Formatter(_plain, _DATES))
+_warnings.setFormatter(
+    _formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s")
+)
 logging.basicConfig(level=logging.INFO, handlers=[_warnings])
-_plain = "%(asctime)s [%(process)d] %(message)s"
 _access = logging.StreamHandler(sys.stdout)
-_access.setFormatter(_json if LOG_FORMAT == "json" else logging.Formatter(_plain, _DATES))
+_access.setFormatter(_formatter("%(asctime)s [%(process)d] %(message)s"))
 access_log.addHandler(_access)
 access_log.propagate = False
 
