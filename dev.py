@@ -10,6 +10,7 @@ curl lines to try.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -402,6 +403,23 @@ class EventStream:
                 data.append(value)
             elif name == "retry" and value.isdigit():
                 self.retry_ms = int(value)
+
+
+async def open_raw_stream(
+    server: Gunicorn, path: str, token: str
+) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a stream of events on a bare connection, as one of many clients at once;
+    return the response's head, up to the stream's first field, and the connection."""
+    if server.bind.startswith("unix:"):
+        reader, writer = await asyncio.open_unix_connection(server.bind.removeprefix("unix:"))
+    else:
+        host, port = server.bind.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: bullmq-http\r\nAuthorization: Bearer {token}\r\n\r\n"
+        .encode()
+    )  # fmt: skip
+    return await reader.readuntil(b"retry: 2000\n\n"), reader, writer
 
 
 def free_port() -> int:

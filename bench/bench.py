@@ -36,7 +36,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app import ADD_LOG, SET_PROGRESS  # noqa: E402
-from dev import ClusterServers, Gunicorn, RedisServer, add_active_job, free_port  # noqa: E402
+from dev import (  # noqa: E402
+    ClusterServers,
+    Gunicorn,
+    RedisServer,
+    add_active_job,
+    free_port,
+    open_raw_stream,
+)
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 WORKERS = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
@@ -309,18 +316,13 @@ def stream_report(workdir: Path) -> StreamReport:
 
 async def hold_streams(service: Gunicorn, client: redis.Redis) -> StreamReport:
     """Open the streams, write, and read every event on every stream."""
-    host, port = service.bind.rsplit(":", 1)
     worker = service.worker_pids()
     before = rss_mb(worker)[0]
     delays: dict[str, list[float]] = {"progress": [], "log": []}
 
     async def subscriber(opened: asyncio.Event) -> None:
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(
-            b"GET /queues/bench/jobs/watched/events?tail=0 HTTP/1.1\r\nHost: bench\r\n"
-            + f"Authorization: Bearer {API_TOKEN}\r\n\r\n".encode()
-        )
-        await reader.readuntil(b"retry: 2000\n\n")
+        path = "/queues/bench/jobs/watched/events?tail=0"
+        _, reader, writer = await open_raw_stream(service, path, API_TOKEN)
         opened.set()
         received = 0
         while received < 2 * STREAM_WRITES:

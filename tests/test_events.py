@@ -21,7 +21,15 @@ from bullmq import Queue, Worker
 from prometheus_client import REGISTRY
 
 import streams
-from dev import EventStream, Gunicorn, RedisServer, ServerSentEvent, add_active_job, wait_until
+from dev import (
+    EventStream,
+    Gunicorn,
+    RedisServer,
+    ServerSentEvent,
+    add_active_job,
+    open_raw_stream,
+    wait_until,
+)
 from streams import parse_cursor
 from tests.conftest import API_TOKEN, JOB_TOKEN, StreamedBody, bearer
 
@@ -522,15 +530,10 @@ def test_a_thousand_subscribers_share_a_bounded_number_of_connections(tmp_path):
                "REDIS_MAX_CONNECTIONS": "10"}  # fmt: skip
         (tmp_path / "service").mkdir()
         with Gunicorn(tmp_path / "service", env) as server:
-            path = server.bind.removeprefix("unix:")
 
             async def subscriber(opened: asyncio.Event, go: asyncio.Event) -> bytes:
-                reader, writer = await asyncio.open_unix_connection(path)
-                writer.write(
-                    b"GET /queues/orders/jobs/1/events?tail=0 HTTP/1.1\r\nHost: x\r\n"
-                    + f"Authorization: Bearer {API_TOKEN}\r\n\r\n".encode()
-                )
-                head = await reader.readuntil(b"retry: 2000\n\n")
+                path = "/queues/orders/jobs/1/events?tail=0"
+                head, reader, writer = await open_raw_stream(server, path, API_TOKEN)
                 opened.set()
                 await go.wait()
                 event = await reader.readuntil(b"\n\n")  # inside a chunk of the body
