@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -956,15 +957,22 @@ def redis_client(config: Mapping[str, Any]) -> RedisCommands:
         "socket_connect_timeout": config["REDIS_TIMEOUT"],
         # A failed connect is tried once more at once; a timeout never is.
         "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+        # No CLIENT SETINFO on connecting: a round trip, and a command the service's
+        # least-privilege Redis user is not granted (deploy/redis-acl.conf).
+        "driver_info": None,
+        **tls_options(config),
     }
     if config["REDIS_CLUSTER"]:
         return cluster_client(config, options)
     if config["REDIS_SENTINELS"]:
         sentinels = Sentinel(
             config["REDIS_SENTINELS"],
+            # The sentinels are reached as the servers are: over TLS where they are.
             sentinel_kwargs={
                 "password": config["REDIS_SENTINEL_PASSWORD"],
                 "socket_timeout": config["REDIS_TIMEOUT"],
+                "driver_info": None,
+                **({"ssl": True, **tls_options(config)} if redis_tls(config) else {}),
             },
         )
         # The pool asks the sentinels for the master whenever it connects, so after a
@@ -974,7 +982,7 @@ def redis_client(config: Mapping[str, Any]) -> RedisCommands:
             sentinels,
             username=config["REDIS_USERNAME"],
             password=config["REDIS_PASSWORD"],
-            ssl=config["REDIS_TLS"],
+            ssl=redis_tls(config),
             **options,
         )
     elif config["REDIS_URL"]:
@@ -985,7 +993,7 @@ def redis_client(config: Mapping[str, Any]) -> RedisCommands:
             port=config["REDIS_PORT"],
             username=config["REDIS_USERNAME"],
             password=config["REDIS_PASSWORD"],
-            connection_class=redis.SSLConnection if config["REDIS_TLS"] else redis.Connection,
+            connection_class=redis.SSLConnection if redis_tls(config) else redis.Connection,
             **options,
         )
     return Connections(pool, config["REDIS_MAX_CONNECTIONS"], config["REDIS_TIMEOUT"])
@@ -1004,23 +1012,23 @@ def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisC
     """Make a Redis Cluster client from its seed nodes."""
     seeds = [ClusterNode(host, port) for host, port in config["REDIS_CLUSTER_NODES"]]
     credentials = {"username": config["REDIS_USERNAME"], "password": config["REDIS_PASSWORD"]}
-    tls = config["REDIS_TLS"]
     for url in (config["REDIS_URL"] or "").split(","):
         if url.strip():
             parts = urlsplit(url.strip())
             seeds.append(ClusterNode(parts.hostname or "localhost", parts.port or 6379))
             credentials = {"username": parts.username, "password": parts.password}
-            tls = tls or parts.scheme == "rediss"
     if not seeds:
         seeds = [ClusterNode(config["REDIS_HOST"], config["REDIS_PORT"])]
     first, *others = seeds
     return RedisCluster(
         # Given a URL, the client makes each node's pool of connection_pool_class; given
         # none, it makes pools that refuse a caller past their size instead of waiting.
-        url=f"{'rediss' if tls else 'redis'}://{first.host}:{first.port}",
+        url=f"{'rediss' if redis_tls(config) else 'redis'}://{first.host}:{first.port}",
         startup_nodes=others,
         socket_timeout=options["socket_timeout"],
         socket_connect_timeout=options["socket_connect_timeout"],
+        driver_info=None,
+        **tls_options(config),
         # At most this many connections per node; a request beyond them waits for one to
         # come free, up to REDIS_TIMEOUT, then answers 503.
         connection_pool_class=redis.BlockingConnectionPool,
@@ -1031,6 +1039,55 @@ def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisC
         retry=Retry(ExponentialBackoff(cap=0.4, base=0.05), 4),
         **credentials,
     )
+
+
+def redis_tls(config: Mapping[str, Any]) -> bool:
+    """Return whether the service reaches Redis over TLS: as REDIS_URL's scheme says
+    where it names the servers (rediss://), else as REDIS_TLS says."""
+    if config["REDIS_URL"] and not config["REDIS_SENTINELS"]:
+        urls = config["REDIS_URL"].split(",")
+        return any(urlsplit(url.strip()).scheme == "rediss" for url in urls)
+    return bool(config["REDIS_TLS"])
+
+
+def tls_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Return redis-py's TLS options from the settings; none for a plain link.
+
+    Without REDIS_TLS_CA_FILE the system's trusted CAs verify the server, as a managed
+    Redis with a public certificate needs.
+    """
+    if not redis_tls(config):
+        return {}
+    return {
+        "ssl_ca_certs": config["REDIS_TLS_CA_FILE"],
+        "ssl_certfile": config["REDIS_TLS_CERT_FILE"],
+        "ssl_keyfile": config["REDIS_TLS_KEY_FILE"],
+        "ssl_check_hostname": config["REDIS_TLS_CHECK_HOSTNAME"],
+    }
+
+
+def check_tls_files(config: Mapping[str, Any]) -> None:
+    """Raise ConfigError unless the TLS files load as the link will load them."""
+    named = [name for name in TLS_FILES if config[name]]
+    if named and not redis_tls(config):
+        raise ConfigError(
+            f"{named[0]} is set, but the link to Redis is not TLS: "
+            "set REDIS_TLS=true, or use a rediss:// REDIS_URL"
+        )
+    if config["REDIS_TLS_KEY_FILE"] and not config["REDIS_TLS_CERT_FILE"]:
+        raise ConfigError("REDIS_TLS_KEY_FILE is set without REDIS_TLS_CERT_FILE, its certificate")
+    context = ssl.create_default_context()
+    for name in named:
+        try:
+            if name == "REDIS_TLS_CA_FILE":
+                context.load_verify_locations(cafile=config[name])
+            elif name == "REDIS_TLS_CERT_FILE":
+                context.load_cert_chain(config[name], config["REDIS_TLS_KEY_FILE"])
+        except OSError as error:  # missing, unreadable, no PEM, or a key not the cert's
+            raise ConfigError(f"{name}={config[name]} cannot be used: {error}") from None
+
+
+TLS_FILES = ("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE")
 
 
 # -------------------------------------------------------------------- settings
@@ -1102,6 +1159,10 @@ SETTINGS: dict[str, Setting] = {
     "REDIS_USERNAME": Setting(None, _text),
     "REDIS_PASSWORD": Setting(None, _text),
     "REDIS_TLS": Setting(False, _flag),
+    "REDIS_TLS_CA_FILE": Setting(None, _text),
+    "REDIS_TLS_CERT_FILE": Setting(None, _text),
+    "REDIS_TLS_KEY_FILE": Setting(None, _text),
+    "REDIS_TLS_CHECK_HOSTNAME": Setting(True, _flag),
     "REDIS_TIMEOUT": Setting(2.0, _seconds),
     "REDIS_MAX_CONNECTIONS": Setting(50, whole_number(1, 10_000)),
     "REDIS_CLUSTER": Setting(False, _flag),
@@ -1167,6 +1228,7 @@ def check_settings(config: Mapping[str, Any]) -> None:
         raise ConfigError("REDIS_SENTINELS is set without REDIS_SENTINEL_MASTER, the master's name")
     if "," in (config["REDIS_URL"] or "") and not config["REDIS_CLUSTER"]:
         raise ConfigError("REDIS_URL names several servers: set REDIS_CLUSTER=1 for a cluster")
+    check_tls_files(config)
     if config["REDIS_CLUSTER"] and not HASH_TAG.search(config["QUEUE_PREFIX"].split(":")[0]):
         log.warning(
             "QUEUE_PREFIX=%s has no hash tag: on Redis Cluster every queue name then needs "

@@ -89,10 +89,20 @@ def start_with(env):
     return result.returncode, result.stderr.strip()
 
 
-def test_a_bad_app_setting_stops_start_up_with_one_line():
-    code, stderr = start_with({"REDIS_PORT": "six"})
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"REDIS_PORT": "six"}, "REDIS_PORT='six' must be a whole number from 1 to 65535"),
+        (
+            {"REDIS_TLS": "1", "REDIS_TLS_CA_FILE": "/no/such/ca.pem"},
+            "REDIS_TLS_CA_FILE=/no/such/ca.pem cannot be used: [Errno 2] No such file or directory",
+        ),
+    ],
+)
+def test_a_bad_app_setting_stops_start_up_with_one_line(env, line):
+    code, stderr = start_with(env)
     assert code == 1
-    assert stderr == "Error: REDIS_PORT='six' must be a whole number from 1 to 65535"
+    assert stderr == f"Error: {line}"
 
 
 @pytest.mark.parametrize(
