@@ -845,7 +845,7 @@ class JobStore:
                 # which Redis caches again for the EVALSHA of the next request.
                 result = redis_.execute_command("EVAL", script.source, len(keys), *keys, *args)
         except redis.exceptions.ResponseError as error:
-            raise script_error(error) from error
+            raise script_error(error, script) from error
         if result == NOT_LOCK_HOLDER:
             script_outcome(script.name, "not_lock_holder").inc()
             raise NotLockHolder
@@ -861,18 +861,35 @@ def pairs(flat: list[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
-def script_error(error: redis.exceptions.ResponseError) -> redis.exceptions.RedisError:
+def script_error(
+    error: redis.exceptions.ResponseError, script: Script
+) -> redis.exceptions.RedisError:
     """Return the error a failed script stands for.
 
     Redis before 7 reports a write refused inside a script (out of memory, a read-only
-    replica) as a script error, where Redis 7 reports the refusal itself.
+    replica) as a script error, where Redis 7 reports the refusal itself. A command the
+    Redis user may not run is a script error everywhere, and only Valkey's names the
+    command: the line of the script that Redis names does.
     """
     message = str(error)
+    if any(sign in message for sign in SCRIPT_DENIED):
+        line = SCRIPT_LINE.search(message)
+        called = line and SCRIPT_CALL.search(script.source.splitlines()[int(line[1]) - 1])
+        if called:
+            message += f" (the {script.name} script's '{called[1].lower()}')"
+        return redis.exceptions.NoPermissionError(message)
     if "OOM command not allowed" in message:
         return redis.exceptions.OutOfMemoryError(message)
     if "-READONLY" in message:
         return redis.exceptions.ReadOnlyError(message)
     return error
+
+
+# How Redis 6.2, Redis 7 and Valkey word an ACL's refusal inside a script, and how they
+# name the line of the script that was refused.
+SCRIPT_DENIED = ("NOPERM", "The user executing the script can't", "ACL failure in script")
+SCRIPT_LINE = re.compile(r"@user_script: ?(\d+)")
+SCRIPT_CALL = re.compile(r'redis\.call\("(\w+)"')
 
 
 def store() -> JobStore:
@@ -1281,6 +1298,9 @@ REDIS_UNAVAILABLE = (
     redis.exceptions.TimeoutError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.OutOfMemoryError,
+    # The Redis user may not run a command, or touch a key: its ACL is short of what
+    # the service needs (deploy/redis-acl.conf).
+    redis.exceptions.NoPermissionError,
     # A cluster that is failing over, resharding, or missing a slot's master.
     redis.exceptions.ClusterError,
     redis.exceptions.TryAgainError,
@@ -1288,16 +1308,27 @@ REDIS_UNAVAILABLE = (
 )
 
 
+# What to fix, where the error is the settings' or the Redis user's, not an outage.
+REDIS_ERROR_HINTS = (
+    (redis.exceptions.AuthenticationError, " (check REDIS_USERNAME and REDIS_PASSWORD)"),
+    (
+        redis.exceptions.NoPermissionError,
+        " (grant the Redis user what deploy/redis-acl.conf grants)",
+    ),
+)
+
+
 def redis_unavailable(error: redis.exceptions.RedisError) -> Response:
     """Answer 503 while Redis cannot be reached; the pool reconnects by itself."""
     REDIS_ERRORS.labels(type(error).__name__).inc()
     log.warning(
-        "Redis unavailable for %s %s (API token %s, request %s): %s",
+        "Redis unavailable for %s %s (API token %s, request %s): %s%s",
         request.method,
         loggable(request.path),
         loggable(request.environ.get(TOKEN_NAME, "-")),
         request.environ.get("HTTP_X_REQUEST_ID", "-"),
         error,
+        next((hint for kind, hint in REDIS_ERROR_HINTS if isinstance(error, kind)), ""),
     )
     return Response(
         "Redis is unavailable; retry shortly",
