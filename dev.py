@@ -1,11 +1,11 @@
 """The harness: real servers for the tests, the benchmark and `make run`.
 
 RedisServer, ClusterServers and Sentinels start real Redis (or Valkey) servers on
-loopback, REDIS_SERVER choosing the binary; Gunicorn serves the app with its production
-config; add_active_job lays out a job as a BullMQ worker holds it; wait_until is the one
-way to wait for any of them. `python dev.py` (what `make run` runs) serves the app under
-gunicorn, without REDIS_URL with a throwaway Redis server holding a demo job, and prints
-curl lines to try.
+loopback, REDIS_SERVER choosing the binary, serving TLS when given TlsFiles; Gunicorn
+serves the app with its production config; add_active_job lays out a job as a BullMQ
+worker holds it; wait_until is the one way to wait for any of them. `python dev.py`
+(what `make run` runs) serves the app under gunicorn, without REDIS_URL with a
+throwaway Redis server holding a demo job, and prints curl lines to try.
 """
 
 from __future__ import annotations
@@ -162,11 +162,45 @@ GUNICORN = (sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py")
 NO_SYNC_DELAY = ("--repl-diskless-sync-delay", "0")
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """What a server needs to serve TLS: its certificate and key, and the CA whose
+    certificates it trusts (of clients, and of the servers it replicates from)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    # "yes": every client must show a certificate the CA signed; "optional": one that
+    # shows a certificate must show one the CA signed.
+    auth_clients: str = "optional"
+
+    def server_args(self) -> list[str]:
+        """Return the server's TLS options; replication and a cluster's bus use TLS."""
+        return [
+            "--tls-cert-file", str(self.cert),
+            "--tls-key-file", str(self.key),
+            "--tls-ca-cert-file", str(self.ca),
+            "--tls-auth-clients", self.auth_clients,
+            "--tls-replication", "yes",
+            "--tls-cluster", "yes",
+        ]  # fmt: skip
+
+
 class RedisServer(Server):
-    """A real Redis server in a directory of its own, listening on a unix socket."""
+    """A real Redis server in a directory of its own, listening on a unix socket.
+
+    With `tls`, its TCP port serves TLS only; its unix socket is always plain, for the
+    harness to administer it.
+    """
 
     def __init__(
-        self, directory: str | Path | None = None, port: int = 0, args: Sequence[str] = ()
+        self,
+        directory: str | Path | None = None,
+        port: int = 0,
+        args: Sequence[str] = (),
+        *,
+        binary: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.directory = Path(directory or tempfile.mkdtemp(prefix="bullmq-http-redis-"))
         self.socket = self.directory / "redis.sock"
@@ -174,16 +208,22 @@ class RedisServer(Server):
         # A TCP port as well, on loopback, where a cluster or sentinels must reach it.
         self.port = port
         self.args = args
+        self.binary = binary
+        self.tls = tls
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         """Start the server and wait until it answers PING."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self.socket.unlink(missing_ok=True)
+        if self.tls:
+            listen = ["--port", "0", "--tls-port", str(self.port), *self.tls.server_args()]
+        else:
+            listen = ["--port", str(self.port)]
         self.process = subprocess.Popen(
             [
-                redis_server_binary(),
+                self.binary or redis_server_binary(),
                 *self.args,
-                "--port", str(self.port),
+                *listen,
                 "--bind", "127.0.0.1",
                 "--unixsocket", str(self.socket),
                 "--unixsocketperm", "700",
@@ -195,7 +235,7 @@ class RedisServer(Server):
             stdout=subprocess.DEVNULL,
             start_new_session=True,  # a terminal's Ctrl-C is for whoever started it
         )  # fmt: skip
-        with redis.Redis(unix_socket_path=str(self.socket)) as client:
+        with self.admin() as client:
             wait_until(
                 lambda: self.exited() or answers(client.ping, redis.exceptions.ConnectionError),
                 timeout,
@@ -203,12 +243,25 @@ class RedisServer(Server):
             )
         return self
 
+    def admin(self, **options: Any) -> redis.Redis:
+        """Return a client of the server's unix socket, as its default user."""
+        return redis.Redis(unix_socket_path=str(self.socket), **options)
+
 
 class ClusterServers(ServerGroup):
     """A real Redis Cluster on loopback: three masters, each with one replica."""
 
-    def __init__(self, directory: Path, node_timeout_ms: int = 1000) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        node_timeout_ms: int = 1000,
+        *,
+        args: Sequence[str] = (),
+        binary: str | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
         args = [
+            *args,
             "--cluster-enabled", "yes",
             "--cluster-node-timeout", str(node_timeout_ms),
             "--appendonly", "no",
@@ -220,7 +273,9 @@ class ClusterServers(ServerGroup):
             port = cluster_port(taken)
             taken |= {port, port + 10000}
             node_args = [*args, "--cluster-config-file", str(directory / f"node{n}" / "nodes.conf")]
-            self.nodes.append(RedisServer(directory / f"node{n}", port, node_args))
+            self.nodes.append(
+                RedisServer(directory / f"node{n}", port, node_args, binary=binary, tls=tls)
+            )
         self.servers = self.nodes
         self.masters, self.replicas = self.nodes[:3], self.nodes[3:]
         self.seeds = [f"127.0.0.1:{node.port}" for node in self.masters]
@@ -242,7 +297,7 @@ class ClusterServers(ServerGroup):
         """Start the nodes, split the slots over the masters, and wait for state ok."""
         for node in self.nodes:
             node.start()
-        clients = [redis.Redis(port=node.port) for node in self.nodes]
+        clients = [node.admin() for node in self.nodes]
         for slots, client in zip(self.slots, clients[:3], strict=True):
             client.execute_command("CLUSTER ADDSLOTS", *slots)
         for client in clients[1:]:
@@ -270,18 +325,27 @@ class ClusterServers(ServerGroup):
 class Sentinels(ServerGroup):
     """A real Redis master with one replica, watched by three sentinels, on loopback."""
 
-    def __init__(self, directory: Path, name: str = "bullmq") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        name: str = "bullmq",
+        *,
+        args: Sequence[str] = (),
+        binary: str | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.name = name
-        self.master = RedisServer(directory / "master", free_port(), NO_SYNC_DELAY)
-        self.replica = RedisServer(
+        server = partial(RedisServer, binary=binary, tls=tls)
+        self.master = server(directory / "master", free_port(), [*args, *NO_SYNC_DELAY])
+        self.replica = server(
             directory / "replica",
             free_port(),
-            ["--replicaof", "127.0.0.1", str(self.master.port)],
+            [*args, "--replicaof", "127.0.0.1", str(self.master.port)],
         )
         self.sentinels: list[RedisServer] = []
         for n in range(3):
             conf = directory / f"sentinel{n}" / "sentinel.conf"
-            self.sentinels.append(RedisServer(conf.parent, free_port(), [str(conf), "--sentinel"]))
+            self.sentinels.append(server(conf.parent, free_port(), [str(conf), "--sentinel"]))
         self.addresses = [f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels]
         self.servers = [self.master, self.replica, *self.sentinels]
 
@@ -297,7 +361,7 @@ class Sentinels(ServerGroup):
                 f"sentinel failover-timeout {self.name} 3000\n"
             )
             sentinel.start()
-        with redis.Redis(port=self.master.port) as master:
+        with self.master.admin() as master:
             wait_for_replica(master, timeout)
         return self
 
