@@ -630,6 +630,19 @@ def test_bullmq_and_the_service_share_a_tls_server_each_as_its_own_user(
             {"count": 1, "logs": ["from the worker"]},
         )
         conn.close()
+
+        # A dashboard watches another job: the watcher's blocking read, under gevent.
+        add_active_job(data, name, "live", JOB_TOKEN)
+        assert post(f"/queues/{name}/jobs/live/progress", JOB_TOKEN, b"10") == 200
+        conn = server.connect()
+        conn.request("GET", f"/queues/{name}/jobs/live/events?tail=0", headers=bearer(API_TOKEN))
+        events = iter(EventStream(conn.getresponse()))
+        opening = next_event(events)
+        assert (opening.event, opening.data) == ("progress", "10")
+        assert post(f"/queues/{name}/jobs/live/progress", JOB_TOKEN, b"75") == 200
+        written = next_event(events)
+        assert (written.event, written.data) == ("progress", "75")
+        conn.close()
     key = f"bull:{name}:{job_id}"
     assert json.loads(data.hget(key, "progress")) == {"percent": 50}
     assert json.loads(data.hget(key, "returnvalue")) == {"pages": 3}
