@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -380,14 +381,15 @@ def refused_then_served(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Assert that a write over a link with the `refused` settings answers 503 and
-    logs `reason`, storing nothing; and that with the `served` ones it is stored."""
+    logs a warning `reason` (a pattern) finds, storing nothing; and that with the
+    `served` ones it is stored."""
     add_active_job(data, "orders", "1", JOB_TOKEN)
     client = make_service(**refused).test_client()
     with caplog.at_level(logging.WARNING, logger="app"):
         response = client.post(f"{JOB}/progress", json=50, headers=bearer(JOB_TOKEN))
     assert response.status_code == 503
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert reason in warning
+    assert re.search(reason, warning), warning
     assert data.hget("bull:orders:1", "progress") is None
     client = make_service(**served).test_client()
     assert client.post(f"{JOB}/progress", json=50, headers=bearer(JOB_TOKEN)).status_code == 200
@@ -444,7 +446,9 @@ def test_mutual_tls_refuses_a_client_without_a_certificate_the_ca_signed(
         data,
         {**link, "REDIS_TLS_CERT_FILE": str(other_cert), "REDIS_TLS_KEY_FILE": str(other_key)},
         {**link, "REDIS_TLS_CERT_FILE": str(cert), "REDIS_TLS_KEY_FILE": str(key)},
-        "unknown ca",
+        # TLS 1.3 checks a client's certificate after the client's handshake ends: the
+        # server's alert arrives as the client reads, or its close as the client writes.
+        "unknown ca|EOF occurred in violation of protocol",
         caplog,
     )
     client = make_service(**link).test_client()
