@@ -191,22 +191,6 @@ def admin() -> Iterator[Callable[[RedisServer], redis.Redis]]:
         client.close()
 
 
-@pytest.fixture
-def make_service() -> Iterator[Callable[..., Flask]]:
-    """Yield a function that makes the app with the settings given; close it after."""
-    apps: list[Flask] = []
-
-    def make(**settings: Any) -> Flask:
-        base = {"AUTH_TOKENS": [API_TOKEN], "WATCH_TOKEN_SECRET": SECRET, "TESTING": True}
-        apps.append(create_app({**base, **settings}))
-        return apps[-1]
-
-    yield make
-    for app in apps:
-        app.extensions["bullmq_http.watcher"].stop()
-        app.extensions["bullmq_http"].close()
-
-
 def tls_url(server: RedisServer, user: str = USER, password: str = PASSWORD) -> str:
     """Return the URL of a TLS server's TCP port, as the service's user."""
     return f"rediss://{user}:{password}@localhost:{server.port}/0"
@@ -293,7 +277,7 @@ def commands_run(*servers: redis.Redis) -> set[str]:
 
 @pytest.mark.parametrize("link", ["tls", "plain"])
 def test_every_route_works_with_the_least_privilege_user_and_needs_all_it_grants(
-    request, link, make_service, admin
+    request, link, make_app, admin
 ):
     server = request.getfixturevalue("tls_server" if link == "tls" else "acl_server")
     if link == "tls":
@@ -302,7 +286,7 @@ def test_every_route_works_with_the_least_privilege_user_and_needs_all_it_grants
     else:
         settings = {"REDIS_URL": unix_url(server)}
     data = admin(server)
-    exercise_every_route(make_service(**settings), data)
+    exercise_every_route(make_app(WATCH_TOKEN_SECRET=SECRET, **settings), data)
     assert_nothing_denied(data)
     # Nothing more: every command the ACL grants, the routes ran (Redis before 7
     # counts a subcommand as its command).
@@ -322,13 +306,13 @@ def test_the_readme_quotes_the_acl_file():
     ],
 )
 def test_a_command_the_user_may_not_run_is_503_naming_it(
-    command, route, body, acl_server, make_service, admin, caplog
+    command, route, body, acl_server, make_app, admin, caplog
 ):
     data = admin(acl_server)
     data.execute_command("ACL", "SETUSER", USER, "reset", *acl_rules(without=command))
     add_active_job(data, "orders", "1", JOB_TOKEN)
     before = data.hgetall("bull:orders:1")
-    client = make_service(REDIS_URL=unix_url(acl_server)).test_client()
+    client = make_app(REDIS_URL=unix_url(acl_server)).test_client()
     with caplog.at_level(logging.WARNING, logger="app"):
         response = client.post(f"{JOB}/{route}", json=body, headers=bearer(JOB_TOKEN))
     assert response.status_code == 503
@@ -346,11 +330,11 @@ def test_a_command_the_user_may_not_run_is_503_naming_it(
 
 
 def test_a_wrong_password_is_503_until_redis_accepts_it(
-    tls_server, certificates, make_service, admin, caplog
+    tls_server, certificates, make_app, admin, caplog
 ):
     data = admin(tls_server)
     add_active_job(data, "orders", "1", JOB_TOKEN)
-    app = make_service(
+    app = make_app(
         REDIS_URL=tls_url(tls_server, password="rotated-secret"),
         REDIS_TLS_CA_FILE=str(certificates.ca),
     )
@@ -373,7 +357,7 @@ def test_a_wrong_password_is_503_until_redis_accepts_it(
 
 
 def refused_then_served(
-    make_service: Callable[..., Flask],
+    make_app: Callable[..., Flask],
     data: redis.Redis,
     refused: dict[str, Any],
     served: dict[str, Any],
@@ -384,14 +368,14 @@ def refused_then_served(
     logs a warning `reason` (a pattern) finds, storing nothing; and that with the
     `served` ones it is stored."""
     add_active_job(data, "orders", "1", JOB_TOKEN)
-    client = make_service(**refused).test_client()
+    client = make_app(**refused).test_client()
     with caplog.at_level(logging.WARNING, logger="app"):
         response = client.post(f"{JOB}/progress", json=50, headers=bearer(JOB_TOKEN))
     assert response.status_code == 503
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert re.search(reason, warning), warning
     assert data.hget("bull:orders:1", "progress") is None
-    client = make_service(**served).test_client()
+    client = make_app(**served).test_client()
     assert client.post(f"{JOB}/progress", json=50, headers=bearer(JOB_TOKEN)).status_code == 200
     assert data.hget("bull:orders:1", "progress") == "50"
 
@@ -416,11 +400,11 @@ def start_tls_server(
 
 
 def test_a_server_certificate_the_ca_did_not_sign_is_refused(
-    start_tls_server, certificates, make_service, admin, caplog
+    start_tls_server, certificates, make_app, admin, caplog
 ):
     server = start_tls_server(certificates.server_of_other_ca)
     refused_then_served(
-        make_service,
+        make_app,
         admin(server),
         {"REDIS_URL": tls_url(server), "REDIS_TLS_CA_FILE": str(certificates.ca)},
         # Trusting the CA that signed it:
@@ -434,7 +418,7 @@ def test_a_server_certificate_the_ca_did_not_sign_is_refused(
 
 
 def test_mutual_tls_refuses_a_client_without_a_certificate_the_ca_signed(
-    start_tls_server, certificates, make_service, admin, caplog
+    start_tls_server, certificates, make_app, admin, caplog
 ):
     server = start_tls_server(dataclasses.replace(certificates.server, auth_clients="yes"))
     link = {"REDIS_URL": tls_url(server), "REDIS_TLS_CA_FILE": str(certificates.ca)}
@@ -442,7 +426,7 @@ def test_mutual_tls_refuses_a_client_without_a_certificate_the_ca_signed(
     cert, key = certificates.client
     data = admin(server)
     refused_then_served(
-        make_service,
+        make_app,
         data,
         {**link, "REDIS_TLS_CERT_FILE": str(other_cert), "REDIS_TLS_KEY_FILE": str(other_key)},
         {**link, "REDIS_TLS_CERT_FILE": str(cert), "REDIS_TLS_KEY_FILE": str(key)},
@@ -451,17 +435,18 @@ def test_mutual_tls_refuses_a_client_without_a_certificate_the_ca_signed(
         "unknown ca|EOF occurred in violation of protocol",
         caplog,
     )
-    client = make_service(**link).test_client()
+    client = make_app(**link).test_client()
     assert client.post(f"{JOB}/progress", json=60, headers=bearer(JOB_TOKEN)).status_code == 503
     assert data.hget("bull:orders:1", "progress") == "50"
 
 
 def test_the_host_name_is_checked_unless_turned_off(
-    start_tls_server, certificates, make_service, admin, caplog
+    start_tls_server, certificates, make_app, admin, caplog
 ):
     server = start_tls_server(certificates.server_of_other_host)
     # Host and port, not a URL, as a managed Redis's console gives them.
     link = {
+        "REDIS_URL": None,
         "REDIS_HOST": "localhost",
         "REDIS_PORT": server.port,
         "REDIS_USERNAME": USER,
@@ -470,7 +455,7 @@ def test_the_host_name_is_checked_unless_turned_off(
         "REDIS_TLS_CA_FILE": str(certificates.ca),
     }
     refused_then_served(
-        make_service,
+        make_app,
         admin(server),
         link,
         {**link, "REDIS_TLS_CHECK_HOSTNAME": False},
@@ -480,12 +465,14 @@ def test_the_host_name_is_checked_unless_turned_off(
 
 
 def test_sentinel_over_tls_with_the_least_privilege_user(
-    tls_binary, certificates, tmp_path, make_service
+    tls_binary, certificates, tmp_path, make_app
 ):
     acl = ["--aclfile", str(write_acl_file(tmp_path))]
     with Sentinels(tmp_path, args=acl, binary=tls_binary, tls=certificates.server) as sentinels:
         addresses = tuple(("localhost", int(a.rsplit(":", 1)[1])) for a in sentinels.addresses)
-        app = make_service(
+        app = make_app(
+            REDIS_URL=None,
+            WATCH_TOKEN_SECRET=SECRET,
             REDIS_SENTINELS=addresses,
             REDIS_SENTINEL_MASTER=sentinels.name,
             REDIS_USERNAME=USER,
@@ -517,11 +504,13 @@ def test_sentinel_over_tls_with_the_least_privilege_user(
 
 
 def test_cluster_over_tls_with_the_least_privilege_user(
-    tls_binary, certificates, tmp_path, make_service
+    tls_binary, certificates, tmp_path, make_app
 ):
     acl = ["--aclfile", str(write_acl_file(tmp_path))]
     with ClusterServers(tmp_path, args=acl, binary=tls_binary, tls=certificates.server) as cluster:
-        app = make_service(
+        app = make_app(
+            REDIS_URL=None,
+            WATCH_TOKEN_SECRET=SECRET,
             REDIS_CLUSTER=True,
             REDIS_CLUSTER_NODES=tuple(("localhost", node.port) for node in cluster.masters),
             REDIS_USERNAME=USER,
