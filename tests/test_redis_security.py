@@ -641,3 +641,22 @@ def test_bullmq_and_the_service_share_a_tls_server_each_as_its_own_user(
     assert json.loads(data.hget(key, "returnvalue")) == {"pages": 3}
     assert data.lrange(f"{key}:logs", 0, -1) == ["from the worker"]
     assert_nothing_denied(data)
+
+
+def test_the_tls_link_recovers_by_itself_when_redis_restarts(
+    start_tls_server, certificates, make_app, admin
+):
+    server = start_tls_server(certificates.server)
+    add_active_job(admin(server), "orders", "1", JOB_TOKEN)
+    app = make_app(REDIS_URL=tls_url(server), REDIS_TLS_CA_FILE=str(certificates.ca))
+    client = app.test_client()
+    assert client.post(f"{JOB}/progress", json=10, headers=bearer(JOB_TOKEN)).status_code == 200
+    server.stop()
+    response = client.post(f"{JOB}/progress", json=20, headers=bearer(JOB_TOKEN))
+    assert (response.status_code, response.headers["Retry-After"]) == (503, "1")
+    server.start()  # empty: it saved nothing
+    data = admin(server)
+    add_active_job(data, "orders", "1", JOB_TOKEN)
+    # The idle connection broke with the old server; the request is sent on a new one.
+    assert client.post(f"{JOB}/progress", json=30, headers=bearer(JOB_TOKEN)).status_code == 200
+    assert data.hget("bull:orders:1", "progress") == "30"
