@@ -1037,15 +1037,15 @@ def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisC
     if not seeds:
         seeds = [ClusterNode(config["REDIS_HOST"], config["REDIS_PORT"])]
     first, *others = seeds
+    # Each node's connections take the options of one server's (timeouts, TLS); the
+    # cluster retries its own way, below.
+    node_options = {name: value for name, value in options.items() if name != "retry"}
     return RedisCluster(
         # Given a URL, the client makes each node's pool of connection_pool_class; given
         # none, it makes pools that refuse a caller past their size instead of waiting.
         url=f"{'rediss' if redis_tls(config) else 'redis'}://{first.host}:{first.port}",
         startup_nodes=others,
-        socket_timeout=options["socket_timeout"],
-        socket_connect_timeout=options["socket_connect_timeout"],
-        driver_info=None,
-        **tls_options(config),
+        **node_options,
         # At most this many connections per node; a request beyond them waits for one to
         # come free, up to REDIS_TIMEOUT, then answers 503.
         connection_pool_class=redis.BlockingConnectionPool,
