@@ -81,14 +81,15 @@ def granted_commands() -> set[str]:
 CLUSTER_ONLY = {"cluster|slots", "command"}
 
 
-def write_acl_file(directory: Path) -> Path:
+def acl_file_args(directory: Path) -> list[str]:
     """Write an ACL file: deploy/redis-acl.conf's user with its password set, and a
-    BullMQ worker's own user, free to run anything on the queues' keys."""
+    BullMQ worker's own user, free to run anything on the queues' keys; return the
+    server options that load it."""
     path = directory / "users.acl"
     path.write_text(
         f"{service_user()}\nuser {BULLMQ_USER} on >{BULLMQ_PASSWORD} ~bull:* &* +@all\n"
     )
-    return path
+    return ["--aclfile", str(path)]
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class Certificates:
     issued by another CA or for another host."""
 
     ca: Path
+    other_ca: Path
     server: TlsFiles  # for localhost and 127.0.0.1
     client: tuple[Path, Path]  # certificate, key
     server_of_other_ca: TlsFiles
@@ -123,6 +125,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 
     return Certificates(
         ca=directory / "ca.pem",
+        other_ca=directory / "other-ca.pem",
         server=server(ca, "server", "localhost", "127.0.0.1"),
         client=issue(ca, "client", "bullmq-http"),
         server_of_other_ca=server(other_ca, "other-ca-server", "localhost", "127.0.0.1"),
@@ -155,9 +158,9 @@ def tls_binary(certificates: Certificates, tmp_path_factory: pytest.TempPathFact
 def tls_server(
     tls_binary: str, certificates: Certificates, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RedisServer]:
-    """A TLS-only Redis server whose users are those of write_acl_file."""
+    """A TLS-only Redis server whose users are those of acl_file_args."""
     directory = tmp_path_factory.mktemp("tls-redis")
-    acl = ["--aclfile", str(write_acl_file(directory))]
+    acl = acl_file_args(directory)
     with RedisServer(
         directory, free_port(), acl, binary=tls_binary, tls=certificates.server
     ) as server:
@@ -166,9 +169,9 @@ def tls_server(
 
 @pytest.fixture(scope="module")
 def acl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """This pass's own Redis server, plain, whose users are those of write_acl_file."""
+    """This pass's own Redis server, plain, whose users are those of acl_file_args."""
     directory = tmp_path_factory.mktemp("acl-redis")
-    with RedisServer(directory, args=["--aclfile", str(write_acl_file(directory))]) as server:
+    with RedisServer(directory, args=acl_file_args(directory)) as server:
         yield server
 
 
@@ -384,13 +387,13 @@ def refused_then_served(
 def start_tls_server(
     tls_binary: str, tmp_path: Path
 ) -> Iterator[Callable[[TlsFiles], RedisServer]]:
-    """Yield a function that starts a TLS-only server with write_acl_file's users."""
+    """Yield a function that starts a TLS-only server with acl_file_args's users."""
     servers: list[RedisServer] = []
 
     def start(tls: TlsFiles) -> RedisServer:
         directory = tmp_path / f"redis{len(servers)}"
         directory.mkdir()
-        acl = ["--aclfile", str(write_acl_file(directory))]
+        acl = acl_file_args(directory)
         servers.append(RedisServer(directory, free_port(), acl, binary=tls_binary, tls=tls))
         return servers[-1].start()
 
@@ -410,7 +413,7 @@ def test_a_server_certificate_the_ca_did_not_sign_is_refused(
         # Trusting the CA that signed it:
         {
             "REDIS_URL": tls_url(server),
-            "REDIS_TLS_CA_FILE": str(certificates.ca.parent / "other-ca.pem"),
+            "REDIS_TLS_CA_FILE": str(certificates.other_ca),
         },
         "certificate verify failed",
         caplog,
@@ -467,7 +470,7 @@ def test_the_host_name_is_checked_unless_turned_off(
 def test_sentinel_over_tls_with_the_least_privilege_user(
     tls_binary, certificates, tmp_path, make_app
 ):
-    acl = ["--aclfile", str(write_acl_file(tmp_path))]
+    acl = acl_file_args(tmp_path)
     with Sentinels(tmp_path, args=acl, binary=tls_binary, tls=certificates.server) as sentinels:
         addresses = tuple(("localhost", int(a.rsplit(":", 1)[1])) for a in sentinels.addresses)
         app = make_app(
@@ -506,7 +509,7 @@ def test_sentinel_over_tls_with_the_least_privilege_user(
 def test_cluster_over_tls_with_the_least_privilege_user(
     tls_binary, certificates, tmp_path, make_app
 ):
-    acl = ["--aclfile", str(write_acl_file(tmp_path))]
+    acl = acl_file_args(tmp_path)
     with ClusterServers(tmp_path, args=acl, binary=tls_binary, tls=certificates.server) as cluster:
         app = make_app(
             REDIS_URL=None,
