@@ -149,7 +149,7 @@ def test_a_master_failover_answers_503_then_200_and_loses_nothing(cluster_app, c
     for line in before:
         assert client.post(url, data=line.encode(), headers=bearer(JOB_TOKEN)).status_code == 200
     # Every acknowledged write has reached the replica before its master goes.
-    with redis.Redis(port=cluster.masters[0].port) as master:
+    with cluster.masters[0].admin() as master:
         assert master.execute_command("WAIT", 1, 2000) == 1
 
     cluster.masters[0].stop()
@@ -183,7 +183,7 @@ def test_a_sentinel_failover_answers_503_then_200_and_loses_nothing(make_app, se
     before = [f"line {n}" for n in range(20)]
     for line in before:
         assert client.post(url, data=line.encode(), headers=bearer(JOB_TOKEN)).status_code == 200
-    with redis.Redis(port=sentinels.master.port) as master:
+    with sentinels.master.admin() as master:
         assert master.execute_command("WAIT", 1, 2000) == 1
 
     sentinels.master.stop()
