@@ -117,11 +117,19 @@ class Server(Started):
         return False
 
     def stop(self) -> None:
-        """Stop the server (SIGTERM, so gracefully) and wait for it to exit."""
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=self.stop_timeout)
-        self.process = None
+        """Stop the server (SIGTERM, so gracefully) and wait for it to exit; one still
+        running after stop_timeout seconds is killed, and the stop fails."""
+        process, self.process = self.process, None
+        if process and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                raise RuntimeError(
+                    f"{type(self).__name__} still ran {self.stop_timeout:g} s after SIGTERM"
+                ) from None
 
 
 class ServerGroup(Started):
