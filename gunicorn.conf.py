@@ -29,7 +29,9 @@ if worker_class == "gevent":
 
 import atexit  # noqa: E402
 import logging  # noqa: E402
+import queue  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -167,3 +169,28 @@ def child_exit(server: Any, worker: Any) -> None:
     if server.LISTENERS:  # emptied when the whole server stops
         WORKER_RESTARTS.inc()
     multiprocess.mark_process_dead(worker.pid)
+
+
+# A stop signal that reaches a worker after it forks, but before it sets up its own
+# handlers, runs the master's handler, inherited: that puts it on the worker's copy of
+# the master's queue of signals, which nothing reads. The worker would then serve on
+# until the master's graceful timeout killed it, holding up the stop for 30 seconds; a
+# deploy that stops the server just after a worker restarts does exactly that. So each
+# worker, once its own handlers are in place, sends itself any stop signal it missed.
+_STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """In the new worker: keep its copy of the master's queue, for post_worker_init."""
+    worker.master_signals = server.SIG_QUEUE
+
+
+def post_worker_init(worker: Any) -> None:
+    """In the worker, with its handlers set up: take the stop signals it missed."""
+    while True:
+        try:
+            missed = worker.master_signals.get_nowait()
+        except queue.Empty:
+            return
+        if missed in _STOPS:
+            signal.raise_signal(missed)

@@ -1,6 +1,7 @@
 """The service as deployed: gunicorn with its production config, and many clients at once."""
 
 import http.client
+import os
 import signal
 import socket
 import subprocess
@@ -9,8 +10,9 @@ import time
 
 import pytest
 
-from dev import GUNICORN, Gunicorn, harness_environ
+from dev import GUNICORN, Gunicorn, harness_environ, wait_until
 from tests.conftest import API_TOKEN, JOB_TOKEN, ROOT, bearer
+from worker import DeadlineWorker
 
 THREADS, LINES = 8, 40
 
@@ -155,3 +157,37 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path, redis_url, r, job):
         server.stop()
     assert answers == [(200, b"OK")] * 6
     assert sorted(r.lrange("bull:orders:1:logs", 0, -1)) == [f"line-{n}" for n in range(6)]
+
+
+BOOT_SECONDS = 3.0
+
+
+class SlowToBoot(DeadlineWorker):
+    """The service's worker, slow to set up its signal handlers: a stop signal sent
+    while it boots reaches it before they are in place."""
+
+    def init_signals(self) -> None:
+        time.sleep(BOOT_SECONDS)
+        self.log.info("Worker %s handles signals", self.pid)
+        super().init_signals()
+
+
+def test_sigterm_while_a_worker_boots_stops_it(tmp_path, redis_url):
+    args = ["--worker-class", f"{__name__}.SlowToBoot", "--graceful-timeout", "60"]
+    env = {"REDIS_URL": redis_url, "WEB_CONCURRENCY": "1"}
+    server = Gunicorn(tmp_path, env, args=args).start(timeout=BOOT_SECONDS + 20)
+    try:
+        [first] = server.wait_for_workers(1)
+        os.kill(first, signal.SIGKILL)  # the master starts another in its place
+        booting = "Booting worker with pid: "
+        wait_until(lambda: server.log.read_text().count(booting) == 2, 10, "a new worker")
+        server.process.send_signal(signal.SIGTERM)
+        log = server.log.read_text()
+        assert log.count("handles signals") == 1, log  # the new worker had not yet
+        # Not held for the 60 s graceful timeout: the worker took the signal as its own.
+        assert server.process.wait(timeout=BOOT_SECONDS + 15) == 0
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert "Worker graceful timeout" not in log
+    assert log.count("Worker exiting") == 1, log  # the new one; the first was killed
