@@ -354,8 +354,12 @@ class Sentinels(ServerGroup):
         for n in range(3):
             conf = directory / f"sentinel{n}" / "sentinel.conf"
             self.sentinels.append(server(conf.parent, free_port(), [str(conf), "--sentinel"]))
-        self.addresses = [f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels]
         self.servers = [self.master, self.replica, *self.sentinels]
+
+    def addresses(self, host: str = "127.0.0.1") -> tuple[tuple[str, int], ...]:
+        """Return the sentinels' (host, port) pairs, as REDIS_SENTINELS and redis-py's
+        Sentinel take them; `host` names loopback as their certificates do."""
+        return tuple((host, sentinel.port) for sentinel in self.sentinels)
 
     def start(self, timeout: float = 30.0) -> Sentinels:
         """Start master, replica and sentinels; wait until the replica is in sync."""

@@ -469,7 +469,7 @@ def test_sentinel_over_tls_with_the_least_privilege_user(
 ):
     acl = acl_file_args(tmp_path)
     with Sentinels(tmp_path, args=acl, binary=tls_binary, tls=certificates.server) as sentinels:
-        addresses = tuple(("localhost", int(a.rsplit(":", 1)[1])) for a in sentinels.addresses)
+        addresses = sentinels.addresses("localhost")
         app = make_app(
             REDIS_URL=None,
             WATCH_TOKEN_SECRET=SECRET,

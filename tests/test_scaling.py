@@ -169,7 +169,7 @@ def sentinels(tmp_path):
 
 
 def test_a_sentinel_failover_answers_503_then_200_and_loses_nothing(make_app, sentinels):
-    addresses = tuple(("127.0.0.1", int(a.rsplit(":", 1)[1])) for a in sentinels.addresses)
+    addresses = sentinels.addresses()
     app = make_app(
         REDIS_URL=None,
         REDIS_SENTINELS=addresses,
@@ -197,7 +197,7 @@ def test_a_sentinel_failover_answers_503_then_200_and_loses_nothing(make_app, se
 
 
 def test_a_jobs_events_stream_through_sentinel(make_app, sentinels):
-    addresses = tuple(("127.0.0.1", int(a.rsplit(":", 1)[1])) for a in sentinels.addresses)
+    addresses = sentinels.addresses()
     app = make_app(REDIS_URL=None, REDIS_SENTINELS=addresses, REDIS_SENTINEL_MASTER=sentinels.name)
     client = app.test_client()
     data = Sentinel(addresses).master_for(sentinels.name, decode_responses=True)
