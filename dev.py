@@ -32,6 +32,7 @@ import redis
 from redis.crc import key_slot
 
 from app import SETTINGS
+from streams import RETRY_MS
 
 # What gunicorn.conf.py and gunicorn itself read from the environment, beside the
 # service's own settings (app.SETTINGS).
@@ -495,7 +496,7 @@ async def open_raw_stream(
         f"GET {path} HTTP/1.1\r\nHost: bullmq-http\r\nAuthorization: Bearer {token}\r\n\r\n"
         .encode()
     )  # fmt: skip
-    return await reader.readuntil(b"retry: 2000\n\n"), reader, writer
+    return await reader.readuntil(f"retry: {RETRY_MS}\n\n".encode()), reader, writer
 
 
 def free_port() -> int:
