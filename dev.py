@@ -571,14 +571,23 @@ class Gunicorn(Server):
             raise RuntimeError(f"{error}:\n{self.log.read_text()}") from None
         return self
 
-    def healthy(self) -> bool:
-        """Return whether the server answers /healthz."""
+    def send(
+        self, method: str, path: str, body: bytes | None = None, token: str | None = None
+    ) -> int:
+        """Send one request on a connection of its own, with `token` as its bearer
+        token; read the response and return its status."""
         conn = self.connect()
         try:
-            conn.request("GET", "/healthz")
-            return conn.getresponse().status == 200
+            conn.request(method, path, body, {"Authorization": f"Bearer {token}"} if token else {})
+            response = conn.getresponse()
+            response.read()
+            return response.status
         finally:
             conn.close()
+
+    def healthy(self) -> bool:
+        """Return whether the server answers /healthz."""
+        return self.send("GET", "/healthz") == 200
 
     def wait_for_workers(self, count: int, timeout: float = 20.0) -> list[int]:
         """Wait until `count` workers have booted (the first answers before the rest)."""

@@ -52,18 +52,6 @@ def scripts(samples, script: str, outcome: str) -> float:
     return value(samples, "bullmq_http_script_outcomes_total", script=script, outcome=outcome)
 
 
-def send(server: Gunicorn, method: str, path: str, body=None, token=None) -> int:
-    """Send one request on a connection of its own; return the status."""
-    conn = server.connect()
-    try:
-        conn.request(method, path, body, bearer(token) if token else {})
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
-
-
 ACCESS_LINE = re.compile(r'\[[^]]+\] \[(\d+)\] \S+ "')
 
 
@@ -98,18 +86,16 @@ def test_counts_add_up_across_workers(stack):
     def mix():
         """Send a known mix of requests, each on its own connection."""
         for _ in range(5):
-            statuses[
-                PROGRESS, "POST", send(server, "POST", f"{job}/progress", b"7", JOB_TOKEN)
-            ] += 1
-            statuses[LOGS, "POST", send(server, "POST", f"{job}/logs", b"a line", JOB_TOKEN)] += 1
+            statuses[PROGRESS, "POST", server.send("POST", f"{job}/progress", b"7", JOB_TOKEN)] += 1
+            statuses[LOGS, "POST", server.send("POST", f"{job}/logs", b"a line", JOB_TOKEN)] += 1
         for _ in range(3):
-            statuses[PROGRESS, "POST", send(server, "POST", f"{job}/progress", b"7", "wrong")] += 1
+            statuses[PROGRESS, "POST", server.send("POST", f"{job}/progress", b"7", "wrong")] += 1
         for _ in range(2):
             statuses[
-                LOGS, "GET", send(server, "GET", "/queues/orders/jobs/2/logs", None, API_TOKEN)
+                LOGS, "GET", server.send("GET", "/queues/orders/jobs/2/logs", None, API_TOKEN)
             ] += 1
-            statuses[LOGS, "GET", send(server, "GET", f"{job}/logs")] += 1
-            statuses["unmatched", "GET", send(server, "GET", "/nowhere")] += 1
+            statuses[LOGS, "GET", server.send("GET", f"{job}/logs")] += 1
+            statuses["unmatched", "GET", server.send("GET", "/nowhere")] += 1
 
     # Until both workers have served some of it: the sums then cover two processes.
     wait_until(lambda: mix() or len(serving_pids(server)) == 2, 30, "both workers to serve")
@@ -126,7 +112,7 @@ def test_counts_add_up_across_workers(stack):
 
     # Redis goes away: writes answer 503, counted by status and by the error's kind.
     redis_server.stop()
-    outage = [send(server, "POST", f"{job}/progress", b"8", JOB_TOKEN) for _ in range(4)]
+    outage = [server.send("POST", f"{job}/progress", b"8", JOB_TOKEN) for _ in range(4)]
     assert outage == [503] * 4
 
     samples = scrape(server)
@@ -153,7 +139,7 @@ def test_counts_add_up_across_workers(stack):
 def test_a_worker_that_dies_is_counted_and_its_requests_kept(stack):
     _, _, server = stack
     for _ in range(6):
-        assert send(server, "GET", "/healthz") == 200
+        assert server.send("GET", "/healthz") == 200
     before = requests(scrape(server), "/healthz", "GET", "200")
     assert before >= 6  # and the harness's own checks that the server is up
 
@@ -173,7 +159,7 @@ def test_a_worker_that_dies_is_counted_and_its_requests_kept(stack):
 def test_a_reload_keeps_the_figures_and_counts_its_restarts(stack):
     _, _, server = stack
     for _ in range(5):
-        assert send(server, "GET", "/healthz") == 200
+        assert server.send("GET", "/healthz") == 200
     before = requests(scrape(server), "/healthz", "GET", "200")
     old = set(server.worker_pids())
     server.process.send_signal(signal.SIGHUP)  # new workers, the old ones leave

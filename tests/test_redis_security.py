@@ -572,14 +572,6 @@ def test_bullmq_and_the_service_share_a_tls_server_each_as_its_own_user(
     }
     name = f"reports-{uuid.uuid4().hex[:8]}"
 
-    def post(path: str, token: str, body: bytes) -> int:
-        conn = server.connect()
-        try:
-            conn.request("POST", path, body, bearer(token))
-            return conn.getresponse().status
-        finally:
-            conn.close()
-
     async def scenario() -> str:
         connection = {
             "connection": {
@@ -595,10 +587,10 @@ def test_bullmq_and_the_service_share_a_tls_server_each_as_its_own_user(
 
         async def process(job, token):
             path = f"/queues/{name}/jobs/{job.id}"
-            assert (
-                await asyncio.to_thread(post, f"{path}/progress", token, b'{"percent": 50}') == 200
-            )
-            assert await asyncio.to_thread(post, f"{path}/logs", token, b"from the worker") == 200
+            for route, body in (("progress", b'{"percent": 50}'), ("logs", b"from the worker")):
+                url = f"{path}/{route}"
+                status = await asyncio.to_thread(server.send, "POST", url, body, token)
+                assert status == 200, route
             return {"pages": 3}
 
         worker = Worker(name, process, connection)
@@ -626,13 +618,13 @@ def test_bullmq_and_the_service_share_a_tls_server_each_as_its_own_user(
 
         # A dashboard watches another job: the watcher's blocking read, under gevent.
         add_active_job(data, name, "live", JOB_TOKEN)
-        assert post(f"/queues/{name}/jobs/live/progress", JOB_TOKEN, b"10") == 200
+        assert server.send("POST", f"/queues/{name}/jobs/live/progress", b"10", JOB_TOKEN) == 200
         conn = server.connect()
         conn.request("GET", f"/queues/{name}/jobs/live/events?tail=0", headers=bearer(API_TOKEN))
         events = iter(EventStream(conn.getresponse()))
         opening = next_event(events)
         assert (opening.event, opening.data) == ("progress", "10")
-        assert post(f"/queues/{name}/jobs/live/progress", JOB_TOKEN, b"75") == 200
+        assert server.send("POST", f"/queues/{name}/jobs/live/progress", b"75", JOB_TOKEN) == 200
         written = next_event(events)
         assert (written.event, written.data) == ("progress", "75")
         conn.close()
