@@ -79,14 +79,7 @@ class Service:
     data: redis.Redis
 
     def post(self, path: str, body: bytes, token: str = JOB_TOKEN) -> int:
-        conn = self.server.connect()
-        try:
-            conn.request("POST", path, body, bearer(token))
-            response = conn.getresponse()
-            response.read()
-            return response.status
-        finally:
-            conn.close()
+        return self.server.send("POST", path, body, token)
 
     @contextmanager
     def events(self, path: str, headers: dict[str, str] | None = None) -> Iterator[EventStream]:
