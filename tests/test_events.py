@@ -21,6 +21,7 @@ from bullmq import Queue, Worker
 from prometheus_client import REGISTRY
 
 import streams
+from app import watch_token
 from dev import (
     EventStream,
     Gunicorn,
@@ -489,8 +490,6 @@ def test_a_watch_token_works_on_every_instance_sharing_the_secret(make_app, job,
 def test_an_expired_watch_token_is_refused(make_app, job):
     job()
     app = make_app(WATCH_TOKEN_SECRET=SECRET)
-    from app import watch_token
-
     token = watch_token(SECRET, "orders", "1", int(time.time()) - 1)
     response = app.test_client().get(f"/queues/orders/jobs/1/events?token={token}")
     assert (response.status_code, response.text) == (
@@ -540,11 +539,8 @@ def test_a_thousand_subscribers_share_a_bounded_number_of_connections(tmp_path):
                 tasks = [asyncio.create_task(subscriber(o, go)) for o in opened]
                 await asyncio.wait_for(asyncio.gather(*(o.wait() for o in opened)), 60)
                 clients = len(data.client_list()) - 1  # all but this test's own
-                await asyncio.to_thread(
-                    lambda: Service(server, redis_server, data).post(
-                        "/queues/orders/jobs/1/progress", b"99"
-                    )
-                )
+                path = "/queues/orders/jobs/1/progress"
+                await asyncio.to_thread(server.send, "POST", path, b"99", JOB_TOKEN)
                 go.set()
                 return await asyncio.wait_for(asyncio.gather(*tasks), 60), clients
 
