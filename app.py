@@ -1020,9 +1020,25 @@ def watcher_client(config: Mapping[str, Any]) -> redis.Redis | RedisCluster:
     """Make the job watcher's own client: one connection (one per node of a cluster)."""
     client = redis_client({**config, "REDIS_MAX_CONNECTIONS": 1})
     if isinstance(client, Connections):
-        return redis.Redis(connection_pool=client.connection_pool)
+        return redis.Redis.from_pool(client.connection_pool)  # closed with the client
     assert isinstance(client, RedisCluster)
     return client
+
+
+class Cluster(RedisCluster):
+    """redis-py's Redis Cluster client, whose close() closes every node's connections.
+
+    Made from a URL, as cluster_client makes it, each node's client is handed a pool it
+    does not own, and RedisCluster.close() leaves that pool's connections open until the
+    garbage collector finds them.
+    """
+
+    def close(self) -> None:
+        nodes = self.get_nodes()
+        super().close()
+        for node in nodes:
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
 
 
 def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisCluster:
@@ -1040,7 +1056,7 @@ def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisC
     # Each node's connections take the options of one server's (timeouts, TLS); the
     # cluster retries its own way, below.
     node_options = {name: value for name, value in options.items() if name != "retry"}
-    return RedisCluster(
+    return Cluster(
         # Given a URL, the client makes each node's pool of connection_pool_class; given
         # none, it makes pools that refuse a caller past their size instead of waiting.
         url=f"{'rediss' if redis_tls(config) else 'redis'}://{first.host}:{first.port}",

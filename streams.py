@@ -199,7 +199,8 @@ class Watcher:
                     del self.queues[subscription.queue_name]
 
     def run(self) -> None:
-        """Read and hand on events until the process ends; outlive Redis outages."""
+        """Read and hand on events until stopped, then close the connection; outlive
+        Redis outages."""
         client: redis.Redis | RedisCluster | None = None
         polled = 0.0
         while not self.stopping.is_set():
@@ -223,6 +224,8 @@ class Watcher:
                     client.close()
                 client = None
                 self.stopping.wait(1.0)
+        if client is not None:
+            client.close()
 
     def read_events(self, client: redis.Redis) -> None:
         """Wait up to block_ms for new events in any watched queue; hand them on."""

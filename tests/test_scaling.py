@@ -10,7 +10,7 @@ import redis
 from redis.crc import key_slot
 from redis.sentinel import Sentinel
 
-from dev import ClusterServers, Sentinels
+from dev import ClusterServers, Sentinels, wait_until
 from tests.conftest import API_TOKEN, JOB_TOKEN, add_active_job, bearer, next_event, open_events
 
 
@@ -76,6 +76,38 @@ def test_a_jobs_events_stream_on_every_master(cluster_app, cluster, data):
             ("progress", "2"),
             ("log", '{"index": 0, "line": "a line"}'),
         ]
+
+
+def tcp_clients(cluster) -> set[tuple[int, str]]:
+    """Return the clients connected to the cluster's masters over TCP, by node and id."""
+    clients = set()
+    for n, node in enumerate(cluster.masters):
+        with node.admin() as admin:
+            clients |= {
+                (n, client["id"])
+                for client in admin.client_list("normal")
+                if client["addr"].startswith("127.0.0.1:")
+            }
+    return clients
+
+
+def test_closing_the_app_closes_its_connections_to_every_node(cluster_app, cluster, data):
+    queues = cluster.queues_per_master()
+    for queue in queues:
+        add_active_job(data, queue, "1", JOB_TOKEN)
+    before = tcp_clients(cluster)  # this test's own client's, and any closing still
+    app = cluster_app()
+    client = app.test_client()
+    for queue in queues:
+        url = f"/queues/{queue}/jobs/1/progress"
+        assert client.post(url, data=b"1", headers=bearer(JOB_TOKEN)).status_code == 200
+    events = open_events(client, f"/queues/{queues[0]}/jobs/1/events")
+    assert next_event(events).data == "1"  # the watcher reads the cluster too
+    opened = tcp_clients(cluster) - before
+    assert {n for n, _ in opened} == {0, 1, 2}  # the app's, on every master
+    app.extensions["bullmq_http.watcher"].stop()
+    app.extensions["bullmq_http"].close()
+    wait_until(lambda: not opened & tcp_clients(cluster), 10, "the connections to close")
 
 
 def test_seed_nodes_may_come_from_redis_url(make_app, cluster, data):
