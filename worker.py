@@ -16,6 +16,8 @@ merely idle clients can hold every connection a worker has. This one adds:
   reads a response would otherwise find it already there, and gevent only switches when
   a read would block: one connection could be served again and again while the others
   wait for hundreds of milliseconds (bench/results.md: p99 at 32 connections).
+- Each response in one write: gunicorn sends a response's head and its body apart, a
+  send more per response, and on the client's side a wake-up more (bench/results.md).
 - gunicorn's own answers to malformed requests in plain text, like the service's.
 - On SIGTERM, open streams of events end within a second instead of holding the
   graceful stop.
@@ -36,6 +38,9 @@ import streams
 
 # Past this share of worker_connections, a new connection closes the longest-idle one.
 CROWDED = 0.9
+# A response's body up to this size goes out in one write with its head; a larger one is
+# sent after it rather than copied onto it.
+ONE_WRITE_BYTES = 64 * 1024
 
 
 def write_plain_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
@@ -49,9 +54,10 @@ def write_plain_error(sock: socket.socket, status: int, reason: str, message: st
 
 
 class Client:
-    """A client's socket as the worker's HTTP parser reads it, with the deadlines.
+    """A client's socket as the worker's HTTP parser reads it, with the deadlines, and
+    as its responses are written, each in one write.
 
-    Everything but recv passes through to the socket.
+    Everything else passes through to the socket.
     """
 
     def __init__(self, sock: socket.socket, worker: DeadlineWorker) -> None:
@@ -60,6 +66,8 @@ class Client:
         self.deadline: float | None = None  # while a request arrives: when it must have
         self.in_app = False  # the request's headers arrived and the app has it
         self.linger = False  # the client may still be sending when the connection closes
+        self.hold_head = False  # a response starts: its head waits for its body
+        self.head: bytes | None = None  # the head held
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sock, name)
@@ -108,10 +116,37 @@ class Client:
         self.deadline = time.monotonic() + self.worker.request_timeout
         return data
 
+    def sendall(self, data: bytes) -> None:
+        """Send bytes of a response. Its first are its head, which gunicorn writes
+        alone: hold it, and send it with the body's first bytes."""
+        if self.hold_head:
+            self.hold_head = False
+            self.head = data
+            return
+        head, self.head = self.head, None
+        if head is not None:
+            if len(data) <= ONE_WRITE_BYTES:
+                data = head + data
+            else:
+                self.sock.sendall(head)
+        self.sock.sendall(data)
+
+    def send_head(self) -> None:
+        """Send a response's head still held: its response has no body (HEAD, 204)."""
+        self.hold_head = False
+        head, self.head = self.head, None
+        if head is not None:
+            self.sock.sendall(head)
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        self.send_head()
+        return self.sock.sendfile(file, offset, count)
+
     def close(self) -> None:
         """Close the connection; after an answer to a request that did not arrive whole,
         drain what the client still sends for a moment first: a socket closed on unread
         input sends a reset, and the client may lose the answer before reading it."""
+        self.head = None  # a response that failed mid-way: its head alone would mislead
         if self.linger:
             util.close_graceful(self.sock)
         else:
@@ -175,10 +210,18 @@ class DeadlineWorker(GeventWorker):
 
     def handle_request(self, listener_name: Any, req: Any, sock: Client, addr: Any) -> Any:
         sock.in_app = True
+        sock.hold_head = True
         if req.body is not None:
             req.body.reader = ClosingReader(req.body.reader, req, sock)
         try:
-            return super().handle_request(listener_name, req, sock, addr)
+            answered = super().handle_request(listener_name, req, sock, addr)
+            sock.send_head()
+            return answered
+        except StopIteration:  # answered, and the connection closes after it
+            sock.send_head()
+            raise
         finally:
             sock.in_app = False
             sock.deadline = None
+            sock.hold_head = False  # a head never sent belongs to a response that failed
+            sock.head = None

@@ -4,13 +4,14 @@ import http.client
 import os
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
 
 import pytest
 
-from dev import GUNICORN, Gunicorn, harness_environ, wait_until
+from dev import GUNICORN, Gunicorn, free_port, harness_environ, wait_until
 from tests.conftest import API_TOKEN, JOB_TOKEN, ROOT, bearer
 from worker import DeadlineWorker
 
@@ -76,6 +77,51 @@ def test_chunked_body_over_the_limit_is_a_413(tmp_path, redis_url, r, job):
         assert conn.getresponse().status == 200
         conn.close()
     assert r.lrange("bull:orders:1:logs", 0, -1) == ["ab"]
+
+
+# Linux's struct tcp_info: where tcpi_data_segs_in, the segments received that carried
+# data, sits, and the size that holds it.
+TCPI_DATA_SEGS_IN, TCP_INFO_BYTES = 152, 160
+
+
+def data_segments_in(sock: socket.socket) -> int:
+    """Return how many TCP segments carrying data the socket has received."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_BYTES)
+    return struct.unpack_from("I", info, TCPI_DATA_SEGS_IN)[0]
+
+
+def test_each_response_arrives_in_one_segment(tmp_path, redis_url, r, job):
+    # gunicorn alone sends a response's head and its body in two writes: two segments.
+    job()
+    r.rpush("bull:orders:1:logs", "first line")
+    env = {"REDIS_URL": redis_url, "AUTH_TOKENS": API_TOKEN, "WEB_CONCURRENCY": "1"}
+    logs = "/queues/orders/jobs/1/logs"
+    exchanges = [
+        ("POST", "/queues/orders/jobs/1/progress", b'{"percent":42}', JOB_TOKEN, 200, b"OK"),
+        ("GET", logs, b"", API_TOKEN, 200, b'{"count":1,"logs":["first line"]}'),
+        ("HEAD", logs, b"", API_TOKEN, 200, b""),  # a head with no body after it
+        ("GET", logs, b"", "not-a-token", 401, b"the API token is not valid"),
+    ]
+    answers = []
+    with Gunicorn(tmp_path, env, bind=f"127.0.0.1:{free_port()}") as server:
+        host, port = server.bind.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            for n, (method, path, body, token, _, _) in enumerate(exchanges):
+                last = n == len(exchanges) - 1  # closes the connection after its answer
+                segments = data_segments_in(sock)
+                sock.sendall(
+                    f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n"
+                    f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n"
+                    f"Connection: {'close' if last else 'keep-alive'}\r\n\r\n".encode()
+                    + body
+                )
+                response = http.client.HTTPResponse(sock, method=method)
+                response.begin()
+                answer = response.read()
+                answers.append((response.status, answer, data_segments_in(sock) - segments))
+            assert sock.recv(1) == b""  # closed after the last answer
+    assert answers == [(status, answer, 1) for *_, status, answer in exchanges]
+    assert r.hget("bull:orders:1", "progress") == '{"percent":42}'
 
 
 def start_with(env):
