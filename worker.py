@@ -17,7 +17,7 @@ merely idle clients can hold every connection a worker has. This one adds:
   a read would block: one connection could be served again and again while the others
   wait for hundreds of milliseconds (bench/results.md: p99 at 32 connections).
 - Each response in one write: gunicorn sends a response's head and its body apart, a
-  send more per response, and on the client's side a wake-up more (bench/results.md).
+  send more per response, and on the client's side a wake-up more (README, Performance).
 - gunicorn's own answers to malformed requests in plain text, like the service's.
 - On SIGTERM, open streams of events end within a second instead of holding the
   graceful stop.
