@@ -118,7 +118,9 @@ class Client:
 
     def sendall(self, data: bytes) -> None:
         """Send bytes of a response. Its first are its head, which gunicorn writes
-        alone: hold it, and send it with the body's first bytes."""
+        alone: hold it, and send it with the body's first bytes. (A streamed response's
+        head so waits for its first chunk with bytes in it: the streams of events send
+        one at once.)"""
         if self.hold_head:
             self.hold_head = False
             self.head = data
