@@ -3,8 +3,9 @@
 Starts a Redis server and the service under gunicorn with its production config, lays
 out real active jobs, and drives each route with wrk over keep-alive connections.
 Alternating with it, the same wrk runs against gunicorn serving a bare WSGI callable
-(bench/bare.py) under several worker classes, and redis-benchmark runs the service's
-own Lua scripts: what the service could reach if it cost nothing. Then the progress
+(bench/bare.py) under several worker classes, and a Flask route that does no more
+(bench/flask_bare.py) under the project's, and redis-benchmark runs the service's own
+Lua scripts: what the service could reach if it cost nothing. Then the progress
 route again, in turns with a copy of the service run with METRICS=0, for what counting
 each request costs; and 1,000 streams of events on one worker, for their memory and the
 delay from a write to its event. Prints one table and writes it to bench/results.md.
@@ -77,6 +78,8 @@ BARE_WORKERS = {
     "gthread, 8 threads": {"WORKER_CLASS": "gthread"},
     "sync": {"WORKER_CLASS": "sync"},
 }
+# The same work through Flask: the ceiling of any Flask service on this stack.
+FLASK_BARE = "bare: Flask route, gevent (project config)"
 
 
 @dataclass(frozen=True)
@@ -389,7 +392,11 @@ def main() -> int:
             directory.mkdir()
             bind = f"127.0.0.1:{free_port()}"
             bare[name] = Gunicorn(directory, worker_env, bind=bind, args=("bench.bare:app",))
-        servers = [service, no_metrics, *bare.values()]
+        (workdir / "flask").mkdir()
+        flask_bare = Gunicorn(
+            workdir / "flask", {}, bind=f"127.0.0.1:{free_port()}", args=("bench.flask_bare:app",)
+        )
+        servers = [service, no_metrics, *bare.values(), flask_bare]
         try:
             for server in servers:
                 start(server)
@@ -402,6 +409,9 @@ def main() -> int:
                     )
                     best = max(best, row.run.rate)
                     rows.append(row)
+                row = measure(flask_bare, replace(BARE_REQUEST, name=FLASK_BARE), connections, None)
+                row.ceiling_share = row.run.rate / best
+                rows.append(row)
                 for route in ROUTES:
                     row = measure(service, route, connections, client)
                     row.ceiling_share = row.run.rate / best
@@ -466,10 +476,12 @@ def render(
     lines += ["", "Targets, each route at 32 connections:", ""]
     lines += ["| route | ≥ 0.5 of best bare | ≤ 250 µs CPU/req | p99 ≤ 10 ms | one round trip |"]
     lines += ["|---|---|---|---|---|"]
+    targeted = []  # the rows of the table of targets
     for row in rows:
         ratio, trips, calls = row.ceiling_share, row.round_trips, row.script_calls
         if row.connections != CONNECTIONS[-1] or ratio is None or trips is None or calls is None:
             continue  # a ceiling, a single connection, or a cluster row
+        targeted.append(row)
         checks = (
             (ratio >= 0.5, f"{ratio:.2f}"),
             (row.cpu_per_request <= 250e-6, f"{row.cpu_per_request * 1e6:,.0f} µs"),
@@ -478,6 +490,17 @@ def render(
         )
         cells = " | ".join(f"{'met' if ok else 'missed'} ({value})" for ok, value in checks)
         lines.append(f"| {row.name} | {cells} |")
+    flask = next(r for r in rows if r.name == FLASK_BARE and r.connections == CONNECTIONS[-1])
+    flask_rate = flask.run.rate
+    shares = [row.run.rate / flask_rate for row in targeted]
+    lines += [
+        "",
+        f"The Flask route that only reads the body and answers OK, at {CONNECTIONS[-1]} "
+        f"connections: {flask_rate:,.0f} requests/s ({flask.ceiling_share:.2f} of the best "
+        f"bare), {flask.cpu_per_request * 1e6:,.0f} µs of worker CPU per request, p99 "
+        f"{flask.run.p99_ms:.1f} ms: what any Flask service costs here before its own work. "
+        f"The routes reach {min(shares):.2f} to {max(shares):.2f} of it.",
+    ]
     with_metrics, without = metrics
     extra = with_metrics - without
     lines += [
