@@ -954,9 +954,11 @@ class Connections:
         return connection.read_response()
 
     def close(self) -> None:
-        """Close the idle connections; a closed one connects again when next lent."""
+        """Close the idle connections, and any the pool holds itself (a Sentinel pool's,
+        to the sentinels); a closed one connects again when next used."""
         for connection in self.idle:
             connection.disconnect()
+        self.connection_pool.disconnect()
 
 
 def bounded_semaphore(size: int) -> threading.BoundedSemaphore:
@@ -994,7 +996,7 @@ def redis_client(config: Mapping[str, Any]) -> RedisCommands:
         )
         # The pool asks the sentinels for the master whenever it connects, so after a
         # failover the next connection goes to the new master.
-        pool: redis.ConnectionPool = SentinelConnectionPool(
+        pool: redis.ConnectionPool = SentinelPool(
             config["REDIS_SENTINEL_MASTER"],
             sentinels,
             username=config["REDIS_USERNAME"],
@@ -1023,6 +1025,23 @@ def watcher_client(config: Mapping[str, Any]) -> redis.Redis | RedisCluster:
         return redis.Redis.from_pool(client.connection_pool)  # closed with the client
     assert isinstance(client, RedisCluster)
     return client
+
+
+class SentinelPool(SentinelConnectionPool):
+    """redis-py's pool of a Sentinel master's connections, which, disconnected whole (as
+    closing a client of it does), closes its connections to the sentinels too.
+
+    It asks the sentinels where the master is through a client of each, whose
+    connections redis-py leaves open until the garbage collector finds them. When the
+    master moves, redis-py disconnects the pool's idle connections only, and the
+    sentinels' stay open for the next question.
+    """
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        super().disconnect(inuse_connections)
+        if inuse_connections:
+            for sentinel in self.sentinel_manager.sentinels:
+                sentinel.connection_pool.disconnect()
 
 
 class Cluster(RedisCluster):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -78,11 +79,12 @@ def test_a_jobs_events_stream_on_every_master(cluster_app, cluster, data):
         ]
 
 
-def tcp_clients(cluster) -> set[tuple[int, str]]:
-    """Return the clients connected to the cluster's masters over TCP, by node and id."""
+def tcp_clients(servers) -> set[tuple[int, str]]:
+    """Return the clients connected to the servers over TCP, by server (its index) and
+    id."""
     clients = set()
-    for n, node in enumerate(cluster.masters):
-        with node.admin() as admin:
+    for n, server in enumerate(servers):
+        with server.admin() as admin:
             clients |= {
                 (n, client["id"])
                 for client in admin.client_list("normal")
@@ -95,7 +97,7 @@ def test_closing_the_app_closes_its_connections_to_every_node(cluster_app, clust
     queues = cluster.queues_per_master()
     for queue in queues:
         add_active_job(data, queue, "1", JOB_TOKEN)
-    before = tcp_clients(cluster)  # this test's own client's, and any closing still
+    before = tcp_clients(cluster.masters)  # this test's own client's, any closing still
     app = cluster_app()
     client = app.test_client()
     for queue in queues:
@@ -103,11 +105,11 @@ def test_closing_the_app_closes_its_connections_to_every_node(cluster_app, clust
         assert client.post(url, data=b"1", headers=bearer(JOB_TOKEN)).status_code == 200
     events = open_events(client, f"/queues/{queues[0]}/jobs/1/events")
     assert next_event(events).data == "1"  # the watcher reads the cluster too
-    opened = tcp_clients(cluster) - before
+    opened = tcp_clients(cluster.masters) - before
     assert {n for n, _ in opened} == {0, 1, 2}  # the app's, on every master
     app.extensions["bullmq_http.watcher"].stop()
     app.extensions["bullmq_http"].close()
-    wait_until(lambda: not opened & tcp_clients(cluster), 10, "the connections to close")
+    wait_until(lambda: not opened & tcp_clients(cluster.masters), 10, "the connections to close")
 
 
 def test_seed_nodes_may_come_from_redis_url(make_app, cluster, data):
@@ -200,17 +202,35 @@ def sentinels(tmp_path):
         yield the_sentinels
 
 
-def test_a_sentinel_failover_answers_503_then_200_and_loses_nothing(make_app, sentinels):
-    addresses = sentinels.addresses()
+@pytest.fixture
+def sentinel(sentinels):
+    """Yield redis-py's Sentinel client of the sentinels; close its connections after."""
+    manager = Sentinel(sentinels.addresses())
+    yield manager
+    for client in manager.sentinels:
+        client.close()
+
+
+@pytest.fixture
+def sentinel_data(sentinels, sentinel):
+    """Yield a client of the Sentinel master; close it after the test."""
+    client = sentinel.master_for(sentinels.name, decode_responses=True)
+    yield client
+    client.close()
+
+
+# `sentinels` comes first: its servers stop after the app's watcher, not under it.
+def test_a_sentinel_failover_answers_503_then_200_and_loses_nothing(
+    sentinels, make_app, sentinel, sentinel_data
+):
     app = make_app(
         REDIS_URL=None,
-        REDIS_SENTINELS=addresses,
+        REDIS_SENTINELS=sentinels.addresses(),
         REDIS_SENTINEL_MASTER=sentinels.name,
         REDIS_TIMEOUT=0.5,
     )
     client = app.test_client()
-    data = Sentinel(addresses).master_for(sentinels.name, decode_responses=True)
-    add_active_job(data, "orders", "1", JOB_TOKEN)
+    add_active_job(sentinel_data, "orders", "1", JOB_TOKEN)
     url = "/queues/orders/jobs/1/logs"
     before = [f"line {n}" for n in range(20)]
     for line in before:
@@ -223,18 +243,47 @@ def test_a_sentinel_failover_answers_503_then_200_and_loses_nothing(make_app, se
 
     assert set(statuses) <= {200, 503}, statuses
     assert 503 in statuses and statuses[-5:] == [200] * 5
-    assert Sentinel(addresses).discover_master(sentinels.name)[1] == sentinels.replica.port
+    assert sentinel.discover_master(sentinels.name)[1] == sentinels.replica.port
     response = client.get(f"{url}?length=100", headers=bearer(API_TOKEN))
     assert response.get_json()["logs"] == before + during
 
 
-def test_a_jobs_events_stream_through_sentinel(make_app, sentinels):
-    addresses = sentinels.addresses()
-    app = make_app(REDIS_URL=None, REDIS_SENTINELS=addresses, REDIS_SENTINEL_MASTER=sentinels.name)
-    client = app.test_client()
-    data = Sentinel(addresses).master_for(sentinels.name, decode_responses=True)
-    add_active_job(data, "orders", "1", JOB_TOKEN)
+def sentinel_app(make_app, sentinels):
+    """Return an app on the sentinels' master, with the other settings as by default."""
+    return make_app(
+        REDIS_URL=None, REDIS_SENTINELS=sentinels.addresses(), REDIS_SENTINEL_MASTER=sentinels.name
+    )
+
+
+def test_a_jobs_events_stream_through_sentinel(sentinels, make_app, sentinel_data):
+    client = sentinel_app(make_app, sentinels).test_client()
+    add_active_job(sentinel_data, "orders", "1", JOB_TOKEN)
     events = open_events(client, "/queues/orders/jobs/1/events")
     client.post("/queues/orders/jobs/1/progress", data=b"7", headers=bearer(JOB_TOKEN))
     event = next_event(events)
     assert (event.event, event.data) == ("progress", "7")
+
+
+def test_closing_the_app_closes_its_connections_to_the_sentinels(
+    sentinels, make_app, sentinel_data
+):
+    add_active_job(sentinel_data, "orders", "1", JOB_TOKEN)
+    servers = [sentinels.master, *sentinels.sentinels]
+    before = tcp_clients(servers)  # this test's own client's, any closing still
+    app = sentinel_app(make_app, sentinels)
+    client = app.test_client()
+    url = "/queues/orders/jobs/1/progress"
+    assert client.post(url, data=b"1", headers=bearer(JOB_TOKEN)).status_code == 200
+    events = open_events(client, "/queues/orders/jobs/1/events")
+    assert next_event(events).data == "1"  # the watcher finds the master too
+    opened = tcp_clients(servers) - before
+    reached = {n for n, _ in opened}
+    # The app's, on the master and on the sentinel that told it where the master is.
+    assert 0 in reached and reached & {1, 2, 3}, reached
+    gc.disable()  # closed by the app, not found later by the garbage collector
+    try:
+        app.extensions["bullmq_http.watcher"].stop()
+        app.extensions["bullmq_http"].close()
+        wait_until(lambda: not opened & tcp_clients(servers), 10, "the connections to close")
+    finally:
+        gc.enable()
