@@ -73,7 +73,10 @@ def make_app(redis_url: str, r: redis.Redis) -> Iterator[Callable[..., Flask]]:
 
     yield make
     for app in apps:
-        app.extensions["bullmq_http.watcher"].stop()
+        watcher = app.extensions["bullmq_http.watcher"]
+        watcher.stop()
+        if watcher.thread is not None:
+            watcher.thread.join(10)  # it closes its connections on the way out
         app.extensions["bullmq_http"].close()
 
 
