@@ -125,12 +125,10 @@ class Client:
             self.hold_head = False
             self.head = data
             return
-        head, self.head = self.head, None
-        if head is not None:
-            if len(data) <= ONE_WRITE_BYTES:
-                data = head + data
-            else:
-                self.sock.sendall(head)
+        if self.head is not None and len(data) <= ONE_WRITE_BYTES:
+            data, self.head = self.head + data, None
+        else:
+            self.send_head()  # before a large body, on its own
         self.sock.sendall(data)
 
     def send_head(self) -> None:
