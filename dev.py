@@ -89,6 +89,23 @@ def redis_server_version() -> str:
     return f"{output.stdout.split(' sha=')[0]} ({binary})"
 
 
+def dying_with_this_process(command: Sequence[str]) -> list[str]:
+    """Return a command that runs `command` so that it is killed when the thread that
+    starts it ends, however it ends: a test run killed by a signal or a time limit
+    leaves no server behind. (Linux's PR_SET_PDEATHSIG, set before the command's exec.)"""
+    return [
+        sys.executable,
+        "-c",
+        "import ctypes, os, signal, sys\n"
+        "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
+        "if os.getppid() != int(sys.argv[1]):\n"
+        "    sys.exit('the process that started this one has ended')\n"
+        "os.execvp(sys.argv[2], sys.argv[2:])",
+        str(os.getpid()),
+        *command,
+    ]
+
+
 class Started:
     """Something started here; as a context manager, stopped on the way out."""
 
@@ -229,7 +246,7 @@ class RedisServer(Server):
         else:
             listen = ["--port", str(self.port)]
         self.process = subprocess.Popen(
-            [
+            dying_with_this_process([
                 self.binary or redis_server_binary(),
                 *self.args,
                 *listen,
@@ -240,7 +257,7 @@ class RedisServer(Server):
                 "--save", "",
                 "--appendonly", "no",
                 "--loglevel", "warning",
-            ],
+            ]),
             stdout=subprocess.DEVNULL,
             start_new_session=True,  # a terminal's Ctrl-C is for whoever started it
         )  # fmt: skip
@@ -554,7 +571,7 @@ class Gunicorn(Server):
         """Start the server and wait until it answers /healthz."""
         with self.log.open("wb") as output:
             self.process = subprocess.Popen(
-                [*GUNICORN, *self.args],
+                dying_with_this_process([*GUNICORN, *self.args]),
                 cwd=Path(__file__).resolve().parent,
                 env={**harness_environ(), **self.env, "BIND": self.bind},
                 stdout=output,

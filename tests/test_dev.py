@@ -5,6 +5,9 @@ import shlex
 import signal
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from dev import free_port, harness_environ, wait_until
 from tests.conftest import ROOT
@@ -47,3 +50,59 @@ def test_printed_curl_lines_work(tmp_path):
     redis_url = next(line for line in printed.splitlines() if "Throwaway Redis at" in line)
     socket_path = redis_url.split("unix://")[1].split(",")[0]
     assert not os.path.exists(socket_path)  # Redis stopped and its directory is gone
+
+
+HOLDING = """
+import time
+from pathlib import Path
+
+from dev import Gunicorn, RedisServer
+
+
+def test_hold(tmp_path):
+    with RedisServer(tmp_path / "redis") as redis_server:
+        env = {"REDIS_URL": redis_server.url, "WEB_CONCURRENCY": "1"}
+        with Gunicorn(tmp_path, env) as server:
+            pids = [redis_server.process.pid, server.process.pid, *server.wait_for_workers(1)]
+            Path(PIDS).write_text(" ".join(map(str, pids)))
+            time.sleep(600)
+"""
+
+
+def running(pid: int) -> bool:
+    """Return whether a process runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.parametrize("end", ["SIGTERM", "SIGKILL", "time limit"])
+def test_a_test_run_that_is_ended_leaves_no_server_behind(tmp_path, end):
+    pids = tmp_path / "pids"
+    (tmp_path / "test_holding.py").write_text(f"PIDS = {str(pids)!r}\n{HOLDING}")
+    limit = ["--timeout", "5", "--timeout-method", "thread"] if end == "time limit" else []
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *limit,
+         str(tmp_path / "test_holding.py")],
+        cwd=tmp_path,
+        env={**harness_environ(), "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: pids.exists() and pids.read_text(), 30, "the servers to start")
+        started = [int(pid) for pid in pids.read_text().split()]
+        assert len(started) == 3 and all(map(running, started))
+        if end != "time limit":
+            run.send_signal(getattr(signal, end))
+        run.wait(30)
+        output = run.stdout.read().decode() if run.stdout else ""
+    finally:
+        run.kill()
+        run.wait()
+        if run.stdout:
+            run.stdout.close()
+    wait_until(lambda: not any(map(running, started)), 10, "the servers to end")
+    if end == "time limit":
+        assert "Timeout" in output and "test_hold" in output  # where each thread was

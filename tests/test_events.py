@@ -399,7 +399,10 @@ def test_bullmq_writes_arrive_and_the_end_is_bullmqs(service):
                 go.set()
                 await asyncio.wait_for(watching, 15)
         finally:
-            await worker.close()
+            # Both jobs are done: nothing is left to finish. A graceful close waits, with
+            # no bound, for every task of the worker's, its own fetch of a next job among
+            # them; forced, it cancels them and closes its connections.
+            await worker.close(force=True)
             await queue.close()
 
     asyncio.run(scenario())

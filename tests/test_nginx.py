@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from dev import EventStream, Gunicorn, RedisServer, answers, free_port, wait_until
+from dev import (
+    EventStream,
+    Gunicorn,
+    RedisServer,
+    answers,
+    dying_with_this_process,
+    free_port,
+    wait_until,
+)
 from tests.conftest import API_TOKEN, JOB_TOKEN, ROOT, add_active_job, bearer, unavailable
 
 EXAMPLE = ROOT / "deploy" / "nginx.conf"
@@ -111,8 +119,8 @@ def stack(request, nginx, tmp_path_factory):
             )
             (directory / "nginx.conf").write_text(main_config(directory))
             process = subprocess.Popen(
-                [nginx, "-p", str(directory), "-c", str(directory / "nginx.conf"),
-                 "-g", "daemon off;"],
+                dying_with_this_process([nginx, "-p", str(directory), "-c",
+                                         str(directory / "nginx.conf"), "-g", "daemon off;"]),
                 stderr=subprocess.PIPE,
             )  # fmt: skip
             data = redis.Redis.from_url(redis_server.url, decode_responses=True)

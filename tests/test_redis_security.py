@@ -602,7 +602,7 @@ def test_bullmq_and_the_service_share_a_tls_server_each_as_its_own_user(
                 await asyncio.sleep(0.05)
             raise AssertionError("the job did not complete within 10 seconds")
         finally:
-            await worker.close()
+            await worker.close(force=True)  # the job is done: nothing left to finish
             await queue.close()
 
     with Gunicorn(tmp_path, env) as server:
