@@ -64,7 +64,18 @@ from werkzeug.exceptions import HTTPException, Unauthorized
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wrappers import Response as BaseResponse
 
-from streams import JobState, StreamId, Watcher, event_stream, parse_cursor, stream_id
+from streams import (
+    RETRY_MS,
+    JobState,
+    StreamId,
+    StreamLimits,
+    TooManyStreams,
+    Watcher,
+    event_stream,
+    parse_cursor,
+    stream_id,
+    text,
+)
 from tokens import ApiTokens, TokenFileError
 
 log = logging.getLogger(__name__)
@@ -77,6 +88,8 @@ docs = Blueprint("docs", __name__)
 PLAIN = {"Content-Type": "text/plain; charset=utf-8"}
 # Where a view leaves the name of the API token a request used, for the access log.
 TOKEN_NAME = "bullmq_http.token_name"  # noqa: S105 (a key, not a secret)
+# Where watch_or_api_token_required leaves when a request's watch token expires.
+WATCH_TOKEN_EXPIRES = "bullmq_http.watch_token_expires"  # noqa: S105
 
 # ------------------------------------------------------------------------- auth
 
@@ -129,8 +142,9 @@ def watch_or_api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
         if token is None:
             check_api_token(kwargs.get("queue"))
         else:
-            check_watch_token(token, kwargs["queue"], kwargs["job_id"])
+            expires = check_watch_token(token, kwargs["queue"], kwargs["job_id"])
             request.environ[TOKEN_NAME] = "watch-token"  # for the access log
+            request.environ[WATCH_TOKEN_EXPIRES] = expires
         return view(**kwargs)
 
     return wrapper
@@ -157,18 +171,21 @@ def watch_token(secret: str, queue: str, job_id: str, expires: int) -> str:
     return f"{expires}.{signature}"
 
 
-def check_watch_token(token: str, queue: str, job_id: str) -> None:
-    """Stop with 401 unless the token is an unexpired watch token of this job."""
+def check_watch_token(token: str, queue: str, job_id: str) -> int:
+    """Stop with 401 unless the token is an unexpired watch token of this job; return
+    when it expires (Unix time)."""
     secret = current_app.config["WATCH_TOKEN_SECRET"]
     if not secret:
         abort(401, "watch tokens are off on this server (WATCH_TOKEN_SECRET)")
     expires, _, _ = token.partition(".")
-    if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):
-        abort(401, "the watch token is not valid")
-    if not hmac.compare_digest(token, watch_token(secret, queue, job_id, int(expires))):
+    if not (token.isascii() and expires.isdigit() and len(expires) <= 12):
+        abort(401, "the watch token is not valid for this job")
+    expected = watch_token(secret, queue, job_id, int(expires))
+    if not hmac.compare_digest(token.encode(), expected.encode()):
         abort(401, "the watch token is not valid for this job")
     if int(expires) <= time.time():
         abort(401, "the watch token has expired: ask for a new one")
+    return int(expires)
 
 
 # ------------------------------------------------------------------------ views
@@ -241,17 +258,32 @@ def job_events(queue: str, job_id: str) -> Response:
         resume = parse_cursor(last_event_id)
         if resume is None:
             abort(400, "Last-Event-ID must be the id of an event this service sent")
-    job_store = store()
-    state = job_store.job_state(queue, job_id)
-    watcher: Watcher = current_app.extensions["bullmq_http.watcher"]
-    events = event_stream(job_store, watcher, queue, job_id, state, tail, resume)
-    return Response(
-        counted_stream(events),
-        mimetype="text/event-stream",
-        # Not cached, and not buffered by nginx (X-Accel-Buffering), which would hold
-        # the events back until its buffer fills.
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    # A stream opened with a watch token ends when the token expires.
+    expires = request.environ.get(WATCH_TOKEN_EXPIRES)
+    until = None if expires is None else time.monotonic() + (expires - time.time())
+    limits: StreamLimits = current_app.extensions["bullmq_http.stream_limits"]
+    if expires is None:
+        give_back = limits.take("api", request.environ[TOKEN_NAME])
+    else:
+        give_back = limits.take("watch", request.args["token"])
+    try:
+        job_store = store()
+        state = job_store.job_state(queue, job_id)
+        watcher: Watcher = current_app.extensions["bullmq_http.watcher"]
+        events = event_stream(job_store, watcher, queue, job_id, state, tail, resume, until)
+        response = Response(
+            counted_stream(events),
+            mimetype="text/event-stream",
+            # Not cached, and not buffered by nginx (X-Accel-Buffering), which would hold
+            # the events back until its buffer fills.
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    except BaseException:
+        give_back()
+        raise
+    # The server closes the response when the stream ends, however it ends.
+    response.call_on_close(give_back)
+    return response
 
 
 @jobs.post("/queues/<queue>/jobs/<path:job_id>/events/token")
@@ -274,8 +306,12 @@ def healthz() -> tuple[str, dict[str, str]]:
 
 @health.get("/readyz")
 def readyz() -> tuple[str, dict[str, str]]:
-    """Answer whether Redis answers."""
+    """Answer whether Redis answers, and the job watcher does its work."""
     store().ping()
+    watcher: Watcher = current_app.extensions["bullmq_http.watcher"]
+    trouble = watcher.trouble()
+    if trouble is not None:
+        abort(503, trouble)
     return "OK", PLAIN
 
 
@@ -802,9 +838,9 @@ class JobStore:
             self.job_state_script, queue, job_id, keys, (job_id,)
         )
         return JobState(
-            progress=progress.decode() if has_progress else None,
-            finished=finished.decode() or None,
-            outcome=outcome.decode(),
+            progress=text(progress) if has_progress else None,
+            finished=text(finished) or None,
+            outcome=text(outcome),
             log_count=log_count,
             stream_top=stream_id(newest),
             stream_first=stream_id(oldest),
@@ -823,12 +859,10 @@ class JobStore:
             for entry_id, fields in entries
         ]
 
-    def log_lines(self, queue: str, job_id: str, start: int, stop: int) -> list[bytes]:
-        """Return a job's log lines from index start to stop, both included."""
-        lines: list[bytes] = self.redis.execute_command(
-            "LRANGE", self.key(queue, job_id, "logs"), start, stop
-        )
-        return lines
+    def log_page(self, queue: str, job_id: str, start: int, count: int) -> list[bytes]:
+        """Return up to `count` of a job's log lines from index `start`, as many whole
+        lines as fit in max_page_bytes (at least one)."""
+        return self.read_logs(queue, job_id, start, count, newest_first=False)[1]
 
     def _run(
         self, script: Script, queue: str, job_id: str, keys: tuple[str, ...], args: tuple[Any, ...]
@@ -1236,6 +1270,14 @@ SETTINGS: dict[str, Setting] = {
     "METRICS": Setting(True, _flag),
     "WATCH_TOKEN_SECRET": Setting(None, _text),
     "WATCH_TOKEN_SECONDS": Setting(300, whole_number(1, 86_400)),
+    # Unset, from the worker's room: see default_max_streams.
+    "MAX_STREAMS": Setting(None, whole_number(0, 10_000)),
+    "MAX_STREAMS_PER_TOKEN": Setting(100, whole_number(1, 10_000)),
+    "MAX_STREAMS_PER_WATCH_TOKEN": Setting(10, whole_number(1, 10_000)),
+    # gunicorn's, read here too: the room a worker has sizes its streams.
+    "WORKER_CLASS": Setting("gevent", _text),
+    "WORKER_CONNECTIONS": Setting(1000, whole_number(1, 10_000)),
+    "THREADS": Setting(8, whole_number(1, 1024)),
 }
 DEFAULTS = {name: setting.default for name, setting in SETTINGS.items()}
 
@@ -1266,6 +1308,24 @@ def api_tokens(config: Mapping[str, Any]) -> ApiTokens:
 
 HASH_TAG = re.compile(r"\{[^}]+\}")
 
+# The share of a gevent worker's connections that streams of events may hold: the rest
+# stay free for writes, reads and probes.
+STREAM_SHARE = 0.8
+
+
+def default_max_streams(config: Mapping[str, Any]) -> int:
+    """Return how many streams of events one worker holds, unless MAX_STREAMS says.
+
+    A stream holds a connection of a gevent worker, a thread of a gthread worker, and a
+    whole sync worker, for as long as it lasts: gevent keeps a fifth of its connections
+    for other requests, gthread half its threads, and sync serves no streams.
+    """
+    if config["WORKER_CLASS"] == "gevent":
+        return max(1, int(config["WORKER_CONNECTIONS"] * STREAM_SHARE))
+    if config["WORKER_CLASS"] == "gthread":
+        return config["THREADS"] // 2
+    return 0
+
 
 def check_settings(config: Mapping[str, Any]) -> None:
     """Raise ConfigError when settings contradict each other; warn of risky ones."""
@@ -1281,6 +1341,12 @@ def check_settings(config: Mapping[str, Any]) -> None:
     if "," in (config["REDIS_URL"] or "") and not config["REDIS_CLUSTER"]:
         raise ConfigError("REDIS_URL names several servers: set REDIS_CLUSTER=1 for a cluster")
     check_tls_files(config)
+    if config["WORKER_CLASS"] == "gevent" and config["MAX_STREAMS"] >= config["WORKER_CONNECTIONS"]:
+        raise ConfigError(
+            f"MAX_STREAMS={config['MAX_STREAMS']} must be below "
+            f"WORKER_CONNECTIONS={config['WORKER_CONNECTIONS']}: streams would leave no "
+            "connection for writes and probes"
+        )
     if config["REDIS_CLUSTER"] and not HASH_TAG.search(config["QUEUE_PREFIX"].split(":")[0]):
         log.warning(
             "QUEUE_PREFIX=%s has no hash tag: on Redis Cluster every queue name then needs "
@@ -1325,6 +1391,29 @@ def cross_slot(error: CrossSlot) -> Response:
         400,
         PLAIN,
     )
+
+
+# Who holds too many streams, and the setting that says how many it may.
+STREAM_CREDENTIALS = {
+    "api": ("this API token", "MAX_STREAMS_PER_TOKEN"),
+    "watch": ("this watch token", "MAX_STREAMS_PER_WATCH_TOKEN"),
+}
+
+
+def too_many_streams(error: TooManyStreams) -> Response:
+    """Answer 429 to a credential at its limit of open streams, 503 when this worker is
+    at its own: at once, before the stream costs anything."""
+    if error.kind is not None:
+        who, setting = STREAM_CREDENTIALS[error.kind]
+        message = (
+            f"{who} holds its most open streams of events here ({setting}={error.limit}): "
+            "close one, then retry"
+        )
+        return Response(message, 429, {"Retry-After": "10", **PLAIN})
+    message = (
+        f"this worker holds its most streams of events (MAX_STREAMS={error.limit}); retry shortly"
+    )
+    return Response(message, 503, {"Retry-After": str(RETRY_MS // 1000), **PLAIN})
 
 
 # Redis trouble answers 503: the caller may retry, and the pool reconnects by itself.
@@ -1612,6 +1701,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(DEFAULTS)
     app.config.update(settings_from_env(os.environ))
     app.config.update(config or {})
+    if app.config["MAX_STREAMS"] is None:
+        app.config["MAX_STREAMS"] = default_max_streams(app.config)
     check_settings(app.config)
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY_BYTES"]
     tokens = app.extensions["bullmq_http.tokens"] = api_tokens(app.config)
@@ -1632,6 +1723,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         # Its XREAD waits at most 250 ms, and at most half its socket's REDIS_TIMEOUT.
         block_ms=max(1, min(250, int(app.config["REDIS_TIMEOUT"] * 500))),
     )
+    app.extensions["bullmq_http.stream_limits"] = StreamLimits(
+        app.config["MAX_STREAMS"],
+        per_api_token=app.config["MAX_STREAMS_PER_TOKEN"],
+        per_watch_token=app.config["MAX_STREAMS_PER_WATCH_TOKEN"],
+    )
     if app.config["METRICS"]:
         app.url_value_preprocessor(note_route)
     app.register_blueprint(jobs)
@@ -1641,6 +1737,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_error_handler(NotLockHolder, not_lock_holder)
     app.register_error_handler(NoSuchJob, no_such_job)
     app.register_error_handler(CrossSlot, cross_slot)
+    app.register_error_handler(TooManyStreams, too_many_streams)
     for error in REDIS_UNAVAILABLE:
         app.register_error_handler(error, redis_unavailable)
 

@@ -3,8 +3,9 @@
 Environment: BIND (a host:port or unix:/path; overrides PORT), PORT (default 8080, on
 127.0.0.1), WEB_CONCURRENCY (worker processes, default: one per core), WORKER_CLASS
 (default gevent), WORKER_CONNECTIONS (connections per gevent worker, default 1000),
-REQUEST_TIMEOUT (seconds for a request to arrive whole, default 10), THREADS (threads
-per gthread worker, default 8), LOG_FORMAT (plain or json, default plain),
+REQUEST_TIMEOUT (seconds for a request to arrive whole, default 10), SEND_TIMEOUT
+(seconds a client may read nothing of a response before it is cut off, default 10),
+THREADS (threads per gthread worker, default 8), LOG_FORMAT (plain or json, default plain),
 PROMETHEUS_MULTIPROC_DIR (where workers keep their metrics; default a fresh temporary
 directory). The app reads the service's settings.
 """
@@ -95,6 +96,7 @@ if worker_class == "gevent":
 
     class Worker(DeadlineWorker):
         request_timeout = _seconds("REQUEST_TIMEOUT", 10, 300)
+        send_timeout = _seconds("SEND_TIMEOUT", 10, 300)
 
     worker_class = Worker
 threads = _whole("THREADS", 8, 1, 1024)

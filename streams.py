@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis
+from prometheus_client import Counter
 from redis.cluster import RedisCluster
 from redis.typing import KeyT, StreamIdT
 
@@ -41,16 +42,29 @@ POLL_SECONDS = 0.25  # the longest a new log line waits to be seen
 HEARTBEAT_SECONDS = 15.0  # a comment this often keeps proxies from closing idle streams
 RETRY_MS = 2000  # how soon browsers reconnect
 INBOX = 1000  # events a stream may fall behind before it is ended (the client resumes)
-PAGE = 500  # events or lines read at once when catching up
+PAGE = 100  # entries of an event stream, or log lines, read at once
+# The most entries of a queue's event stream that resuming one stream reads: a cursor
+# further behind gets the job's current progress instead, as a trimmed stream does.
+REPLAY_ENTRIES = 1000
 
 StreamId = tuple[int, int]
 START: StreamId = (0, 0)
-CURSOR = re.compile(r"(\d{1,20})-(\d{1,20})/(\d{1,12})")
+CURSOR = re.compile(r"(\d{1,20})-(\d{1,20})/(\d{1,16})")
+# Redis stream ids are two unsigned 64-bit numbers; a job's log count is a list length,
+# below 2^53 as BullMQ's clients read it.
+LARGEST_ID_PART = 2**64 - 1
+LARGEST_LOG_COUNT = 2**53 - 1
+
+
+def text(raw: bytes) -> str:
+    """Return bytes from Redis as text: what is not UTF-8 becomes U+FFFD, never an error
+    (a queue's event stream holds whatever any client wrote)."""
+    return raw.decode("utf-8", "replace")
 
 
 def stream_id(raw: bytes | str) -> StreamId:
     """Return a Redis stream id as a pair of numbers, which order as the ids do."""
-    text = raw.decode() if isinstance(raw, bytes) else raw
+    text = raw.decode("ascii") if isinstance(raw, bytes) else raw
     milliseconds, _, sequence = text.partition("-")
     return int(milliseconds), int(sequence or 0)
 
@@ -60,12 +74,16 @@ def cursor_text(position: StreamId, log_count: int) -> str:
     return f"{position[0]}-{position[1]}/{log_count}"
 
 
-def parse_cursor(text: str) -> tuple[StreamId, int] | None:
-    """Return (stream position, log count) from a cursor, or None if it is not one."""
-    found = CURSOR.fullmatch(text.strip())
+def parse_cursor(cursor: str) -> tuple[StreamId, int] | None:
+    """Return (stream position, log count) from a cursor, or None if it is not one this
+    service could have made."""
+    found = CURSOR.fullmatch(cursor.strip())
     if found is None:
         return None
-    return (int(found[1]), int(found[2])), int(found[3])
+    milliseconds, sequence, log_count = int(found[1]), int(found[2]), int(found[3])
+    if max(milliseconds, sequence) > LARGEST_ID_PART or log_count > LARGEST_LOG_COUNT:
+        return None
+    return (milliseconds, sequence), log_count
 
 
 @dataclass(frozen=True)
@@ -101,17 +119,21 @@ class JobReader(Protocol):
         self, queue: str, after: StreamId, count: int
     ) -> list[tuple[bytes, dict[bytes, bytes]]]: ...
 
-    def log_lines(self, queue: str, job_id: str, start: int, stop: int) -> list[bytes]: ...
+    def log_page(self, queue: str, job_id: str, start: int, count: int) -> list[bytes]:
+        """Return up to `count` of the job's lines from index `start`, as many whole
+        lines as fit in a page's bytes (at least one); raise LookupError for a job that
+        is not there."""
+        ...
 
 
 def stream_event(entry_id: bytes, fields: dict[bytes, bytes]) -> Event | None:
     """Return the event of one entry of a queue's event stream, if a stream cares."""
-    kind = fields.get(b"event", b"").decode()
+    kind = text(fields.get(b"event", b""))
     position = stream_id(entry_id)
     if kind == "progress":
-        return Event("progress", position, fields.get(b"data", b"0").decode())
+        return Event("progress", position, text(fields.get(b"data", b"0")))
     if kind in FINAL:
-        outcome = fields.get(FINAL[kind].encode(), b"").decode()
+        outcome = text(fields.get(FINAL[kind].encode(), b""))
         return Event(kind, position, final_data(kind, outcome))
     if kind == "removed":
         return Event("removed", position, "")
@@ -134,6 +156,11 @@ def final_data(kind: str, outcome: str | None) -> str:
     return json.dumps({"failedReason": outcome or ""}, ensure_ascii=False)
 
 
+# Why a stream ends before its job does; the client reconnects and resumes.
+BEHIND = "the client fell too far behind"
+UNREADABLE = "a key of the job's queue is not in BullMQ's layout"
+
+
 @dataclass(eq=False)
 class Subscription:
     """One open stream's place in the watcher."""
@@ -141,7 +168,7 @@ class Subscription:
     queue_name: str
     job_id: str
     inbox: queue.Queue[Event] = field(default_factory=lambda: queue.Queue(INBOX))
-    overflowed: bool = False
+    ended: str | None = None  # BEHIND or UNREADABLE: the watcher no longer serves it
 
 
 @dataclass
@@ -150,8 +177,18 @@ class WatchedJob:
     log_next: int  # the index of the next line to read
 
 
+# How long the watcher waits after an error it did not expect before it tries again,
+# doubling each time it fails again, up to the last.
+RESTART_SECONDS = (1.0, 2.0, 4.0, 8.0, 15.0)
+
+
 class Watcher:
-    """Reads the events and new log lines of every watched job, for the whole process."""
+    """Reads the events and new log lines of every watched job, for the whole process.
+
+    Nothing Redis holds stops it: a connection lost is made again; a key of a queue that
+    is not in BullMQ's layout ends the streams of that queue alone; any other error is
+    logged with its traceback, counted, and the loop starts again after a pause.
+    """
 
     def __init__(
         self,
@@ -167,6 +204,7 @@ class Watcher:
         self.jobs: dict[tuple[str, str], WatchedJob] = {}
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
+        self.failure: str | None = None  # the last turn's unexpected error, if it failed
         WATCHERS.add(self)
 
     def subscribe(
@@ -180,7 +218,7 @@ class Watcher:
             position = self.queues.setdefault(queue_name, stream_top)
             job = self.jobs.setdefault((queue_name, job_id), WatchedJob(set(), log_count))
             job.subscriptions.add(subscription)
-            if self.thread is None:
+            if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self.run, name="watcher", daemon=True)
                 self.thread.start()
             return subscription, position, job.log_next
@@ -196,13 +234,24 @@ class Watcher:
             if not job.subscriptions:
                 del self.jobs[key]
                 if not any(queue_name == subscription.queue_name for queue_name, _ in self.jobs):
-                    del self.queues[subscription.queue_name]
+                    # Gone already where the watcher found the queue unreadable.
+                    self.queues.pop(subscription.queue_name, None)
+
+    def trouble(self) -> str | None:
+        """Return why the watcher is not doing its work, or None while it is (or while
+        no stream has needed it yet)."""
+        if self.thread is not None and not self.thread.is_alive() and not self.stopping.is_set():
+            return "the job watcher has stopped"
+        if self.failure is not None:
+            return f"the job watcher is failing: {self.failure}"
+        return None
 
     def run(self) -> None:
         """Read and hand on events until stopped, then close the connection; outlive
-        Redis outages."""
+        Redis outages, and whatever else goes wrong."""
         client: redis.Redis | RedisCluster | None = None
         polled = 0.0
+        failures = 0
         while not self.stopping.is_set():
             try:
                 if client is None:
@@ -218,12 +267,28 @@ class Watcher:
                     if time.monotonic() - polled >= POLL_SECONDS:
                         polled = time.monotonic()
                         self.poll(client, events=False)
-            except redis.exceptions.RedisError as error:
+                failures, self.failure = 0, None
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
                 log.warning("Redis unavailable to the job watcher, retrying: %s", error)
-                if client is not None:
-                    client.close()
+                self.disconnect(client)
                 client = None
                 self.stopping.wait(1.0)
+            except Exception as error:
+                # Not an outage: a fault of this code or of what Redis answered. The
+                # loop starts again, a little later each time it fails again.
+                pause = RESTART_SECONDS[min(failures, len(RESTART_SECONDS) - 1)]
+                failures += 1
+                self.failure = f"{type(error).__name__}: {error}"
+                WATCHER_ERRORS.inc()
+                log.exception("the job watcher failed; it starts again in %g s", pause)
+                self.disconnect(client)
+                client = None
+                self.stopping.wait(pause)
+        self.disconnect(client)
+
+    @staticmethod
+    def disconnect(client: redis.Redis | RedisCluster | None) -> None:
+        """Close the watcher's connection, if it has one."""
         if client is not None:
             client.close()
 
@@ -234,8 +299,41 @@ class Watcher:
         ids: dict[KeyT, StreamIdT] = {
             self.key(name, "events"): f"{at[0]}-{at[1]}" for name, at in queues.items()
         }
-        replies = client.xread(ids, count=PAGE, block=self.block_ms) or []
+        try:
+            replies = client.xread(ids, count=PAGE, block=self.block_ms) or []
+        except redis.exceptions.ResponseError:
+            # One key of the lot is not a stream; the others must go on.
+            self.end_unreadable_queues(client, list(queues))
+            return
         self.deliver_events(replies, self.stream_names(queues))
+
+    def end_unreadable_queues(self, client: redis.Redis, queues: list[str]) -> None:
+        """End the streams of every queue whose event stream key holds something other
+        than a stream, and stop watching it."""
+        pipe = client.pipeline(transaction=False)
+        for name in queues:
+            pipe.type(self.key(name, "events"))
+        for name, kind in zip(queues, pipe.execute(), strict=True):
+            if kind not in (b"stream", b"none"):
+                self.end_queue(name, f"{self.key(name, 'events')} is a {text(kind)}")
+
+    def end_queue(self, queue_name: str, why: str) -> None:
+        """End every stream of a queue that cannot be read, and stop watching it."""
+        log.warning("%s, not a stream: the streams of queue %r end", why, queue_name)
+        with self.lock:
+            self.queues.pop(queue_name, None)
+            for (name, _), job in list(self.jobs.items()):
+                if name == queue_name:
+                    for subscription in job.subscriptions:
+                        subscription.ended = UNREADABLE
+
+    def end_job(self, queue_name: str, job_id: str, why: str) -> None:
+        """End every stream of a job whose keys cannot be read."""
+        log.warning("%s: the streams of job %r in queue %r end", why, job_id, queue_name)
+        with self.lock:
+            job = self.jobs.get((queue_name, job_id))
+            for subscription in job.subscriptions if job else ():
+                subscription.ended = UNREADABLE
 
     def poll(self, client: redis.Redis | RedisCluster, events: bool) -> None:
         """Read each watched job's new log lines (and, on a cluster, each watched
@@ -250,13 +348,21 @@ class Watcher:
         for (name, job_id), start in jobs.items():
             pipe.exists(self.key(name, job_id))
             pipe.lrange(self.key(name, job_id, "logs"), start, start + PAGE - 1)
-        replies = iter(pipe.execute())
+        # A key of the wrong type fails its own command, not the others.
+        replies = iter(pipe.execute(raise_on_error=False))
         if events:
             names = self.stream_names(queues)
-            for _ in queues:
-                self.deliver_events(next(replies) or [], names)
+            for name in queues:
+                reply = next(replies)
+                if isinstance(reply, redis.exceptions.ResponseError):
+                    self.end_queue(name, f"{self.key(name, 'events')}: {reply}")
+                else:
+                    self.deliver_events(reply or [], names)
         for (name, job_id), start in jobs.items():
             exists, lines = next(replies), next(replies)
+            if isinstance(exists, Exception) or isinstance(lines, Exception):
+                self.end_job(name, job_id, f"{self.key(name, job_id, 'logs')}: {lines}")
+                continue
             if not exists:
                 self.deliver(name, job_id, Event("removed", START, ""))
                 continue
@@ -279,7 +385,7 @@ class Watcher:
             for entry_id, fields in entries:
                 event = stream_event(entry_id, fields)
                 if event is not None:
-                    self.deliver(name, fields.get(b"jobId", b"").decode(), event)
+                    self.deliver(name, text(fields.get(b"jobId", b"")), event)
             if entries:
                 with self.lock:
                     if name in self.queues:
@@ -294,7 +400,7 @@ class Watcher:
             try:
                 subscription.inbox.put_nowait(event)
             except queue.Full:
-                subscription.overflowed = True
+                subscription.ended = BEHIND
 
     def stop(self) -> None:
         """End every open stream within a second (the process is stopping)."""
@@ -303,6 +409,12 @@ class Watcher:
 
 # Every watcher of the process, for stop_all.
 WATCHERS: weakref.WeakSet[Watcher] = weakref.WeakSet()
+
+WATCHER_ERRORS = Counter(
+    "bullmq_http_watcher_errors",
+    "Unexpected errors of the job watcher, each logged with its traceback; it starts "
+    "again after a pause.",
+)
 
 
 def stop_all() -> None:
@@ -314,8 +426,55 @@ def stop_all() -> None:
 
 def log_data(index: int, line: bytes) -> str:
     """Return a log event's data: the line's index in the job's list, and the line."""
-    text = line.decode("utf-8", "replace")
-    return json.dumps({"index": index, "line": text}, ensure_ascii=False)
+    return json.dumps({"index": index, "line": text(line)}, ensure_ascii=False)
+
+
+class TooManyStreams(Exception):
+    """A stream past a limit of this process: its credential's, whose kind (`"api"` or
+    `"watch"`) `kind` says, or with `kind` None the process's own."""
+
+    def __init__(self, kind: str | None, limit: int) -> None:
+        super().__init__(kind, limit)
+        self.kind = kind
+        self.limit = limit
+
+
+class StreamLimits:
+    """How many streams of events this process holds, in all and per credential (an API
+    token's name, or a watch token), within the limits its settings set."""
+
+    def __init__(self, most: int, per_api_token: int, per_watch_token: int) -> None:
+        self.most = most
+        self.per_kind = {"api": per_api_token, "watch": per_watch_token}
+        self.open = 0
+        self.held: dict[tuple[str, str], int] = {}
+        self.lock = threading.Lock()
+
+    def take(self, kind: str, credential: str) -> Callable[[], None]:
+        """Count one more stream of a credential of `kind` ("api" or "watch"), or raise
+        TooManyStreams; return the function that gives it back, once."""
+        key = (kind, credential)
+        with self.lock:
+            if self.open >= self.most:
+                raise TooManyStreams(None, self.most)
+            held = self.held.get(key, 0)
+            if held >= self.per_kind[kind]:
+                raise TooManyStreams(kind, self.per_kind[kind])
+            self.open += 1
+            self.held[key] = held + 1
+        given_back = threading.Event()
+
+        def give_back() -> None:
+            if given_back.is_set():
+                return
+            given_back.set()
+            with self.lock:
+                self.open -= 1
+                self.held[key] -= 1
+                if not self.held[key]:
+                    del self.held[key]
+
+        return give_back
 
 
 class Cursor:
@@ -350,19 +509,33 @@ class Cursor:
         return f"id: {self}\nevent: {event.kind}\n{data}\n".encode()
 
 
+def comment(line: str) -> bytes:
+    """Return a comment of text/event-stream: a client's EventSource passes it over."""
+    return f": {line}\n\n".encode()
+
+
+class ReplayTooLong(Exception):
+    """The events to replay lie further than REPLAY_ENTRIES entries of the stream."""
+
+
 def replay(
     reader: JobReader, queue_name: str, job_id: str, after: StreamId, until: StreamId
 ) -> Iterator[Event]:
-    """Yield the job's events in its queue's stream after `after`, up to `until`."""
+    """Yield the job's events in its queue's stream after `after`, up to `until`; raise
+    ReplayTooLong after REPLAY_ENTRIES entries short of `until`."""
+    budget = REPLAY_ENTRIES
     while after < until:
-        entries = reader.events_after(queue_name, after, PAGE)
+        if budget <= 0:
+            raise ReplayTooLong
+        entries = reader.events_after(queue_name, after, min(PAGE, budget))
         if not entries:
             return
+        budget -= len(entries)
         for entry_id, fields in entries:
             after = stream_id(entry_id)
             if after > until:
                 return
-            if fields.get(b"jobId", b"").decode() == job_id:
+            if text(fields.get(b"jobId", b"")) == job_id:
                 event = stream_event(entry_id, fields)
                 if event is not None:
                     yield event
@@ -371,9 +544,9 @@ def replay(
 def lines(
     reader: JobReader, queue_name: str, job_id: str, start: int, stop: int
 ) -> Iterator[Event]:
-    """Yield the job's log lines from index start up to stop."""
+    """Yield the job's log lines from index start up to stop, a page at a time."""
     while start < stop:
-        page = reader.log_lines(queue_name, job_id, start, min(stop, start + PAGE) - 1)
+        page = reader.log_page(queue_name, job_id, start, min(stop - start, PAGE))
         if not page:
             return
         for index, line in enumerate(page, start):
@@ -389,31 +562,43 @@ def event_stream(
     state: JobState,
     tail: int,
     resume: tuple[StreamId, int] | None,
+    until: float | None = None,
 ) -> Iterator[bytes]:
     """Yield a job's events as text/event-stream: what it holds (or, resuming, what the
-    client missed), then what happens to it, until it finishes or is removed."""
+    client missed), then what happens to it, until it finishes or is removed, or, given
+    `until` (a time.monotonic()), until then."""
     subscription, watched_position, watched_logs = watcher.subscribe(
         queue_name, job_id, state.stream_top, state.log_count
     )
     try:
         yield f"retry: {RETRY_MS}\n\n".encode()
+        current = Event("progress", state.stream_top, state.progress or "")
         if resume is None:
             cursor = Cursor(state.stream_top, max(0, state.log_count - tail))
             if state.progress is not None:
-                yield cursor.announce(Event("progress", state.stream_top, state.progress))
-        elif resume[0] == START or START < state.stream_first <= resume[0]:
+                yield cursor.announce(current)
+        elif resume[0] <= state.stream_top and (
+            resume[0] == START or START < state.stream_first <= resume[0]
+        ):
             # All the stream since the cursor is there: replay what the job missed.
             # Its end, if it came, is in the state read below, after its last lines.
-            cursor = Cursor(*resume)
-            for event in replay(reader, queue_name, job_id, resume[0], state.stream_top):
-                if event.kind == "progress" and (sent := cursor.send(event)) is not None:
-                    yield sent
+            cursor = Cursor(resume[0], min(resume[1], state.log_count))
+            try:
+                for event in replay(reader, queue_name, job_id, resume[0], state.stream_top):
+                    if event.kind == "progress" and (sent := cursor.send(event)) is not None:
+                        yield sent
+            except ReplayTooLong:
+                yield comment("too much happened since Last-Event-ID: the current progress")
+                if state.progress is not None:
+                    cursor.position = state.stream_top
+                    yield cursor.announce(current)
             cursor.position = max(cursor.position, state.stream_top)
         else:
-            # Trimmed past the cursor: what it missed is gone, but the progress is not.
-            cursor = Cursor(state.stream_top, resume[1])
+            # Trimmed past the cursor (or a cursor of a stream since emptied): what it
+            # missed is gone, but the progress is not.
+            cursor = Cursor(state.stream_top, min(resume[1], state.log_count))
             if state.progress is not None:
-                yield cursor.announce(Event("progress", state.stream_top, state.progress))
+                yield cursor.announce(current)
         # The lines since the cursor, up to where the watcher starts.
         for event in lines(reader, queue_name, job_id, cursor.log_next, watched_logs):
             if (sent := cursor.send(event)) is not None:
@@ -426,7 +611,12 @@ def event_stream(
             return
         # Events the watcher handed on before this stream subscribed.
         events = replay(reader, queue_name, job_id, cursor.position, watched_position)
-        yield from follow(reader, watcher, subscription, cursor, events)
+        yield from follow(reader, watcher, subscription, cursor, events, until)
+    except LookupError:
+        # Removed while the stream caught up.
+        yield cursor.announce(Event("removed", cursor.position, json.dumps({"jobId": job_id})))
+    except ReplayTooLong:
+        pass  # the watcher was far ahead: the client resumes, from its cursor
     except redis.exceptions.RedisError as error:
         # The client reconnects with its cursor and misses nothing.
         log.warning(
@@ -442,15 +632,20 @@ def follow(
     subscription: Subscription,
     cursor: Cursor,
     events: Iterator[Event],
+    until: float | None,
 ) -> Iterator[bytes]:
     """Yield the events given, then those the watcher hands on, until the job finishes
-    or is removed, the process stops, or the client falls too far behind."""
+    or is removed, the process stops, the client falls too far behind, or `until`."""
     beat = time.monotonic()
-    while not watcher.stopping.is_set() and not subscription.overflowed:
+    while not watcher.stopping.is_set() and subscription.ended is None:
         event = next(events, None)
         if event is None:
+            now = time.monotonic()
+            if until is not None and now >= until:
+                yield comment("the watch token expired: open the stream with a new one")
+                return
             try:
-                event = subscription.inbox.get(timeout=1.0)
+                event = subscription.inbox.get(timeout=min(1.0, until - now) if until else 1.0)
             except queue.Empty:
                 if time.monotonic() - beat >= HEARTBEAT_SECONDS:
                     beat = time.monotonic()

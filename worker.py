@@ -11,6 +11,12 @@ merely idle clients can hold every connection a worker has. This one adds:
 - An idle connection, before its first request or between two, is closed after
   `keepalive` seconds; when a worker holds nearly `worker_connections`, each new
   connection closes the one idle the longest, so idle clients never keep a new one out.
+  A connection whose request has arrived is not idle, whether or not its greenlet has
+  run yet: it is never closed this way.
+- A deadline for each write of a response (SEND_TIMEOUT): a client that stops reading
+  has its connection closed, and the memory it held freed, instead of holding a
+  greenlet (a stream's, say) for as long as it likes. A stream of events is also sent
+  through a small socket buffer, so that what a stalled reader holds is small too.
 - Turns between keep-alive connections: before waiting for a connection's next request,
   its greenlet lets the others run. A client that sends its next request as soon as it
   reads a response would otherwise find it already there, and gevent only switches when
@@ -19,14 +25,19 @@ merely idle clients can hold every connection a worker has. This one adds:
 - Each response in one write: gunicorn sends a response's head and its body apart, a
   send more per response, and on the client's side a wake-up more (README, Performance).
 - gunicorn's own answers to malformed requests in plain text, like the service's.
-- On SIGTERM, open streams of events end within a second instead of holding the
+- On SIGTERM, idle connections close at once, and open streams of events end within a
+  second (those whose clients stopped reading included) instead of holding the
   graceful stop.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
+import errno
+import fcntl
 import socket
+import termios
 import time
 from typing import Any
 
@@ -36,11 +47,19 @@ from gunicorn.workers.ggevent import GeventWorker
 
 import streams
 
-# Past this share of worker_connections, a new connection closes the longest-idle one.
+# Past this share of worker_connections, a new connection closes the longest-idle one,
+# if it has been idle this long: a burst of new connections must not close its own.
 CROWDED = 0.9
+IDLE_ENOUGH_SECONDS = 1.0
 # A response's body up to this size goes out in one write with its head; a larger one is
 # sent after it rather than copied onto it.
 ONE_WRITE_BYTES = 64 * 1024
+# The socket send buffer of a stream of events (Linux doubles it): events are small, and
+# a client that stops reading holds this much of the kernel's memory, not megabytes.
+STREAM_SEND_BUFFER = 32 * 1024
+# How long streams of events have to end by themselves after SIGTERM before their
+# connections are closed under them.
+STREAMS_STOP_SECONDS = 1.0
 
 
 def write_plain_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
@@ -68,6 +87,8 @@ class Client:
         self.linger = False  # the client may still be sending when the connection closes
         self.hold_head = False  # a response starts: its head waits for its body
         self.head: bytes | None = None  # the head held
+        self.streaming = False  # the response is a stream of events
+        self.shut_here = False  # the worker ended the connection under its greenlet
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sock, name)
@@ -104,12 +125,16 @@ class Client:
         bytes of a request; start its deadline."""
         gevent.sleep(0)
         idle = self.worker.idle
-        idle[self] = None
+        idle[self] = time.monotonic()
         try:
             self.sock.settimeout(self.worker.cfg.keepalive or self.worker.request_timeout)
             data = self.sock.recv(size)
         except TimeoutError:
             return b""  # idle too long: close
+        except OSError:
+            if self.shut_here:
+                return b""  # closed to make room, or for a stop: as if the client left
+            raise
         finally:
             idle.pop(self, None)
             self.sock.settimeout(None)
@@ -124,19 +149,56 @@ class Client:
         if self.hold_head:
             self.hold_head = False
             self.head = data
+            if EVENT_STREAM in data.partition(b"\r\n\r\n")[0].lower():
+                self.start_stream()
             return
         if self.head is not None and len(data) <= ONE_WRITE_BYTES:
             data, self.head = self.head + data, None
         else:
             self.send_head()  # before a large body, on its own
-        self.sock.sendall(data)
+        self.send(data)
 
     def send_head(self) -> None:
         """Send a response's head still held: its response has no body (HEAD, 204)."""
         self.hold_head = False
         head, self.head = self.head, None
         if head is not None:
-            self.sock.sendall(head)
+            self.send(head)
+
+    def send(self, data: bytes) -> None:
+        """Send bytes, within the send deadline: a client that reads none of them for
+        SEND_TIMEOUT seconds has its connection closed."""
+        self.sock.settimeout(self.worker.send_timeout)
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            self.linger = False
+            self.worker.log.info(
+                "closed a connection whose client read nothing for %g s (SEND_TIMEOUT)",
+                self.worker.send_timeout,
+            )
+            # As a client gone away: gunicorn ends the connection without a traceback.
+            raise BrokenPipeError(errno.EPIPE, "the client stopped reading") from None
+        except OSError:
+            if self.shut_here:  # a stream still open as the worker stops
+                raise BrokenPipeError(errno.EPIPE, "the worker is stopping") from None
+            raise
+        finally:
+            self.sock.settimeout(None)
+
+    def start_stream(self) -> None:
+        """Send the response, a stream of events, through a small buffer, and let a
+        stopping worker end it."""
+        self.streaming = True
+        self.worker.streams.add(self)
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
+
+    def end_stream(self) -> None:
+        """The stream of events ended: forget it."""
+        if self.streaming:
+            self.streaming = False
+            self.worker.streams.discard(self)
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         self.send_head()
@@ -152,8 +214,27 @@ class Client:
         else:
             self.sock.close()
 
-    def close_idle(self) -> None:
-        """Close this idle connection: its wait for a request ends at once."""
+    def close_idle(self) -> bool:
+        """Close this connection, if it is still idle (its wait for a request ends at
+        once); return whether it was. A connection whose next request has arrived, but
+        whose greenlet has not run yet, is not idle."""
+        if self.pending() > 0:
+            return False
+        self.shut()
+        return True
+
+    def pending(self) -> int:
+        """Return how many bytes have arrived that nothing read yet."""
+        count = array.array("i", [0])
+        try:
+            fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, count)
+        except OSError:
+            return 0  # closed already
+        return count[0]
+
+    def shut(self) -> None:
+        """End the connection under whatever waits on it, which then finds it closed."""
+        self.shut_here = True
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
@@ -176,22 +257,41 @@ class ClosingReader:
             raise
 
 
+# How a stream of events names itself in its response's head.
+EVENT_STREAM = b"content-type: text/event-stream"
+
+
 class DeadlineWorker(GeventWorker):
-    """gunicorn's gevent worker, with a deadline on each request and on idle clients."""
+    """gunicorn's gevent worker, with a deadline on each request, each write and idle
+    clients."""
 
     request_timeout = 10.0  # seconds; gunicorn.conf.py sets it from REQUEST_TIMEOUT
+    send_timeout = 10.0  # seconds; gunicorn.conf.py sets it from SEND_TIMEOUT
 
     def init_process(self) -> None:
-        self.idle: dict[Client, None] = {}  # idle connections, the longest idle first
+        # Idle connections, the longest idle first, and since when.
+        self.idle: dict[Client, float] = {}
+        self.streams: set[Client] = set()  # connections sending a stream of events
         self.open = 0
+        self.room_later: gevent.Greenlet | None = None  # make_room, when it can
         util.write_error = write_plain_error
         super().init_process()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        # Streams of events would hold a graceful stop for its whole timeout: end them
-        # now, and their clients resume elsewhere with Last-Event-ID.
+        # Idle connections and streams of events would hold a graceful stop for its
+        # whole timeout: close the idle ones, and end the streams now; their clients
+        # resume elsewhere with Last-Event-ID.
         super().handle_exit(sig, frame)
+        for client in list(self.idle):
+            client.close_idle()
         streams.stop_all()
+        gevent.spawn_later(STREAMS_STOP_SECONDS, self.cut_streams)
+
+    def cut_streams(self) -> None:
+        """Close the connections of the streams still open: their clients stopped
+        reading, and their writes would otherwise wait for SEND_TIMEOUT."""
+        for client in list(self.streams):
+            client.shut()
 
     def timeout_ctx(self) -> contextlib.AbstractContextManager[None]:
         # Client.first_bytes bounds the wait for each request to start.
@@ -200,13 +300,30 @@ class DeadlineWorker(GeventWorker):
     def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
         self.open += 1
         try:
-            if self.open > CROWDED * self.worker_connections and self.idle:
-                longest_idle = next(iter(self.idle))
-                del self.idle[longest_idle]
-                longest_idle.close_idle()
+            self.make_room()
             super().handle(listener, Client(client, self), addr)
         finally:
             self.open -= 1
+
+    def make_room(self) -> None:
+        """When the worker is nearly full, close the connection idle the longest, passing
+        over any whose request has just arrived; if none has been idle long enough yet,
+        look again when the longest will have been."""
+        if self.open <= CROWDED * self.worker_connections:
+            return
+        enough = time.monotonic() - IDLE_ENOUGH_SECONDS
+        for client, since in list(self.idle.items()):
+            if since > enough:
+                if self.room_later is None:
+                    self.room_later = gevent.spawn_later(since - enough, self.make_room_later)
+                return
+            del self.idle[client]
+            if client.close_idle():
+                return
+
+    def make_room_later(self) -> None:
+        self.room_later = None
+        self.make_room()
 
     def handle_request(self, listener_name: Any, req: Any, sock: Client, addr: Any) -> Any:
         sock.in_app = True
@@ -225,3 +342,4 @@ class DeadlineWorker(GeventWorker):
             sock.deadline = None
             sock.hold_head = False  # a head never sent belongs to a response that failed
             sock.head = None
+            sock.end_stream()

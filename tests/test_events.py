@@ -522,6 +522,7 @@ def test_a_thousand_subscribers_share_a_bounded_number_of_connections(tmp_path):
         add_active_job(data, "orders", "1", JOB_TOKEN)
         env = {"REDIS_URL": redis_server.url, "AUTH_TOKENS": API_TOKEN,
                "WEB_CONCURRENCY": "1", "WORKER_CONNECTIONS": "1200",
+               "MAX_STREAMS": "1000", "MAX_STREAMS_PER_TOKEN": "1000",
                "REDIS_MAX_CONNECTIONS": "10"}  # fmt: skip
         (tmp_path / "service").mkdir()
         with Gunicorn(tmp_path / "service", env) as server:

@@ -1,0 +1,557 @@
+"""Streams of events under floods and faults: limits per worker and per credential,
+deadlines, bounded replay, hostile tokens and cursors, and a watcher that survives
+whatever Redis holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+from prometheus_client import REGISTRY
+
+import streams
+from app import JobStore, watch_token
+from dev import EventStream, Gunicorn, ServerSentEvent, free_port, wait_until
+from tests.conftest import API_TOKEN, JOB_TOKEN, StreamedBody, bearer
+
+SECRET = "a secret the instances share"
+EVENTS = "/queues/orders/jobs/1/events"
+
+
+class OpenStream:
+    """A stream of events opened through a test client, read in a thread so that every
+    wait for it is bounded."""
+
+    def __init__(self, response: Any) -> None:
+        self.response = response
+        self.reader = EventStream(StreamedBody(response))
+        self.events: queue.Queue[ServerSentEvent | None] = queue.Queue()
+        self.thread = threading.Thread(target=self.read, daemon=True)
+        self.thread.start()
+
+    def read(self) -> None:
+        for event in self.reader:
+            self.events.put(event)
+        self.events.put(None)  # the stream ended
+
+    def next(self, timeout: float = 10.0) -> ServerSentEvent | None:
+        """Return the next event, or None when the stream ended; fail after timeout."""
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"nothing within {timeout:g} seconds") from None
+
+    def until_end(self, timeout: float = 10.0) -> list[ServerSentEvent]:
+        """Return the events up to the stream's end; fail if it does not end in time."""
+        deadline = time.monotonic() + timeout
+        seen = []
+        while (event := self.next(max(0.01, deadline - time.monotonic()))) is not None:
+            seen.append(event)
+        return seen
+
+    def close(self) -> None:
+        """Close the response, as the server does when the stream has ended."""
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the stream is still open"
+        self.response.close()
+
+
+@pytest.fixture
+def opened() -> Iterator[Callable[..., tuple[int, Any]]]:
+    """Yield a function that opens a stream through a test client; it returns the
+    status and, for a 200, the OpenStream, else the response. After the test, every
+    stream is ended (its app's watcher stopped) and closed."""
+    apps: set[Flask] = set()
+    opened_: list[OpenStream] = []
+
+    def open_(client: FlaskClient, path: str = EVENTS, **headers: str) -> tuple[int, Any]:
+        response = client.get(path, headers=headers, buffered=False)
+        apps.add(client.application)
+        if response.status_code != 200:
+            return response.status_code, response
+        opened_.append(OpenStream(response))
+        return 200, opened_[-1]
+
+    yield open_
+    for app in apps:
+        app.extensions["bullmq_http.watcher"].stop()
+    for stream in opened_:
+        stream.close()
+
+
+def api(**extra: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_TOKEN}", **extra}
+
+
+# ------------------------------------------------------------- per credential
+
+
+def test_an_api_token_at_its_limit_gets_429_while_another_token_opens(make_app, job, r, opened):
+    job()
+    app = make_app(AUTH_TOKENS=[API_TOKEN, "another-token"], MAX_STREAMS_PER_TOKEN=3)
+    client = app.test_client()
+    held = [opened(client, **api()) for _ in range(3)]
+    assert [status for status, _ in held] == [200] * 3
+    status, refused = opened(client, **api())
+    assert (status, refused.headers["Retry-After"], refused.text) == (
+        429,
+        "10",
+        "this API token holds its most open streams of events here "
+        "(MAX_STREAMS_PER_TOKEN=3): close one, then retry",
+    )
+    assert opened(client, Authorization="Bearer another-token")[0] == 200
+    # Streams that end give their places back: the job is removed, then laid out again.
+    r.delete("bull:orders:1")
+    for _, stream in held:
+        assert [event.event for event in stream.until_end()] == ["removed"]
+        stream.close()
+    job()
+    assert [opened(client, **api())[0] for _ in range(4)] == [200, 200, 200, 429]
+
+
+def test_refused_and_missing_streams_give_their_place_back(make_app, job, opened):
+    job()
+    client = make_app(MAX_STREAMS_PER_TOKEN=2).test_client()
+    for _ in range(5):
+        assert opened(client, "/queues/orders/jobs/missing/events", **api())[0] == 404
+        assert opened(client, **api(**{"Last-Event-ID": "0-0/x"}))[0] == 400
+    assert [opened(client, **api())[0] for _ in range(3)] == [200, 200, 429]
+
+
+def test_a_watch_token_opened_in_many_tabs_holds_only_its_share(make_app, job, opened):
+    job()
+    client = make_app(WATCH_TOKEN_SECRET=SECRET, MAX_STREAMS_PER_WATCH_TOKEN=2).test_client()
+    token = watch_token(SECRET, "orders", "1", int(time.time()) + 300)
+    statuses = [opened(client, f"{EVENTS}?token={token}")[0] for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    _, refused = opened(client, f"{EVENTS}?token={token}")
+    assert refused.text == (
+        "this watch token holds its most open streams of events here "
+        "(MAX_STREAMS_PER_WATCH_TOKEN=2): close one, then retry"
+    )
+    # Another browser's token for the same job has its own share.
+    other = watch_token(SECRET, "orders", "1", int(time.time()) + 299)
+    assert opened(client, f"{EVENTS}?token={other}")[0] == 200
+
+
+def test_a_stream_opened_with_a_watch_token_ends_when_it_expires(make_app, job, opened):
+    job()
+    client = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()
+    expires = int(time.time()) + 2
+    status, stream = opened(client, f"{EVENTS}?token={watch_token(SECRET, 'orders', '1', expires)}")
+    assert status == 200
+    assert stream.until_end(timeout=10) == []  # nothing happened to the job; it ended
+    assert time.time() >= expires
+    assert stream.reader.comments == ["the watch token expired: open the stream with a new one"]
+
+
+def test_a_worker_at_its_own_limit_answers_503_at_once(make_app, job, opened):
+    job()
+    client = make_app(MAX_STREAMS=2, AUTH_TOKENS=[API_TOKEN, "another-token"]).test_client()
+    assert [opened(client, **api())[0] for _ in range(2)] == [200, 200]
+    status, refused = opened(client, Authorization="Bearer another-token")
+    assert (status, refused.headers["Retry-After"], refused.text) == (
+        503,
+        "2",
+        "this worker holds its most streams of events (MAX_STREAMS=2); retry shortly",
+    )
+
+
+# ------------------------------------------------------------- hostile input
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["1.%C3%A9", "%C3%A9.abc", "1.%00", "99999999999999999999.abc", ".", "", "1." + "a" * 5000],
+)
+def test_a_watch_token_of_any_bytes_is_a_401(make_app, job, token):
+    job()
+    client = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()
+    response = client.get(f"{EVENTS}?token={token}")
+    assert (response.status_code, response.text) == (
+        401,
+        "the watch token is not valid for this job",
+    )
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "1-18446744073709551616/0",  # a sequence above Redis's 64 bits
+        "18446744073709551616-0/0",
+        "1-0/9007199254740992",  # more log lines than a list can be read as
+        "1-0/-1",
+        "1-0",
+    ],
+)
+def test_a_cursor_this_service_could_not_have_made_is_a_400(make_app, job, cursor):
+    job()
+    response = make_app().test_client().get(EVENTS, headers=api(**{"Last-Event-ID": cursor}))
+    assert (response.status_code, response.text) == (
+        400,
+        "Last-Event-ID must be the id of an event this service sent",
+    )
+
+
+def test_a_cursor_ahead_of_the_stream_gets_the_current_state_and_what_follows(
+    make_app, job, r, opened
+):
+    """A cursor from before Redis lost its data (a failover to a replica behind, say)
+    must not make the events that follow look as if they were sent already."""
+    job()
+    client = make_app().test_client()
+    client.post("/queues/orders/jobs/1/progress", data=b"5", headers=bearer(JOB_TOKEN))
+    status, stream = opened(client, **api(**{"Last-Event-ID": "99999999999999-0/40"}))
+    assert status == 200
+    first = stream.next()
+    assert (first.event, first.data) == ("progress", "5")
+    client.post("/queues/orders/jobs/1/logs", data=b"next line", headers=bearer(JOB_TOKEN))
+    client.post("/queues/orders/jobs/1/progress", data=b"6", headers=bearer(JOB_TOKEN))
+    got = [stream.next(), stream.next()]
+    assert sorted((event.event, event.data) for event in got) == [
+        ("log", '{"index": 0, "line": "next line"}'),
+        ("progress", "6"),
+    ]
+
+
+def test_resuming_from_0_0_reads_a_bounded_part_of_a_long_event_stream(make_app, job, r, opened):
+    job()
+    filler = "x" * 1000
+    pipe = r.pipeline(transaction=False)
+    for n in range(20_000):  # about 20 MB of other jobs' events
+        pipe.xadd("bull:orders:events", {"event": "progress", "jobId": f"other{n}", "data": filler})
+    pipe.execute()
+    client = make_app().test_client()
+    client.post("/queues/orders/jobs/1/progress", data=b"77", headers=bearer(JOB_TOKEN))
+    sent_before = r.info("stats")["total_net_output_bytes"]
+    status, stream = opened(client, **api(**{"Last-Event-ID": "0-0/0"}))
+    assert status == 200
+    first = stream.next()
+    sent = r.info("stats")["total_net_output_bytes"] - sent_before
+    assert (first.event, first.data) == ("progress", "77")
+    assert stream.reader.comments == ["too much happened since Last-Event-ID: the current progress"]
+    # At most REPLAY_ENTRIES entries of about 1 KB, and the job's own state.
+    assert sent < 1.5 * streams.REPLAY_ENTRIES * 1100
+
+
+def test_resuming_at_line_0_reads_pages_within_max_page_bytes(
+    make_app, job, r, opened, monkeypatch
+):
+    job()
+    line = "y" * 100_000
+    r.rpush("bull:orders:1:logs", *[f"{n} {line}" for n in range(40)])
+    pages: list[int] = []
+    log_page = JobStore.log_page
+
+    def counted(self, *args):
+        page = log_page(self, *args)
+        pages.append(sum(map(len, page)))
+        return page
+
+    monkeypatch.setattr(JobStore, "log_page", counted)
+    client = make_app(MAX_PAGE_BYTES=250_000).test_client()
+    top = r.xadd("bull:orders:events", {"event": "progress", "jobId": "other", "data": "1"})
+    status, stream = opened(client, **api(**{"Last-Event-ID": f"{top}/0"}))
+    assert status == 200
+    indexes = [int(stream.next().data.split(",")[0].removeprefix('{"index": ')) for _ in range(40)]
+    assert indexes == list(range(40))  # every line, once, in order
+    assert pages and max(pages) <= 250_000
+
+
+# ------------------------------------------------------------- the watcher
+
+
+def test_bytes_that_are_not_utf8_in_any_queue_leave_every_stream_alive(
+    make_app, job, redis_url, opened
+):
+    job()
+    client = make_app().test_client()
+    status, stream = opened(client, **api())
+    assert status == 200
+    raw = redis.Redis.from_url(redis_url)
+    raw.xadd("bull:orders:events", {"event": "failed", "jobId": "9", "failedReason": b"\x89PNG"})
+    raw.xadd("bull:orders:events", {"event": b"\xff\xfe", "jobId": b"\xc3"})
+    raw.xadd("bull:orders:events", {"event": "progress", "jobId": "1", "data": b"\x89"})
+    raw.close()
+    client.post("/queues/orders/jobs/1/progress", data=b"8", headers=bearer(JOB_TOKEN))
+    assert [(e.event, e.data) for e in (stream.next(), stream.next())] == [
+        ("progress", "\ufffd"),
+        ("progress", "8"),
+    ]
+    assert client.get("/readyz").status_code == 200
+
+
+def test_a_queue_key_of_another_type_ends_that_queues_streams_only(make_app, job, r, opened):
+    job()
+    job(queue="other")
+    client = make_app().test_client()
+    _, orders = opened(client, **api())
+    _, other = opened(client, "/queues/other/jobs/1/events", **api())
+    r.delete("bull:other:events")
+    r.set("bull:other:events", "not a stream")
+    assert other.until_end() == []
+    client.post("/queues/orders/jobs/1/progress", data=b"3", headers=bearer(JOB_TOKEN))
+    event = orders.next()
+    assert (event.event, event.data) == ("progress", "3")
+    assert client.get("/readyz").status_code == 200
+
+
+def test_a_failing_watcher_is_logged_counted_reported_and_starts_again(
+    make_app, job, opened, monkeypatch, caplog
+):
+    job()
+    app: Flask = make_app()
+    client = app.test_client()
+    read_events = streams.Watcher.read_events
+    broken = threading.Event()
+    broken.set()
+
+    def read_or_fail(self, redis_client):
+        if broken.is_set():
+            raise RuntimeError("a fault of the watcher's own")
+        return read_events(self, redis_client)
+
+    monkeypatch.setattr(streams.Watcher, "read_events", read_or_fail)
+    errors_before = REGISTRY.get_sample_value("bullmq_http_watcher_errors_total") or 0
+    _, stream = opened(client, **api())
+    ready = wait_until(lambda: (r := client.get("/readyz")).status_code == 503 and r, 10, "503")
+    assert ready.text == "the job watcher is failing: RuntimeError: a fault of the watcher's own"
+    assert REGISTRY.get_sample_value("bullmq_http_watcher_errors_total") > errors_before
+    assert "the job watcher failed; it starts again in" in caplog.text
+    broken.clear()
+    wait_until(lambda: client.get("/readyz").status_code == 200, 20, "the watcher to recover")
+    client.post("/queues/orders/jobs/1/progress", data=b"4", headers=bearer(JOB_TOKEN))
+    event = stream.next(timeout=20)
+    assert (event.event, event.data) == ("progress", "4")
+
+
+# ------------------------------------------------------------- under gunicorn
+
+
+def serve(tmp_path: Path, redis_url: str, **settings: str) -> Gunicorn:
+    """Return gunicorn serving the app on one worker on a TCP port, with the settings."""
+    env = {"REDIS_URL": redis_url, "AUTH_TOKENS": API_TOKEN, "WEB_CONCURRENCY": "1", **settings}
+    return Gunicorn(tmp_path, env, bind=f"127.0.0.1:{free_port()}")
+
+
+def request(path: str, method: str = "GET", body: bytes = b"", token: str = API_TOKEN) -> bytes:
+    """Return one raw HTTP/1.1 request."""
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def connect(server: Gunicorn, **socket_options: int) -> tuple[Any, Any]:
+    """Open a connection to the server, with SO_* options set before it connects."""
+    host, port = server.bind.rsplit(":", 1)
+    sock = socket.socket()
+    for name, value in socket_options.items():
+        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, name), value)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    return await asyncio.open_connection(sock=sock)
+
+
+async def answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """Read a response's head, and its body when it has a length: a stream's is left."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    status, *lines = head.split("\r\n")[:-2]
+    fields = (line.partition(": ") for line in lines)
+    headers = {name.lower(): value for name, _, value in fields}
+    length = headers.get("content-length")
+    body = await reader.readexactly(int(length)) if length else b""
+    return int(status.split()[1]), headers, body
+
+
+async def ask(server: Gunicorn, raw: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send one request on a connection of its own; return the status and body."""
+    reader, writer = await connect(server)
+    try:
+        writer.write(raw)
+        status, _, body = await asyncio.wait_for(answer(reader), timeout)
+        return status, body
+    finally:
+        writer.close()
+
+
+def open_streams(server: Gunicorn) -> float | None:
+    """Return the worker's open streams, as /metrics counts them."""
+    conn = server.connect()
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    found = re.search(r"^bullmq_http_open_event_streams (\S+)$", text, re.MULTILINE)
+    return float(found[1]) if found else None
+
+
+def test_a_crowd_of_streams_past_the_limit_leaves_room_for_writes_and_probes(
+    tmp_path, redis_url, r, job
+):
+    """More stream clients than the worker has connections, each retrying at once when
+    refused: the worker holds MAX_STREAMS of them, refuses the rest at once, and serves
+    probes and writes all the while."""
+    key = job()
+    crowd, connections = 300, 250  # MAX_STREAMS: four fifths, 200
+    with serve(
+        tmp_path, redis_url, WORKER_CONNECTIONS=str(connections), MAX_STREAMS_PER_TOKEN="1000"
+    ) as server:
+
+        async def stream_client(stop: asyncio.Event, refusals: list[dict[str, str]]) -> bytes:
+            """Open a stream, retrying at once while refused; then wait for an event."""
+            while not stop.is_set():
+                reader, writer = await connect(server)
+                writer.write(request(f"{EVENTS}?tail=0"))
+                status, headers, _ = await answer(reader)
+                if status == 200:  # held until the end
+                    await reader.readuntil(b"retry: 2000\n\n")
+                    event = await asyncio.wait_for(reader.readuntil(b"\n\n\r\n"), 60)
+                    await stop.wait()
+                    writer.close()
+                    return event
+                refusals.append({"status": str(status), **headers})
+                writer.close()
+                await asyncio.sleep(0.05)
+            return b""
+
+        async def scenario() -> tuple[list[bytes], list[dict[str, str]], list[tuple[int, bytes]]]:
+            stop, refusals = asyncio.Event(), list[dict[str, str]]()
+            clients = [asyncio.create_task(stream_client(stop, refusals)) for _ in range(crowd)]
+            await asyncio.sleep(3)  # the crowd at the limit, the rest knocking again and again
+            served = []
+            for n in range(10):
+                served.append(await ask(server, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"))
+                progress = request(
+                    "/queues/orders/jobs/1/progress", "POST", str(n).encode(), JOB_TOKEN
+                )
+                served.append(await ask(server, progress))
+            stop.set()
+            return await asyncio.wait_for(asyncio.gather(*clients), 60), refusals, served
+
+        events, refusals, served = asyncio.run(scenario())
+
+    assert served == [(200, b"OK")] * 20
+    assert r.hget(key, "progress") == "9"
+    held = [event for event in events if event]
+    assert len(held) == 200  # MAX_STREAMS, each of which got the first write
+    assert all(b"event: progress\ndata: 0\n" in event for event in held)
+    assert refusals and {refusal["status"] for refusal in refusals} == {"503"}
+    assert {refusal["retry-after"] for refusal in refusals} == {"2"}
+
+
+def test_idle_eviction_never_closes_a_connection_whose_request_arrived(tmp_path, redis_url, r, job):
+    key = job()
+    with serve(
+        tmp_path, redis_url, WORKER_CONNECTIONS="300", MAX_STREAMS="250",
+        MAX_STREAMS_PER_TOKEN="1000",
+    ) as server:  # fmt: skip
+
+        async def scenario() -> list[tuple[int, bytes] | BaseException]:
+            streams_ = []
+            for _ in range(250):  # the streams a worker may hold
+                reader, writer = await connect(server)
+                writer.write(request(f"{EVENTS}?tail=0"))
+                assert (await answer(reader))[0] == 200
+                streams_.append(writer)
+            await asyncio.sleep(1.5)  # the streams are long past a new connection's grace
+            writes = [
+                ask(server, request("/queues/orders/jobs/1/progress", "POST", b"1", JOB_TOKEN), 30)
+                for _ in range(200)
+            ]
+            answers = await asyncio.gather(*writes, return_exceptions=True)
+            for writer in streams_:
+                writer.close()
+            return answers
+
+        answers = asyncio.run(scenario())
+        log = server.log.read_text()
+
+    assert answers == [(200, b"OK")] * 200
+    assert r.xlen("bull:orders:events") == 200
+    assert r.hget(key, "progress") == "1"
+    assert "Traceback" not in log and "[ERROR]" not in log
+
+
+def test_many_idle_clients_are_closed_quietly_to_make_room(tmp_path, redis_url):
+    with serve(tmp_path, redis_url, WORKER_CONNECTIONS="100") as server:
+
+        async def scenario() -> list[tuple[int, bytes]]:
+            answers, held = [], []
+            for _ in range(400):  # four times what the worker holds, each kept open
+                reader, writer = await connect(server)
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+                status, _, body = await asyncio.wait_for(answer(reader), 10)
+                answers.append((status, body))
+                held.append(writer)
+            for writer in held:
+                writer.close()
+            return answers
+
+        answers = asyncio.run(scenario())
+        log = server.log.read_text()
+
+    assert answers == [(200, b"OK")] * 400
+    assert "Traceback" not in log and "[ERROR]" not in log
+
+
+def stall_a_stream(server: Gunicorn) -> Callable[[], None]:
+    """Open a stream of job 1's events whose client reads nothing, and write progress
+    until its buffers are full; return the function that closes the client."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = server.bind.rsplit(":", 1)
+    sock.connect((host, int(port)))
+    sock.sendall(request(f"{EVENTS}?tail=0"))
+    wait_until(lambda: open_streams(server) == 1, 10, "the stream to open")
+    big = b'"' + b"p" * 60_000 + b'"'
+    for _ in range(40):  # 2.4 MB of events to a client that reads none
+        assert server.send("POST", "/queues/orders/jobs/1/progress", big, JOB_TOKEN) == 200
+    return sock.close
+
+
+def test_a_client_that_stops_reading_is_cut_off_at_the_send_deadline(tmp_path, redis_url, job):
+    job()
+    with serve(tmp_path, redis_url, SEND_TIMEOUT="1") as server:
+        close = stall_a_stream(server)
+        try:
+            wait_until(lambda: open_streams(server) == 0, 20, "the stalled stream to be cut")
+            # Writes were never held up by it.
+            assert server.send("POST", "/queues/orders/jobs/1/progress", b"1", JOB_TOKEN) == 200
+        finally:
+            close()
+        log = server.log.read_text()
+    assert "closed a connection whose client read nothing for 1 s (SEND_TIMEOUT)" in log
+    assert "Traceback" not in log
+
+
+def test_sigterm_ends_a_stream_whose_client_stopped_reading_within_seconds(
+    tmp_path, redis_url, job
+):
+    job()
+    server = serve(tmp_path, redis_url, SEND_TIMEOUT="60").start()
+    close = stall_a_stream(server)
+    try:
+        assert server.process is not None
+        stopped = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(15)  # the graceful timeout is 30 s: the stream did not hold it
+        assert time.monotonic() - stopped < 15
+    finally:
+        close()
+        server.stop()
