@@ -7,8 +7,10 @@ Alternating with it, the same wrk runs against gunicorn serving a bare WSGI call
 (bench/flask_bare.py) under the project's, and redis-benchmark runs the service's own
 Lua scripts: what the service could reach if it cost nothing. Then the progress
 route again, in turns with a copy of the service run with METRICS=0, for what counting
-each request costs; and 1,000 streams of events on one worker, for their memory and the
-delay from a write to its event. Prints one table and writes it to bench/results.md.
+each request costs; 1,000 streams of events on one worker, and as many as it holds by
+default, for their memory and the delay from a write to its event; and POST progress
+while a flood of stream clients knocks. Prints one table and writes it to
+bench/results.md.
 
 BENCH_SECONDS (default 8) sets how long each wrk run lasts.
 """
@@ -270,16 +272,29 @@ def cluster_rows(workdir: Path, best: float) -> list[Row]:
     return rows
 
 
-STREAMS = 1000  # streams of events one worker holds in the benchmark
+# Streams of events one worker holds in the benchmark, and the connections it has: 1,000
+# streams, and its most under the default WORKER_CONNECTIONS (four fifths of 1,000).
+STREAM_LOADS = ((1000, 1250), (800, 1000))
 STREAM_WRITES = 40  # progress writes and log lines each of them receives
+FLOOD = 2100  # stream clients at once against the default configuration
+FLOOD_RETRY_SECONDS = 0.5  # how soon a refused flood client asks again
 
 
 @dataclass(frozen=True)
 class StreamReport:
     streams: int
+    worker_connections: int
     clients: int  # Redis connections of the worker while they were open
     memory_per_stream_kb: float
     delays_ms: dict[str, tuple[float, float]]  # kind of event -> (p50, p99)
+
+
+@dataclass(frozen=True)
+class FloodReport:
+    quiet: Run  # POST progress with no stream open
+    flooded: Run  # the same, while the flood knocks
+    held: int  # streams open while it ran
+    refusals: dict[int, int]  # status -> how many times the flood was refused
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -299,25 +314,30 @@ def metrics_cost(
     return statistics.median(with_metrics), statistics.median(without)
 
 
-def stream_report(workdir: Path) -> StreamReport:
-    """Hold STREAMS streams of one job's events on one worker; write progress and log
+def stream_report(workdir: Path, streams: int, worker_connections: int) -> StreamReport:
+    """Hold `streams` streams of one job's events on one worker; write progress and log
     lines stamped with the time; measure what arrives when, and what the worker holds."""
-    with RedisServer(workdir / "streams-redis") as redis_server:
+    name = f"streams-{streams}"
+    with RedisServer(workdir / f"{name}-redis") as redis_server:
         client = redis.Redis.from_url(redis_server.url)
         add_active_job(client, "bench", "watched", JOB_TOKEN, name="bench", lock_ms=None)
+        # One API token opens them all: its own limit is lifted, the worker's is not.
         env = {"REDIS_URL": redis_server.url, "AUTH_TOKENS": API_TOKEN,
-               "WEB_CONCURRENCY": "1", "WORKER_CONNECTIONS": str(2 * STREAMS)}  # fmt: skip
-        (workdir / "streams").mkdir()
-        service = Gunicorn(workdir / "streams", env, bind=f"127.0.0.1:{free_port()}").start()
+               "WEB_CONCURRENCY": "1", "WORKER_CONNECTIONS": str(worker_connections),
+               "MAX_STREAMS_PER_TOKEN": str(streams)}  # fmt: skip
+        (workdir / name).mkdir()
+        service = Gunicorn(workdir / name, env, bind=f"127.0.0.1:{free_port()}").start()
         try:
-            report = asyncio.run(hold_streams(service, client))
+            report = asyncio.run(hold_streams(service, client, streams, worker_connections))
         finally:
             service.stop()
             client.close()
     return report
 
 
-async def hold_streams(service: Gunicorn, client: redis.Redis) -> StreamReport:
+async def hold_streams(
+    service: Gunicorn, client: redis.Redis, streams: int, worker_connections: int
+) -> StreamReport:
     """Open the streams, write, and read every event on every stream."""
     worker = service.worker_pids()
     before = rss_mb(worker)[0]
@@ -340,7 +360,7 @@ async def hold_streams(service: Gunicorn, client: redis.Redis) -> StreamReport:
             delays[kind].append((arrived - float(sent[1])) * 1000)
         writer.close()
 
-    opened = [asyncio.Event() for _ in range(STREAMS)]
+    opened = [asyncio.Event() for _ in range(streams)]
     tasks = [asyncio.create_task(subscriber(event)) for event in opened]
     await asyncio.wait_for(asyncio.gather(*(event.wait() for event in opened)), 120)
     clients = len(client.client_list()) - 1  # all but this client
@@ -348,11 +368,69 @@ async def hold_streams(service: Gunicorn, client: redis.Redis) -> StreamReport:
     await asyncio.to_thread(write_stamped, service)
     await asyncio.wait_for(asyncio.gather(*tasks), 120)
     return StreamReport(
-        STREAMS,
+        streams,
+        worker_connections,
         clients,
-        (holding - before) * 1024 / STREAMS,
+        (holding - before) * 1024 / streams,
         {kind: (percentile(ms, 0.5), percentile(ms, 0.99)) for kind, ms in delays.items()},
     )
+
+
+def flood_report(workdir: Path) -> FloodReport:
+    """Drive POST progress with wrk, first alone, then while FLOOD clients open streams
+    of another job's events on the default configuration, each refused one asking again
+    soon; one API token, its own limit lifted, so that the workers' limit is what holds."""
+    with RedisServer(workdir / "flood-redis") as redis_server:
+        client = redis.Redis.from_url(redis_server.url)
+        seed(client)
+        add_active_job(client, "bench", "watched", JOB_TOKEN, name="bench", lock_ms=None)
+        env = {"REDIS_URL": redis_server.url, "AUTH_TOKENS": API_TOKEN,
+               "MAX_STREAMS_PER_TOKEN": str(FLOOD)}  # fmt: skip
+        (workdir / "flood").mkdir()
+        service = start(Gunicorn(workdir / "flood", env, bind=f"127.0.0.1:{free_port()}"))
+        try:
+            quiet = measure(service, ROUTES[0], CONNECTIONS[-1], None).run
+            flooded, held, refusals = asyncio.run(flood(service))
+        finally:
+            service.stop()
+            client.close()
+    return FloodReport(quiet, flooded, held, refusals)
+
+
+async def flood(service: Gunicorn) -> tuple[Run, int, dict[int, int]]:
+    """Open FLOOD streams at once, holding those let in, asking again for the others;
+    run wrk meanwhile; return its run, the streams held, and the refusals by status."""
+    host, port = service.bind.rsplit(":", 1)
+    stop = asyncio.Event()
+    held = 0
+    refusals: dict[int, int] = {}
+    request = (
+        "GET /queues/bench/jobs/watched/events?tail=0 HTTP/1.1\r\nHost: bench\r\n"
+        f"Authorization: Bearer {API_TOKEN}\r\n\r\n"
+    ).encode()
+
+    async def client() -> None:
+        nonlocal held
+        while not stop.is_set():
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(request)
+            status = int((await reader.readuntil(b"\r\n")).split()[1])
+            if status == 200:
+                held += 1
+                await stop.wait()
+                writer.close()
+                return
+            refusals[status] = refusals.get(status, 0) + 1
+            writer.close()
+            await asyncio.sleep(FLOOD_RETRY_SECONDS)
+
+    clients = [asyncio.create_task(client()) for _ in range(FLOOD)]
+    await asyncio.sleep(5)  # the flood at the limit, the rest asking again and again
+    holding = held
+    flooded = await asyncio.to_thread(wrk, service.bind, ROUTES[0], CONNECTIONS[-1])
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*clients), 60)
+    return flooded, holding, refusals
 
 
 def write_stamped(service: Gunicorn) -> None:
@@ -424,10 +502,11 @@ def main() -> int:
         scripts = redis_ceiling(redis_server, client)
         client.close()
     rows += cluster_rows(workdir, best)
-    streams = stream_report(workdir)
+    streams = [stream_report(workdir, *load) for load in STREAM_LOADS]
+    flooded = flood_report(workdir)
     shutil.rmtree(workdir, ignore_errors=True)
 
-    report = render(rows, memory, scripts, streams, metrics)
+    report = render(rows, memory, scripts, streams, flooded, metrics)
     print(report)
     (ROOT / "bench" / "results.md").write_text(report)
     return 0
@@ -437,7 +516,8 @@ def render(
     rows: list[Row],
     memory: list[float],
     scripts: dict[str, tuple[float, float]],
-    streams: StreamReport,
+    streams: list[StreamReport],
+    flooded: FloodReport,
     metrics: tuple[float, float],
 ) -> str:
     """Render the results as Markdown."""
@@ -521,15 +601,39 @@ def render(
         "|---|---:|---:|",
     ]
     lines += [f"| {name} | {rps:,.0f} | {p99:.2f} |" for name, (rps, p99) in scripts.items()]
-    progress, log = streams.delays_ms["progress"], streams.delays_ms["log"]
     lines += [
         "",
-        f"Streams of events: one worker held {streams.streams:,} streams of one job's events "
-        f"with {streams.clients} Redis connections, at {streams.memory_per_stream_kb:.0f} KB "
-        f"of resident memory each. From a write to its event at each of the "
-        f"{streams.streams:,} subscribers ({STREAM_WRITES} of each kind, 50 ms apart): "
-        f"progress p50 {progress[0]:.0f} ms, p99 {progress[1]:.0f} ms; log lines p50 "
-        f"{log[0]:.0f} ms, p99 {log[1]:.0f} ms.",
+        "Streams of events on one worker, each a client of one job's events: Redis "
+        "connections of the worker while they were open, its resident memory per stream, "
+        f"and the delay from a write to its event at every stream ({STREAM_WRITES} writes "
+        "of each kind, 50 ms apart):",
+        "",
+        "| streams | WORKER_CONNECTIONS | Redis connections | memory/stream | progress p50 "
+        "| progress p99 | line p50 | line p99 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for report in streams:
+        (progress50, progress99), (log50, log99) = (
+            report.delays_ms["progress"],
+            report.delays_ms["log"],
+        )
+        lines.append(
+            f"| {report.streams:,} | {report.worker_connections:,} | {report.clients} "
+            f"| {report.memory_per_stream_kb:.0f} KB | {progress50:.0f} ms | {progress99:.0f} ms "
+            f"| {log50:.0f} ms | {log99:.0f} ms |"
+        )
+    quiet, loud = flooded.quiet, flooded.flooded
+    refusals = sorted(flooded.refusals.items())
+    refused = ", ".join(f"{count:,} answered {status}" for status, count in refusals)
+    lines += [
+        "",
+        f"A stream flood: {FLOOD:,} clients at once open streams of one job's events on the "
+        f"default configuration ({WORKERS} workers of 1,000 connections), each refused one "
+        f"asking again after {FLOOD_RETRY_SECONDS:g} s. The workers held {flooded.held:,} and "
+        f"refused the rest ({refused or 'none'}). POST progress at {CONNECTIONS[-1]} "
+        f"connections meanwhile: {loud.rate:,.0f} requests/s, p99 {loud.p99_ms:.1f} ms, "
+        f"{loud.non2xx + loud.socket_errors} errors; with no stream open: {quiet.rate:,.0f} "
+        f"requests/s, p99 {quiet.p99_ms:.1f} ms.",
     ]
     return "\n".join(lines) + "\n"
 
