@@ -31,16 +31,12 @@ from typing import Any, Protocol, Self
 import redis
 from redis.crc import key_slot
 
-from app import SETTINGS
+from settings import SETTINGS
 from streams import RETRY_MS
 
 # What gunicorn.conf.py and gunicorn itself read from the environment, beside the
-# service's own settings (app.SETTINGS).
-GUNICORN_VARIABLES = (
-    "BIND", "PORT", "WEB_CONCURRENCY", "WORKER_CLASS", "WORKER_CONNECTIONS", "THREADS",
-    "REQUEST_TIMEOUT", "SEND_TIMEOUT", "GUNICORN_CMD_ARGS", "LOG_FORMAT",
-    "PROMETHEUS_MULTIPROC_DIR",
-)  # fmt: skip
+# settings of settings.SETTINGS.
+GUNICORN_VARIABLES = ("GUNICORN_CMD_ARGS", "PROMETHEUS_MULTIPROC_DIR")
 
 
 def harness_environ() -> dict[str, str]:

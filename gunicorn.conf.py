@@ -1,16 +1,35 @@
 """gunicorn settings for the service: `gunicorn -c gunicorn.conf.py` and nothing else.
 
-Environment: BIND (a host:port or unix:/path; overrides PORT), PORT (default 8080, on
-127.0.0.1), WEB_CONCURRENCY (worker processes, default: one per core), WORKER_CLASS
-(default gevent), WORKER_CONNECTIONS (connections per gevent worker, default 1000),
-REQUEST_TIMEOUT (seconds for a request to arrive whole, default 10), SEND_TIMEOUT
-(seconds a client may read nothing of a response before it is cut off, default 10),
-THREADS (threads per gthread worker, default 8), LOG_FORMAT (plain or json, default plain),
+Environment, parsed by settings.py like the service's own: BIND (a host:port or
+unix:/path; overrides PORT), PORT (default 8080, on 127.0.0.1), WEB_CONCURRENCY
+(worker processes, default: one per core), WORKER_CLASS (default gevent),
+WORKER_CONNECTIONS (connections per gevent worker, default 1000), REQUEST_TIMEOUT
+(seconds for a request to arrive whole, default 10), SEND_TIMEOUT (seconds a client may
+read nothing of a response before it is cut off, default 10), THREADS (threads per
+gthread worker, default 8), LOG_FORMAT (plain or json, default plain), and
 PROMETHEUS_MULTIPROC_DIR (where workers keep their metrics; default a fresh temporary
 directory). The app reads the service's settings.
+
+gunicorn reads this file again on every reload (SIGHUP): what it does must be safe to
+do twice.
 """
 
+import atexit
 import os
+import queue
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from settings import ConfigError, server_settings
+
+try:
+    SETTINGS = server_settings(os.environ)
+except ConfigError as error:
+    sys.exit(str(error))
 
 # Every request is short and spends its time waiting on one Redis round trip, and
 # workers and dashboards call again and again over keep-alive connections. Greenlets
@@ -19,30 +38,21 @@ import os
 # second at 32 connections, at a lower p99, and evenly: gthread's workers race to
 # accept, and one can end up with most keep-alive connections while the other idles.
 # (The sync worker closes every connection after one request.)
-worker_class: str | type = os.environ.get("WORKER_CLASS") or "gevent"
+worker_class: str | type = SETTINGS["WORKER_CLASS"]
 if worker_class == "gevent":
     # The app is loaded here in the master, before the workers fork: patch first, so
     # that its sockets, locks and ssl are gevent's from the start rather than swapped
-    # under it in each worker.
+    # under it in each worker. (settings.py, above, patches nothing and needs nothing.)
     from gevent import monkey
 
     monkey.patch_all()
 
-import atexit  # noqa: E402
-import logging  # noqa: E402
-import queue  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
 # Metrics: each worker writes its figures to files in one directory and /metrics adds
 # them up (prometheus_client's multiprocess mode). The directory is named before the
 # app imports prometheus_client, and starts empty: figures left by an earlier run would
-# be added to this one's. A reload (SIGHUP) reads this file again; it keeps the figures.
-if "app" not in sys.modules:
+# be added to this one's. A reload keeps the directory and its figures: the metrics
+# module is loaded by then.
+if "metrics" not in sys.modules:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _made = tempfile.mkdtemp(prefix="bullmq-http-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = _made
@@ -59,47 +69,33 @@ if "app" not in sys.modules:
     for _stale in _metrics.glob("*.db"):
         _stale.unlink()
 
-from gunicorn.glogging import Logger as GunicornLogger  # noqa: E402
-from prometheus_client import multiprocess  # noqa: E402
-
-from app import WORKER_RESTARTS, JsonLogFormatter, access_log  # noqa: E402
-
-
-def _whole(name: str, default: int, low: int, high: int) -> int:
-    value = os.environ.get(name) or str(default)
-    if not (value.isascii() and value.isdigit() and low <= int(value) <= high):
-        sys.exit(f"{name}={value!r} must be a whole number from {low} to {high}")
-    return int(value)
-
-
-def _seconds(name: str, default: int, high: int) -> float:
-    value = os.environ.get(name) or str(default)
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = 0.0
-    if not 0 < seconds <= high:
-        sys.exit(f"{name}={value!r} must be a number of seconds above 0 and at most {high}")
-    return seconds
-
-
 wsgi_app = "app:create_app()"
-bind = [os.environ.get("BIND") or f"127.0.0.1:{_whole('PORT', 8080, 1, 65535)}"]
-workers = _whole("WEB_CONCURRENCY", os.cpu_count() or 1, 1, 256)
+bind = [SETTINGS["BIND"] or f"127.0.0.1:{SETTINGS['PORT']}"]
+workers = SETTINGS["WEB_CONCURRENCY"] or os.cpu_count() or 1
 
-worker_connections = _whole("WORKER_CONNECTIONS", 1000, 1, 10_000)
+worker_connections = SETTINGS["WORKER_CONNECTIONS"]
 if worker_class == "gevent":
     # gevent's worker with deadlines: a request must arrive whole within
-    # REQUEST_TIMEOUT of its first byte, and idle clients give way to new ones when a
-    # worker is nearly full (worker.py), so slow clients cannot hold every connection.
+    # REQUEST_TIMEOUT of its first byte, a client must read what it is sent within
+    # SEND_TIMEOUT, and idle clients give way to new ones when a worker is nearly full
+    # (worker.py), so slow clients cannot hold every connection.
     from worker import DeadlineWorker
 
     class Worker(DeadlineWorker):
-        request_timeout = _seconds("REQUEST_TIMEOUT", 10, 300)
-        send_timeout = _seconds("SEND_TIMEOUT", 10, 300)
+        request_timeout = SETTINGS["REQUEST_TIMEOUT"]
+        send_timeout = SETTINGS["SEND_TIMEOUT"]
 
     worker_class = Worker
-threads = _whole("THREADS", 8, 1, 1024)
+else:
+    from worker import read_body_safely
+
+    def pre_request(worker: Any, req: Any) -> None:
+        """Let the app read each body through worker.BodyReader, as the project's gevent
+        worker has it do."""
+        read_body_safely(req)
+
+
+threads = SETTINGS["THREADS"]
 # Idle keep-alive connections are closed after this many seconds: long enough for a
 # worker's next report on the same connection, short enough that a graceful stop,
 # which waits for idle connections too, takes seconds. A proxy in front must close
@@ -123,51 +119,55 @@ control_socket_disable = True
 
 # The app writes the access log itself (one line per request, with the request id and,
 # behind trusted proxies, the forwarded client address), to stdout; its warnings and
-# gunicorn's own log go to stderr, in gunicorn's format.
+# gunicorn's own log go to stderr, in gunicorn's format. LOG_FORMAT=json writes every
+# line, the access log's, the app's and gunicorn's own, as one JSON object, for log
+# shippers; plain is for people. Configured whole, so a reload replaces the handlers
+# rather than adding to them.
 accesslog = None
 errorlog = "-"
-
-# LOG_FORMAT=json writes every line, the access log's, the app's and gunicorn's own, as
-# one JSON object, for log shippers; plain is for people.
-LOG_FORMAT = os.environ.get("LOG_FORMAT") or "plain"
-if LOG_FORMAT not in ("plain", "json"):
-    sys.exit(f"LOG_FORMAT={LOG_FORMAT!r} must be plain or json")
 _DATES = "[%Y-%m-%d %H:%M:%S %z]"
-_json = JsonLogFormatter()
 
 
-def _formatter(plain: str) -> logging.Formatter:
+def _formatter(plain: str) -> dict[str, str]:
     """Return the formatter LOG_FORMAT asks for: JSON, or lines in the format given."""
-    return _json if LOG_FORMAT == "json" else logging.Formatter(plain, _DATES)
+    if SETTINGS["LOG_FORMAT"] == "json":
+        return {"()": "logs.JsonLogFormatter"}
+    return {"format": plain, "datefmt": _DATES}
 
 
-_warnings = logging.StreamHandler(sys.stderr)
-_warnings.setFormatter(
-    _formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s")
-)
-logging.basicConfig(level=logging.INFO, handlers=[_warnings])
-_access = logging.StreamHandler(sys.stdout)
-_access.setFormatter(_formatter("%(asctime)s [%(process)d] %(message)s"))
-access_log.addHandler(_access)
-access_log.propagate = False
+def _to(stream: str, formatter: str) -> dict[str, str]:
+    return {"class": "logging.StreamHandler", "stream": stream, "formatter": formatter}
 
 
-class Logger(GunicornLogger):
-    """gunicorn's own log, in JSON objects when LOG_FORMAT=json."""
-
-    def setup(self, cfg: Any) -> None:
-        super().setup(cfg)
-        if LOG_FORMAT == "json":
-            for handler in self.error_log.handlers:
-                handler.setFormatter(_json)
-
-
-logger_class = Logger
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "app": _formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"),
+        "access": _formatter("%(asctime)s [%(process)d] %(message)s"),
+        "gunicorn": _formatter("%(asctime)s [%(process)d] [%(levelname)s] %(message)s"),
+    },
+    "handlers": {
+        "app": _to("ext://sys.stderr", "app"),
+        "access": _to("ext://sys.stdout", "access"),
+        "gunicorn": _to("ext://sys.stderr", "gunicorn"),
+    },
+    "root": {"level": "INFO", "handlers": ["app"]},
+    "loggers": {
+        "bullmq_http.access": {"level": "INFO", "handlers": ["access"], "propagate": False},
+        "gunicorn.error": {"level": "INFO", "handlers": ["gunicorn"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": False},
+    },
+}
 
 
 def child_exit(server: Any, worker: Any) -> None:
     """Count a worker that exited while the server runs on (it is replaced), and drop
     its live gauges from the metrics; its counters stay in the sums."""
+    from prometheus_client import multiprocess
+
+    from metrics import WORKER_RESTARTS  # loaded with the app, by now
+
     if server.LISTENERS:  # emptied when the whole server stops
         WORKER_RESTARTS.inc()
     multiprocess.mark_process_dead(worker.pid)

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis
-from prometheus_client import Counter
 from redis.cluster import RedisCluster
 from redis.typing import KeyT, StreamIdT
+
+from metrics import WATCHER_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -278,9 +279,9 @@ class Watcher:
                 # loop starts again, a little later each time it fails again.
                 pause = RESTART_SECONDS[min(failures, len(RESTART_SECONDS) - 1)]
                 failures += 1
-                self.failure = f"{type(error).__name__}: {error}"
-                WATCHER_ERRORS.inc()
                 log.exception("the job watcher failed; it starts again in %g s", pause)
+                WATCHER_ERRORS.inc()
+                self.failure = f"{type(error).__name__}: {error}"  # last: /readyz tells
                 self.disconnect(client)
                 client = None
                 self.stopping.wait(pause)
@@ -406,15 +407,14 @@ class Watcher:
         """End every open stream within a second (the process is stopping)."""
         self.stopping.set()
 
+    def join(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for a stopped watcher's thread to end."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+
 
 # Every watcher of the process, for stop_all.
 WATCHERS: weakref.WeakSet[Watcher] = weakref.WeakSet()
-
-WATCHER_ERRORS = Counter(
-    "bullmq_http_watcher_errors",
-    "Unexpected errors of the job watcher, each logged with its traceback; it starts "
-    "again after a pause.",
-)
 
 
 def stop_all() -> None:

@@ -22,12 +22,13 @@ merely idle clients can hold every connection a worker has. This one adds:
   reads a response would otherwise find it already there, and gevent only switches when
   a read would block: one connection could be served again and again while the others
   wait for hundreds of milliseconds (bench/results.md: p99 at 32 connections).
-- Each response in one write: gunicorn sends a response's head and its body apart, a
-  send more per response, and on the client's side a wake-up more (README, Performance).
 - gunicorn's own answers to malformed requests in plain text, like the service's.
 - On SIGTERM, idle connections close at once, and open streams of events end within a
   second (those whose clients stopped reading included) instead of holding the
   graceful stop.
+
+For every worker class, BodyReader hands the app a body gunicorn cannot parse (a
+malformed chunk) as a ValueError, and closes the connection after the answer.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Any
 
 import gevent
 from gunicorn import util
+from gunicorn.http.errors import ParseException
 from gunicorn.workers.ggevent import GeventWorker
 
 import streams
@@ -51,15 +53,14 @@ import streams
 # if it has been idle this long: a burst of new connections must not close its own.
 CROWDED = 0.9
 IDLE_ENOUGH_SECONDS = 1.0
-# A response's body up to this size goes out in one write with its head; a larger one is
-# sent after it rather than copied onto it.
-ONE_WRITE_BYTES = 64 * 1024
 # The socket send buffer of a stream of events (Linux doubles it): events are small, and
 # a client that stops reading holds this much of the kernel's memory, not megabytes.
 STREAM_SEND_BUFFER = 32 * 1024
 # How long streams of events have to end by themselves after SIGTERM before their
 # connections are closed under them.
 STREAMS_STOP_SECONDS = 1.0
+# How a stream of events names itself in its response's head.
+EVENT_STREAM = b"content-type: text/event-stream"
 
 
 def write_plain_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
@@ -73,10 +74,11 @@ def write_plain_error(sock: socket.socket, status: int, reason: str, message: st
 
 
 class Client:
-    """A client's socket as the worker's HTTP parser reads it, with the deadlines, and
-    as its responses are written, each in one write.
+    """A client's socket as the worker's HTTP parser reads it and its responses are
+    written, with the deadlines; everything else passes through to the socket.
 
-    Everything else passes through to the socket.
+    Its state is its own: the worker tells it where a request stands (request_arrived,
+    request_done), and a failed body read tells it through body_failed.
     """
 
     def __init__(self, sock: socket.socket, worker: DeadlineWorker) -> None:
@@ -84,14 +86,32 @@ class Client:
         self.worker = worker
         self.deadline: float | None = None  # while a request arrives: when it must have
         self.in_app = False  # the request's headers arrived and the app has it
+        self.first_write = False  # the next write is a response's head
         self.linger = False  # the client may still be sending when the connection closes
-        self.hold_head = False  # a response starts: its head waits for its body
-        self.head: bytes | None = None  # the head held
         self.streaming = False  # the response is a stream of events
         self.shut_here = False  # the worker ended the connection under its greenlet
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sock, name)
+
+    def request_arrived(self) -> None:
+        """The request's headers are in, and the app has it."""
+        self.in_app = True
+        self.first_write = True
+
+    def request_done(self) -> None:
+        """The request is answered, or failed: the next one starts afresh."""
+        self.in_app = False
+        self.first_write = False
+        self.deadline = None
+        if self.streaming:
+            self.streaming = False
+            self.worker.streams.discard(self)
+
+    def body_failed(self) -> None:
+        """Reading the body failed: where the next request would start is unknown, and
+        the client may still be sending as the connection closes."""
+        self.linger = True
 
     def recv(self, size: int) -> bytes:
         """Return the next bytes, or b"" (closing the connection) when they are late."""
@@ -142,37 +162,16 @@ class Client:
         return data
 
     def sendall(self, data: bytes) -> None:
-        """Send bytes of a response. Its first are its head, which gunicorn writes
-        alone: hold it, and send it with the body's first bytes. (A streamed response's
-        head so waits for its first chunk with bytes in it: the streams of events send
-        one at once.)"""
-        if self.hold_head:
-            self.hold_head = False
-            self.head = data
+        """Send bytes of a response, within the send deadline: a client that reads none
+        of them for SEND_TIMEOUT seconds has its connection closed."""
+        if self.first_write:
+            self.first_write = False
             if EVENT_STREAM in data.partition(b"\r\n\r\n")[0].lower():
                 self.start_stream()
-            return
-        if self.head is not None and len(data) <= ONE_WRITE_BYTES:
-            data, self.head = self.head + data, None
-        else:
-            self.send_head()  # before a large body, on its own
-        self.send(data)
-
-    def send_head(self) -> None:
-        """Send a response's head still held: its response has no body (HEAD, 204)."""
-        self.hold_head = False
-        head, self.head = self.head, None
-        if head is not None:
-            self.send(head)
-
-    def send(self, data: bytes) -> None:
-        """Send bytes, within the send deadline: a client that reads none of them for
-        SEND_TIMEOUT seconds has its connection closed."""
         self.sock.settimeout(self.worker.send_timeout)
         try:
             self.sock.sendall(data)
         except TimeoutError:
-            self.linger = False
             self.worker.log.info(
                 "closed a connection whose client read nothing for %g s (SEND_TIMEOUT)",
                 self.worker.send_timeout,
@@ -194,21 +193,10 @@ class Client:
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
 
-    def end_stream(self) -> None:
-        """The stream of events ended: forget it."""
-        if self.streaming:
-            self.streaming = False
-            self.worker.streams.discard(self)
-
-    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
-        self.send_head()
-        return self.sock.sendfile(file, offset, count)
-
     def close(self) -> None:
         """Close the connection; after an answer to a request that did not arrive whole,
         drain what the client still sends for a moment first: a socket closed on unread
         input sends a reset, and the client may lose the answer before reading it."""
-        self.head = None  # a response that failed mid-way: its head alone would mislead
         if self.linger:
             util.close_graceful(self.sock)
         else:
@@ -239,11 +227,12 @@ class Client:
             self.sock.shutdown(socket.SHUT_RDWR)
 
 
-class ClosingReader:
-    """A request body's reader that, when reading fails, ends the connection after the
-    response: where the next request would start is then unknown."""
+class BodyReader:
+    """A request body's reader for the app: a body gunicorn cannot parse (a malformed
+    chunk) is a ValueError saying why; and when reading fails, the connection ends after
+    the answer, as where the next request would start is unknown."""
 
-    def __init__(self, reader: Any, request: Any, client: Client) -> None:
+    def __init__(self, reader: Any, request: Any, client: Client | None) -> None:
         self.reader = reader
         self.request = request
         self.client = client
@@ -251,14 +240,23 @@ class ClosingReader:
     def read(self, size: int) -> bytes:
         try:
             return self.reader.read(size)
+        except ParseException as error:
+            self.failed()
+            raise ValueError(f"the chunked body is malformed ({error})") from None
         except Exception:
-            self.request.must_close = True  # the response says Connection: close
-            self.client.linger = True
+            self.failed()
             raise
 
+    def failed(self) -> None:
+        self.request.must_close = True  # the response says Connection: close
+        if self.client is not None:
+            self.client.body_failed()
 
-# How a stream of events names itself in its response's head.
-EVENT_STREAM = b"content-type: text/event-stream"
+
+def read_body_safely(request: Any, client: Client | None = None) -> None:
+    """Have the app read a request's body through a BodyReader (once)."""
+    if request.body is not None and not isinstance(request.body.reader, BodyReader):
+        request.body.reader = BodyReader(request.body.reader, request, client)
 
 
 class DeadlineWorker(GeventWorker):
@@ -326,20 +324,9 @@ class DeadlineWorker(GeventWorker):
         self.make_room()
 
     def handle_request(self, listener_name: Any, req: Any, sock: Client, addr: Any) -> Any:
-        sock.in_app = True
-        sock.hold_head = True
-        if req.body is not None:
-            req.body.reader = ClosingReader(req.body.reader, req, sock)
+        sock.request_arrived()
+        read_body_safely(req, sock)
         try:
-            answered = super().handle_request(listener_name, req, sock, addr)
-            sock.send_head()
-            return answered
-        except StopIteration:  # answered, and the connection closes after it
-            sock.send_head()
-            raise
+            return super().handle_request(listener_name, req, sock, addr)
         finally:
-            sock.in_app = False
-            sock.deadline = None
-            sock.hold_head = False  # a head never sent belongs to a response that failed
-            sock.head = None
-            sock.end_stream()
+            sock.request_done()

@@ -38,7 +38,6 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app import ADD_LOG, SET_PROGRESS  # noqa: E402
 from dev import (  # noqa: E402
     ClusterServers,
     Gunicorn,
@@ -47,6 +46,7 @@ from dev import (  # noqa: E402
     free_port,
     open_raw_stream,
 )
+from store import ADD_LOG, SET_PROGRESS  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 WORKERS = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)

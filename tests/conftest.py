@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import queue
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 import redis
@@ -16,17 +14,14 @@ from flask.testing import FlaskClient
 
 from app import create_app
 from dev import (
-    EventStream,
+    Gunicorn,
     RedisServer,
-    ServerSentEvent,
     add_active_job,
+    free_port,
     harness_environ,
     redis_server_version,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-API_TOKEN = "test-api-token"
-JOB_TOKEN = "0b5d8a34-6c2e-4c44-9a4e-3f0f1f6b1e2a:1"  # what a BullMQ worker sets
+from tests.helpers import API_TOKEN, JOB_TOKEN
 
 
 @pytest.fixture(scope="session")
@@ -73,10 +68,6 @@ def make_app(redis_url: str, r: redis.Redis) -> Iterator[Callable[..., Flask]]:
 
     yield make
     for app in apps:
-        watcher = app.extensions["bullmq_http.watcher"]
-        watcher.stop()
-        if watcher.thread is not None:
-            watcher.thread.join(10)  # it closes its connections on the way out
         app.extensions["bullmq_http"].close()
 
 
@@ -93,6 +84,29 @@ def client(app: Flask) -> FlaskClient:
 
 
 @pytest.fixture
+def serve(tmp_path: Path, redis_url: str) -> Iterator[Callable[..., Gunicorn]]:
+    """Yield a function that serves the app under gunicorn, with its production config,
+    against the test database: the API token, one worker and a TCP port on loopback,
+    then the settings given (as environment variables); `args` go to gunicorn. Each
+    server is stopped after the test."""
+    servers: list[Gunicorn] = []
+
+    def start(*, args: Sequence[str] = (), **settings: str) -> Gunicorn:
+        directory = tmp_path / f"gunicorn-{len(servers)}"
+        directory.mkdir()
+        env = {"REDIS_URL": redis_url, "AUTH_TOKENS": API_TOKEN, "WEB_CONCURRENCY": "1"}
+        server = Gunicorn(
+            directory, {**env, **settings}, bind=f"127.0.0.1:{free_port()}", args=args
+        )
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in reversed(servers):
+        server.stop()
+
+
+@pytest.fixture
 def job(r: redis.Redis) -> Callable[..., str]:
     """Return a function that lays out an active job (queue "orders", id "1") in Redis."""
 
@@ -100,75 +114,6 @@ def job(r: redis.Redis) -> Callable[..., str]:
         return add_active_job(r, queue, job_id, token, **kw)
 
     return make
-
-
-def snapshot(r: redis.Redis) -> dict[str, Any]:
-    """Return everything the database holds, key by key, to compare before and after."""
-    contents: dict[str, Any] = {}
-    for key in r.scan_iter():
-        kind = r.type(key)
-        if kind == "hash":
-            contents[key] = r.hgetall(key)
-        elif kind == "list":
-            contents[key] = r.lrange(key, 0, -1)
-        elif kind == "stream":
-            contents[key] = r.xrange(key)
-        elif kind == "string":
-            contents[key] = r.get(key)
-        else:
-            contents[key] = kind
-    return contents
-
-
-def unavailable(reason: str) -> NoReturn:
-    """Skip a test for what this machine lacks; under CI=true, where every test must
-    run (the project's own files install what they need), fail instead."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI runs every test")
-    pytest.skip(reason)
-
-
-def bearer(token: str) -> dict[str, str]:
-    """Return the Authorization header for a token."""
-    return {"Authorization": f"Bearer {token}"}
-
-
-class StreamedBody:
-    """The body of a test client's streamed response, read line by line, as the next
-    event of a stream waits: next_event bounds the wait."""
-
-    def __init__(self, response: Any) -> None:
-        self.chunks = iter(response.response)
-        self.buffer = b""
-
-    def readline(self) -> bytes:
-        while b"\n" not in self.buffer:
-            chunk = next(self.chunks, None)
-            if chunk is None:
-                line, self.buffer = self.buffer, b""
-                return line
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line + b"\n"
-
-
-def open_events(client: FlaskClient, path: str) -> Iterator[ServerSentEvent]:
-    """Open a job's stream of events through a test client, with the API token."""
-    response = client.get(path, headers=bearer(API_TOKEN), buffered=False)
-    assert response.status_code == 200, response.get_data()
-    return iter(EventStream(StreamedBody(response)))
-
-
-def next_event(events: Iterator[ServerSentEvent], timeout: float = 10.0) -> ServerSentEvent:
-    """Return the stream's next event, failing after `timeout` seconds without one."""
-    arrived: queue.Queue[ServerSentEvent | None] = queue.Queue()
-    threading.Thread(target=lambda: arrived.put(next(events, None)), daemon=True).start()
-    try:
-        event = arrived.get(timeout=timeout)
-    except queue.Empty:
-        raise AssertionError(f"no event within {timeout:g} seconds") from None
-    assert event is not None, "the stream ended"
-    return event
 
 
 def pytest_report_header() -> str:

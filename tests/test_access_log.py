@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tests.conftest import API_TOKEN, JOB_TOKEN, bearer
+from tests.helpers import API_TOKEN, JOB_TOKEN, bearer
 
 LINE = re.compile(r'(\S+) "(\S+) (\S+)" (\d{3}) (\d+\.\d\d)ms (\S+) (\S+)')
 
@@ -13,10 +13,10 @@ LINE = re.compile(r'(\S+) "(\S+) (\S+)" (\d{3}) (\d+\.\d\d)ms (\S+) (\S+)')
 @pytest.fixture
 def access(caplog):
     """Return the access-log lines written so far, parsed."""
-    caplog.set_level(logging.INFO, logger="app.access")
+    caplog.set_level(logging.INFO, logger="bullmq_http.access")
 
     def lines():
-        records = [r for r in caplog.records if r.name == "app.access"]
+        records = [r for r in caplog.records if r.name == "bullmq_http.access"]
         return [LINE.fullmatch(record.getMessage()).groups() for record in records]
 
     return lines

@@ -2,13 +2,9 @@
 
 import pytest
 
-from tests.conftest import JOB_TOKEN, bearer, snapshot
+from tests.helpers import post, snapshot
 
 URL = "/queues/orders/jobs/1/logs"
-
-
-def post(client, body, content_type=None, token=JOB_TOKEN, url=URL):
-    return client.post(url, data=body, content_type=content_type, headers=bearer(token))
 
 
 @pytest.mark.parametrize(
@@ -29,7 +25,7 @@ def post(client, body, content_type=None, token=JOB_TOKEN, url=URL):
 )
 def test_line_is_appended(client, r, job, body, content_type, line):
     job()
-    response = post(client, body, content_type)
+    response = post(client, URL, body, content_type)
     assert (response.status_code, response.data) == (200, b"OK")
     assert r.lrange("bull:orders:1:logs", 0, -1) == [line]
 
@@ -37,14 +33,14 @@ def test_line_is_appended(client, r, job, body, content_type, line):
 def test_lines_keep_their_order(client, r, job):
     job()
     for n in range(5):
-        assert post(client, f"line {n}".encode()).status_code == 200
+        assert post(client, URL, f"line {n}".encode()).status_code == 200
     assert r.lrange("bull:orders:1:logs", 0, -1) == [f"line {n}" for n in range(5)]
 
 
 def test_keep_logs_option_keeps_the_newest_lines(client, r, job):
     job(opts={"kl": 3})
     for n in range(5):
-        assert post(client, f"line {n}".encode()).status_code == 200
+        assert post(client, URL, f"line {n}".encode()).status_code == 200
     assert r.lrange("bull:orders:1:logs", 0, -1) == ["line 2", "line 3", "line 4"]
 
 
@@ -52,15 +48,15 @@ def test_keep_logs_option_keeps_the_newest_lines(client, r, job):
 def test_no_usable_keep_logs_keeps_every_line(client, r, job, opts):
     job(opts=opts)
     for n in range(4):
-        assert post(client, f"line {n}".encode()).status_code == 200
+        assert post(client, URL, f"line {n}".encode()).status_code == 200
     assert r.llen("bull:orders:1:logs") == 4
 
 
 def test_unreadable_opts_keep_every_line(client, r, job):
     key = job()
     r.hset(key, "opts", "not json")
-    assert post(client, b"one").status_code == 200
-    assert post(client, b"two").status_code == 200
+    assert post(client, URL, b"one").status_code == 200
+    assert post(client, URL, b"two").status_code == 200
     assert r.lrange("bull:orders:1:logs", 0, -1) == ["one", "two"]
 
 
@@ -83,7 +79,7 @@ def test_unreadable_opts_keep_every_line(client, r, job):
 def test_bad_line_is_a_400_and_writes_nothing(client, r, job, body, content_type, reason):
     job()
     before = snapshot(r)
-    response = post(client, body, content_type)
+    response = post(client, URL, body, content_type)
     assert response.status_code == 400
     assert response.get_data(as_text=True).startswith(reason)
     assert snapshot(r) == before
@@ -93,7 +89,7 @@ def test_log_of_a_job_whose_hash_is_gone_is_a_404(client, r, job):
     key = job()
     r.delete(key)
     before = snapshot(r)
-    response = post(client, b"late line")
+    response = post(client, URL, b"late line")
     assert response.status_code == 404
     assert response.data == b"job '1' not found in queue 'orders'"
     assert snapshot(r) == before
@@ -112,17 +108,17 @@ def test_max_logs_per_job_caps_every_job(make_app, r, job, cap, opts, kept):
     job(opts=opts)
     client = make_app(MAX_LOGS_PER_JOB=cap).test_client()
     for n in range(5):
-        assert post(client, f"line {n}".encode()).status_code == 200
+        assert post(client, URL, f"line {n}".encode()).status_code == 200
     assert r.lrange("bull:orders:1:logs", 0, -1) == kept
 
 
 def test_max_log_line_bytes_refuses_longer_lines(make_app, r, job):
     job()
     client = make_app(MAX_LOG_LINE_BYTES=8).test_client()
-    assert post(client, b"12345678").status_code == 200
-    assert post(client, '"1234567é"'.encode(), "application/json").status_code == 413
+    assert post(client, URL, b"12345678").status_code == 200
+    assert post(client, URL, '"1234567é"'.encode(), "application/json").status_code == 413
     before = snapshot(r)
-    response = post(client, b"123456789")
+    response = post(client, URL, b"123456789")
     assert response.status_code == 413
     assert response.data == b"the log line is longer than 8 bytes (MAX_LOG_LINE_BYTES)"
     assert snapshot(r) == before

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 import tokens
-from app import ConfigError, create_app
+from app import create_app
 from dev import Gunicorn, free_port, wait_until
-from tests.conftest import bearer, snapshot
+from settings import ConfigError
+from tests.helpers import bearer, snapshot
 
 DASHBOARD, BILLING, REPORTS = "d4shb0ard-token", "b1ll1ng-s3cret-token", "r3ports-token"
 HASHED = "h4shed-token"
@@ -100,7 +101,7 @@ def test_a_file_of_bare_tokens_reads_every_queue_and_names_them_by_line(
     path.write_text("# old format\nfirst-token\n\n  second-token  \n")
     client = make_app(AUTH_TOKENS=["env-token"], AUTH_TOKENS_FILE=str(path)).test_client()
     job(queue="anything")
-    caplog.set_level(logging.INFO, logger="app.access")
+    caplog.set_level(logging.INFO, logger="bullmq_http.access")
     for token in ("first-token", "second-token", "env-token"):
         assert read(client, "anything", token).status_code == 200
     names = [record.getMessage().rsplit(" ", 1)[1] for record in caplog.records]
@@ -110,7 +111,7 @@ def test_a_file_of_bare_tokens_reads_every_queue_and_names_them_by_line(
 
 def test_the_access_log_names_the_token_never_the_secret(scoped, r, job, caplog):
     job(queue="invoices")
-    caplog.set_level(logging.INFO, logger="app.access")
+    caplog.set_level(logging.INFO, logger="bullmq_http.access")
     read(scoped, "invoices", BILLING)
     read(scoped, "emails", BILLING)
     lines = [record.getMessage() for record in caplog.records]

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from dev import wait_until
-from tests.conftest import API_TOKEN, JOB_TOKEN, bearer, snapshot
+from tests.helpers import API_TOKEN, JOB_TOKEN, bearer, snapshot
 
 WRITES = ["/queues/orders/jobs/1/progress", "/queues/orders/jobs/1/logs"]
 READ = "/queues/orders/jobs/1/logs"

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from dev import Gunicorn, free_port
-from tests.conftest import JOB_TOKEN, snapshot
+from tests.helpers import JOB_TOKEN, snapshot
 
 DEADLINE = 1.0  # REQUEST_TIMEOUT of the server under test, in seconds
 

@@ -4,7 +4,8 @@ import logging
 
 import pytest
 
-from app import DEFAULTS, ConfigError, create_app, settings_from_env
+from app import create_app
+from settings import DEFAULTS, ConfigError, settings_from_env
 
 
 def test_defaults_match_the_reference_proxy():
@@ -84,7 +85,7 @@ def test_api_tokens_come_from_the_variable_and_the_file(tmp_path, monkeypatch):
     tokens.write_text("# rotated monthly\nfrom-file-1\n\n  from-file-2  \n")
     monkeypatch.setenv("AUTH_TOKENS", "one, two,,")
     monkeypatch.setenv("AUTH_TOKENS_FILE", str(tokens))
-    tokens = create_app().extensions["bullmq_http.tokens"]
+    tokens = create_app().extensions["bullmq_http"].tokens
     for sent in (b"one", b"two", b"from-file-1", b"from-file-2"):
         assert tokens.find(sent).reads("any-queue")
     assert tokens.find(b"# rotated monthly") is None
@@ -105,7 +106,7 @@ def test_the_factory_reads_the_environment_and_overrides_win(monkeypatch):
     app = create_app({"MAX_BODY_BYTES": 200})
     assert app.config["QUEUE_PREFIX"] == "from-env"
     assert app.config["MAX_CONTENT_LENGTH"] == 200
-    assert app.extensions["bullmq_http"].key("q", "1", "lock") == "from-env:q:1:lock"
+    assert app.extensions["bullmq_http"].store.key("q", "1", "lock") == "from-env:q:1:lock"
 
 
 def test_bad_environment_stops_the_factory(monkeypatch):
@@ -145,7 +146,7 @@ def test_no_api_token_is_warned_about(caplog, monkeypatch):
 )
 def test_redis_connection_settings(settings, connection):
     app = create_app(settings)
-    kwargs = app.extensions["bullmq_http"].connect().connection_pool.connection_kwargs
+    kwargs = app.extensions["bullmq_http"].store.connect().connection_pool.connection_kwargs
     assert {name: kwargs.get(name) for name in connection} == connection
     assert kwargs["socket_timeout"] == 2.0
 

@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 
 import redis
 
-from dev import Gunicorn, free_port
-from tests.conftest import JOB_TOKEN
+from dev import Gunicorn
+from tests.helpers import JOB_TOKEN
 
 T = TypeVar("T")
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -77,45 +77,42 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coroutine)
 
 
-def test_hundreds_of_slow_clients_neither_block_others_nor_outstay_the_deadline(
-    tmp_path, redis_url, r, job
-):
+def test_hundreds_of_slow_clients_neither_block_others_nor_outstay_the_deadline(serve, r, job):
     key = job()
     deadline, slow = 2.0, 400
-    env = {"REDIS_URL": redis_url, "REQUEST_TIMEOUT": str(deadline), "WEB_CONCURRENCY": "2"}
-    with Gunicorn(tmp_path, env, bind=f"127.0.0.1:{free_port()}") as server:
+    server = serve(REQUEST_TIMEOUT=str(deadline), WEB_CONCURRENCY="2")
 
-        async def trickle(client: Client) -> tuple[bytes, float]:
-            """Send headers, then a body byte every half second, never the whole body;
-            return what the server answered before closing, and when it closed."""
-            started = time.monotonic()
-            client.writer.write(post("logs", b"x" * 100)[:-100])
-            received = b""
-            while time.monotonic() - started < deadline + 10:
-                try:
-                    chunk = await asyncio.wait_for(client.reader.read(65536), 0.5)
-                except TimeoutError:
-                    if not received:
-                        client.writer.write(b"x")
-                    continue
-                if not chunk:
-                    break
-                received += chunk
-            client.close()
-            return received, time.monotonic() - started
+    async def trickle(client: Client) -> tuple[bytes, float]:
+        """Send headers, then a body byte every half second, never the whole body;
+        return what the server answered before closing, and when it closed."""
+        started = time.monotonic()
+        client.writer.write(post("logs", b"x" * 100)[:-100])
+        received = b""
+        while time.monotonic() - started < deadline + 10:
+            try:
+                chunk = await asyncio.wait_for(client.reader.read(65536), 0.5)
+            except TimeoutError:
+                if not received:
+                    client.writer.write(b"x")
+                continue
+            if not chunk:
+                break
+            received += chunk
+        client.close()
+        return received, time.monotonic() - started
 
-        async def scenario() -> tuple[list[Answer], list[tuple[bytes, float]]]:
-            clients = [await Client(server).open() for _ in range(slow)]
-            trickles = asyncio.gather(*(trickle(client) for client in clients))
-            await asyncio.sleep(0.5)
-            served = [
-                await ask_once(server, HEALTHZ),
-                await ask_once(server, post("progress", b"42")),
-                await ask_once(server, HEALTHZ),
-            ]
-            return served, await trickles
+    async def scenario() -> tuple[list[Answer], list[tuple[bytes, float]]]:
+        clients = [await Client(server).open() for _ in range(slow)]
+        trickles = asyncio.gather(*(trickle(client) for client in clients))
+        await asyncio.sleep(0.5)
+        served = [
+            await ask_once(server, HEALTHZ),
+            await ask_once(server, post("progress", b"42")),
+            await ask_once(server, HEALTHZ),
+        ]
+        return served, await trickles
 
-        served, endings = run(scenario())
+    served, endings = run(scenario())
 
     assert [(answer.status, answer.body) for answer in served] == [(200, b"OK")] * 3
     assert all(answer.seconds < deadline for answer in served)
@@ -126,23 +123,22 @@ def test_hundreds_of_slow_clients_neither_block_others_nor_outstay_the_deadline(
     assert r.llen(f"{key}:logs") == 0
 
 
-def test_idle_clients_give_way_to_new_ones_when_a_worker_is_full(tmp_path, redis_url):
-    env = {"REDIS_URL": redis_url, "WORKER_CONNECTIONS": "50", "WEB_CONCURRENCY": "1"}
-    with Gunicorn(tmp_path, env, bind=f"127.0.0.1:{free_port()}") as server:
+def test_idle_clients_give_way_to_new_ones_when_a_worker_is_full(serve):
+    server = serve(WORKER_CONNECTIONS="50")
 
-        async def scenario() -> tuple[list[Answer], list[bytes]]:
-            clients, answers = [], []
-            for _ in range(150):  # three times what the worker holds, each kept open
-                client = await Client(server).open()
-                answers.append(await client.ask(HEALTHZ, timeout=5))
-                clients.append(client)
-            # The first ones, idle the longest, were closed to make room.
-            oldest = [await client.closed(5) for client in clients[:50]]
-            for client in clients:
-                client.close()
-            return answers, oldest
+    async def scenario() -> tuple[list[Answer], list[bytes]]:
+        clients, answers = [], []
+        for _ in range(150):  # three times what the worker holds, each kept open
+            client = await Client(server).open()
+            answers.append(await client.ask(HEALTHZ, timeout=5))
+            clients.append(client)
+        # The first ones, idle the longest, were closed to make room.
+        oldest = [await client.closed(5) for client in clients[:50]]
+        for client in clients:
+            client.close()
+        return answers, oldest
 
-        answers, oldest = run(scenario())
+    answers, oldest = run(scenario())
 
     assert [answer.status for answer in answers] == [200] * 150
     assert oldest == [b""] * 50
@@ -173,15 +169,14 @@ def connections_since(client: redis.Redis, started: float) -> int:
     return sum(1 for c in client.client_list() if int(c["age"]) <= seconds and int(c["id"]) != mine)
 
 
-def test_hundreds_of_concurrent_writes_at_a_healthy_redis_all_succeed(tmp_path, redis_url, r, job):
+def test_hundreds_of_concurrent_writes_at_a_healthy_redis_all_succeed(serve, r, job):
     key = job()
     pool, workers = 5, 2
-    env = {"REDIS_URL": redis_url, "REDIS_MAX_CONNECTIONS": str(pool), "WEB_CONCURRENCY": "2"}
     started = time.monotonic()
-    with Gunicorn(tmp_path, env, bind=f"127.0.0.1:{free_port()}") as server:
-        server.wait_for_workers(workers)
-        answers = burst(server, clients=400, requests=3, body=b"7")
-        service_connections = connections_since(r, started)
+    server = serve(REDIS_MAX_CONNECTIONS=str(pool), WEB_CONCURRENCY="2")
+    server.wait_for_workers(workers)
+    answers = burst(server, clients=400, requests=3, body=b"7")
+    service_connections = connections_since(r, started)
 
     assert sorted({answer.status for answer in answers}) == [200]
     assert len(answers) == 1200
@@ -191,23 +186,17 @@ def test_hundreds_of_concurrent_writes_at_a_healthy_redis_all_succeed(tmp_path, 
 
 
 def test_a_stalled_redis_answers_503_at_the_timeout_or_200_after_never_at_once(
-    tmp_path, redis_url, r, job
+    serve, redis_url, r, job
 ):
     key = job()
     timeout, pool = 0.5, 5
-    env = {
-        "REDIS_URL": redis_url,
-        "REDIS_TIMEOUT": str(timeout),
-        "REDIS_MAX_CONNECTIONS": str(pool),
-        "WEB_CONCURRENCY": "1",
-    }
     started = time.monotonic()
-    with Gunicorn(tmp_path, env, bind=f"127.0.0.1:{free_port()}") as server:
-        with redis.Redis.from_url(redis_url) as admin:
-            admin.client_pause(2000)
-            answers = burst(server, clients=200, requests=1, body=b"9")
-            connections = connections_since(admin, started)
-        after = burst(server, clients=10, requests=1, body=b"10")
+    server = serve(REDIS_TIMEOUT=str(timeout), REDIS_MAX_CONNECTIONS=str(pool))
+    with redis.Redis.from_url(redis_url) as admin:
+        admin.client_pause(2000)
+        answers = burst(server, clients=200, requests=1, body=b"9")
+        connections = connections_since(admin, started)
+    after = burst(server, clients=10, requests=1, body=b"10")
 
     statuses = {answer.status for answer in answers}
     assert statuses <= {200, 503} and 503 in statuses

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dev import free_port, harness_environ, wait_until
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_printed_curl_lines_work(tmp_path):

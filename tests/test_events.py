@@ -32,7 +32,7 @@ from dev import (
     wait_until,
 )
 from streams import parse_cursor
-from tests.conftest import API_TOKEN, JOB_TOKEN, StreamedBody, bearer
+from tests.helpers import API_TOKEN, JOB_TOKEN, StreamedBody, bearer
 
 SECRET = "a secret the instances share"
 

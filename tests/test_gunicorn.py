@@ -4,47 +4,45 @@ import http.client
 import os
 import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
 
 import pytest
 
-from dev import GUNICORN, Gunicorn, free_port, harness_environ, wait_until
-from tests.conftest import API_TOKEN, JOB_TOKEN, ROOT, bearer
+from dev import GUNICORN, Gunicorn, harness_environ, wait_until
+from tests.helpers import API_TOKEN, JOB_TOKEN, ROOT, bearer
 from worker import DeadlineWorker
 
 THREADS, LINES = 8, 40
 
 
-def test_concurrent_appends_store_every_line_once_in_order(tmp_path, redis_url, r, job):
+def test_concurrent_appends_store_every_line_once_in_order(serve, r, job):
     job()
-    env = {"REDIS_URL": redis_url, "AUTH_TOKENS": API_TOKEN, "WEB_CONCURRENCY": "2"}
-    with Gunicorn(tmp_path, env) as server:
-        failures: list[str] = []
+    server = serve(WEB_CONCURRENCY="2")
+    failures: list[str] = []
 
-        def worker(n: int) -> None:
-            conn = server.connect()  # one keep-alive connection per client
-            for i in range(LINES):
-                conn.request("POST", "/queues/orders/jobs/1/logs", f"t{n}-{i}", bearer(JOB_TOKEN))
-                response = conn.getresponse()
-                if (response.status, response.read()) != (200, b"OK"):
-                    failures.append(f"t{n}-{i}: {response.status}")
-            conn.close()
-
-        threads = [threading.Thread(target=worker, args=(n,)) for n in range(THREADS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-
-        conn = server.connect()
-        conn.request("GET", "/queues/orders/jobs/1/logs?length=1", headers=bearer(API_TOKEN))
-        response = conn.getresponse()
-        assert response.status == 200
-        assert b'"count":320' in response.read()
+    def worker(n: int) -> None:
+        conn = server.connect()  # one keep-alive connection per client
+        for i in range(LINES):
+            conn.request("POST", "/queues/orders/jobs/1/logs", f"t{n}-{i}", bearer(JOB_TOKEN))
+            response = conn.getresponse()
+            if (response.status, response.read()) != (200, b"OK"):
+                failures.append(f"t{n}-{i}: {response.status}")
         conn.close()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    conn = server.connect()
+    conn.request("GET", "/queues/orders/jobs/1/logs?length=1", headers=bearer(API_TOKEN))
+    response = conn.getresponse()
+    assert response.status == 200
+    assert b'"count":320' in response.read()
+    conn.close()
 
     assert failures == []
     stored = r.lrange("bull:orders:1:logs", 0, -1)
@@ -54,74 +52,27 @@ def test_concurrent_appends_store_every_line_once_in_order(tmp_path, redis_url, 
         assert mine == [f"t{n}-{i}" for i in range(LINES)]
 
 
-def test_chunked_body_over_the_limit_is_a_413(tmp_path, redis_url, r, job):
+def test_chunked_body_over_the_limit_is_a_413(serve, r, job):
     job()
-    with Gunicorn(tmp_path, {"REDIS_URL": redis_url, "MAX_BODY_BYTES": "1000"}) as server:
-        conn = server.connect()
-        body = iter([b"x" * 600, b"y" * 600])  # an iterable body is sent chunked
-        conn.request(
-            "POST", "/queues/orders/jobs/1/logs", body, bearer(JOB_TOKEN), encode_chunked=True
-        )
-        response = conn.getresponse()
-        assert response.status == 413
-        assert response.read() == b"the body is larger than 1000 bytes (MAX_BODY_BYTES)"
-        conn.close()
-        conn = server.connect()
-        conn.request(
-            "POST",
-            "/queues/orders/jobs/1/logs",
-            iter([b"a", b"b"]),
-            bearer(JOB_TOKEN),
-            encode_chunked=True,
-        )
-        assert conn.getresponse().status == 200
-        conn.close()
+    server = serve(MAX_BODY_BYTES="1000")
+    conn = server.connect()
+    body = iter([b"x" * 600, b"y" * 600])  # an iterable body is sent chunked
+    conn.request("POST", "/queues/orders/jobs/1/logs", body, bearer(JOB_TOKEN), encode_chunked=True)
+    response = conn.getresponse()
+    assert response.status == 413
+    assert response.read() == b"the body is larger than 1000 bytes (MAX_BODY_BYTES)"
+    conn.close()
+    conn = server.connect()
+    conn.request(
+        "POST",
+        "/queues/orders/jobs/1/logs",
+        iter([b"a", b"b"]),
+        bearer(JOB_TOKEN),
+        encode_chunked=True,
+    )
+    assert conn.getresponse().status == 200
+    conn.close()
     assert r.lrange("bull:orders:1:logs", 0, -1) == ["ab"]
-
-
-# Linux's struct tcp_info: where tcpi_data_segs_in, the segments received that carried
-# data, sits, and the size that holds it.
-TCPI_DATA_SEGS_IN, TCP_INFO_BYTES = 152, 160
-
-
-def data_segments_in(sock: socket.socket) -> int:
-    """Return how many TCP segments carrying data the socket has received."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_BYTES)
-    return struct.unpack_from("I", info, TCPI_DATA_SEGS_IN)[0]
-
-
-def test_each_response_arrives_in_one_segment(tmp_path, redis_url, r, job):
-    # gunicorn alone sends a response's head and its body in two writes: two segments.
-    job()
-    r.rpush("bull:orders:1:logs", "first line")
-    env = {"REDIS_URL": redis_url, "AUTH_TOKENS": API_TOKEN, "WEB_CONCURRENCY": "1"}
-    logs = "/queues/orders/jobs/1/logs"
-    exchanges = [
-        ("POST", "/queues/orders/jobs/1/progress", b'{"percent":42}', JOB_TOKEN, 200, b"OK"),
-        ("GET", logs, b"", API_TOKEN, 200, b'{"count":1,"logs":["first line"]}'),
-        ("HEAD", logs, b"", API_TOKEN, 200, b""),  # a head with no body after it
-        ("GET", logs, b"", "not-a-token", 401, b"the API token is not valid"),
-    ]
-    answers = []
-    with Gunicorn(tmp_path, env, bind=f"127.0.0.1:{free_port()}") as server:
-        host, port = server.bind.rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
-            for n, (method, path, body, token, _, _) in enumerate(exchanges):
-                last = n == len(exchanges) - 1  # closes the connection after its answer
-                segments = data_segments_in(sock)
-                sock.sendall(
-                    f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n"
-                    f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n"
-                    f"Connection: {'close' if last else 'keep-alive'}\r\n\r\n".encode()
-                    + body
-                )
-                response = http.client.HTTPResponse(sock, method=method)
-                response.begin()
-                answer = response.read()
-                answers.append((response.status, answer, data_segments_in(sock) - segments))
-            assert sock.recv(1) == b""  # closed after the last answer
-    assert answers == [(status, answer, 1) for *_, status, answer in exchanges]
-    assert r.hget("bull:orders:1", "progress") == '{"percent":42}'
 
 
 def start_with(env):

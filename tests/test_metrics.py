@@ -14,8 +14,8 @@ import redis
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from dev import Gunicorn, RedisServer, wait_until
-from tests.conftest import API_TOKEN, JOB_TOKEN, add_active_job, bearer
+from dev import Gunicorn, RedisServer, add_active_job, wait_until
+from tests.helpers import API_TOKEN, JOB_TOKEN, bearer
 
 PROGRESS = "/queues/<queue>/jobs/<path:job_id>/progress"
 LOGS = "/queues/<queue>/jobs/<path:job_id>/logs"

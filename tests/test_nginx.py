@@ -19,12 +19,13 @@ from dev import (
     EventStream,
     Gunicorn,
     RedisServer,
+    add_active_job,
     answers,
     dying_with_this_process,
     free_port,
     wait_until,
 )
-from tests.conftest import API_TOKEN, JOB_TOKEN, ROOT, add_active_job, bearer, unavailable
+from tests.helpers import API_TOKEN, JOB_TOKEN, ROOT, bearer, unavailable
 
 EXAMPLE = ROOT / "deploy" / "nginx.conf"
 APP_BODY_LIMIT = 1000  # below nginx's 1m, so that each of the two limits can be hit

@@ -2,13 +2,9 @@
 
 import pytest
 
-from tests.conftest import API_TOKEN, JOB_TOKEN, bearer, snapshot
+from tests.helpers import API_TOKEN, post, snapshot
 
 URL = "/queues/orders/jobs/1/progress"
-
-
-def post(client, body, content_type=None, token=JOB_TOKEN, url=URL):
-    return client.post(url, data=body, content_type=content_type, headers=bearer(token))
 
 
 @pytest.mark.parametrize(
@@ -40,7 +36,7 @@ def post(client, body, content_type=None, token=JOB_TOKEN, url=URL):
 )
 def test_progress_is_stored_as_bullmq_stores_it(client, r, job, body, stored):
     key = job()
-    response = post(client, body)
+    response = post(client, URL, body)
     assert (response.status_code, response.data) == (200, b"OK")
     assert response.mimetype == "text/plain"
     assert r.hget(key, "progress") == stored
@@ -52,7 +48,7 @@ def test_progress_is_stored_as_bullmq_stores_it(client, r, job, body, stored):
 def test_content_type_does_not_matter(client, r, job):
     key = job()
     for content_type in ("application/json", "text/plain", None):
-        assert post(client, b"7", content_type=content_type).status_code == 200
+        assert post(client, URL, b"7", content_type=content_type).status_code == 200
         assert r.hget(key, "progress") == "7"
     assert r.xlen("bull:orders:events") == 3
 
@@ -60,7 +56,7 @@ def test_content_type_does_not_matter(client, r, job):
 def test_each_update_adds_an_event_and_keeps_the_latest(client, r, job):
     key = job()
     for percent in (10, 50, 100):
-        assert post(client, str(percent)).status_code == 200
+        assert post(client, URL, str(percent)).status_code == 200
     assert r.hget(key, "progress") == "100"
     events = [fields["data"] for _, fields in r.xrange("bull:orders:events")]
     assert events == ["10", "50", "100"]
@@ -72,7 +68,7 @@ def test_event_stream_is_capped_by_the_queues_maxlen(client, r, job):
     r.xadd("bull:orders:events", {"event": "old"}, id="1-1")
     for n in range(200):
         r.xadd("bull:orders:events", {"event": "old"}, id=f"2-{n}")
-    assert post(client, b"1").status_code == 200
+    assert post(client, URL, b"1").status_code == 200
     assert r.hget(key, "progress") == "1"
     assert r.hget("bull:orders:meta", "opts.maxLenEvents") == "5"
     # MAXLEN ~ trims whole macro nodes only, as BullMQ's own script does.
@@ -82,11 +78,11 @@ def test_event_stream_is_capped_by_the_queues_maxlen(client, r, job):
 
 def test_job_ids_may_contain_colons_and_slashes(client, r, job):
     key = job(job_id="repeat:a1b2:1700000000000")
-    response = post(client, b"5", url="/queues/orders/jobs/repeat:a1b2:1700000000000/progress")
+    response = post(client, "/queues/orders/jobs/repeat:a1b2:1700000000000/progress", b"5")
     assert response.status_code == 200
     assert r.hget(key, "progress") == "5"
     key = job(job_id="tenant/7")
-    response = post(client, b"6", url="/queues/orders/jobs/tenant%2F7/progress")
+    response = post(client, "/queues/orders/jobs/tenant%2F7/progress", b"6")
     assert response.status_code == 200
     assert r.hget(key, "progress") == "6"
 
@@ -94,7 +90,7 @@ def test_job_ids_may_contain_colons_and_slashes(client, r, job):
 def test_queue_prefix_is_configurable(make_app, r, job):
     key = job(prefix="{jobs}")
     client = make_app(QUEUE_PREFIX="{jobs}").test_client()
-    assert post(client, b"3").status_code == 200
+    assert post(client, URL, b"3").status_code == 200
     assert r.hget(key, "progress") == "3"
     assert r.xlen("{jobs}:orders:events") == 1
     assert not r.exists("bull:orders:events")
@@ -114,7 +110,7 @@ def test_queue_prefix_is_configurable(make_app, r, job):
         (b"1e400", "the progress must be valid JSON (the number 1e400 is too large)"),
         (b"-1e309", "the progress must be valid JSON (the number -1e309 is too large)"),
         (b"1" * 400, "the progress must be valid JSON (the number 1111"),
-        (b"[" * 50_000, "the progress must be valid JSON is nested too deeply"),
+        (b"[" * 50_000, "the progress is nested too deeply to be read as JSON"),
         (b"\xff\xfe", "the progress is not valid UTF-8"),
         (b'"caf\xe9"', "the progress is not valid UTF-8"),
         ("\ufeff42".encode(), "the progress must be valid JSON (Unexpected UTF-8 BOM"),
@@ -123,7 +119,7 @@ def test_queue_prefix_is_configurable(make_app, r, job):
 def test_bad_progress_is_a_400_and_writes_nothing(client, r, job, body, reason):
     job()
     before = snapshot(r)
-    response = post(client, body)
+    response = post(client, URL, body)
     assert response.status_code == 400
     assert response.mimetype == "text/plain"
     assert response.get_data(as_text=True).startswith(reason)
@@ -134,7 +130,7 @@ def test_progress_of_a_job_whose_hash_is_gone_is_a_404(client, r, job):
     key = job()
     r.delete(key)
     before = snapshot(r)
-    response = post(client, b"1")
+    response = post(client, URL, b"1")
     assert response.status_code == 404
     assert response.data == b"job '1' not found in queue 'orders'"
     assert snapshot(r) == before
@@ -143,7 +139,7 @@ def test_progress_of_a_job_whose_hash_is_gone_is_a_404(client, r, job):
 def test_api_token_is_not_a_job_token(client, r, job):
     job()
     before = snapshot(r)
-    response = post(client, b"1", token=API_TOKEN)
+    response = post(client, URL, b"1", token=API_TOKEN)
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"] == "Bearer"
     assert snapshot(r) == before

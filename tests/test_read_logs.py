@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import API_TOKEN, JOB_TOKEN, bearer, snapshot
+from tests.helpers import API_TOKEN, JOB_TOKEN, bearer, snapshot
 
 URL = "/queues/orders/jobs/1/logs"
 LINES = [f"line {n}" for n in range(25)]

@@ -7,9 +7,9 @@ import signal
 import pytest
 import redis
 
-from app import JobStore
-from dev import RedisServer
-from tests.conftest import API_TOKEN, JOB_TOKEN, add_active_job, bearer
+from dev import RedisServer, add_active_job
+from store import JobStore
+from tests.helpers import API_TOKEN, JOB_TOKEN, bearer
 
 PROGRESS = "/queues/orders/jobs/1/progress"
 LOGS = "/queues/orders/jobs/1/logs"

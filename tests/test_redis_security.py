@@ -26,7 +26,7 @@ import trustme
 from bullmq import Queue, Worker
 from flask import Flask
 
-from app import ConfigError, create_app
+from app import create_app
 from dev import (
     ClusterServers,
     EventStream,
@@ -39,7 +39,8 @@ from dev import (
     redis_server_binary,
     wait_until,
 )
-from tests.conftest import (
+from settings import ConfigError
+from tests.helpers import (
     API_TOKEN,
     JOB_TOKEN,
     StreamedBody,

@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from tests.conftest import API_TOKEN, JOB_TOKEN, bearer, snapshot
+from tests.helpers import API_TOKEN, JOB_TOKEN, bearer, snapshot
 
 ROUTES = [
     ("POST", "progress", JOB_TOKEN),

@@ -11,8 +11,8 @@ import redis
 from redis.crc import key_slot
 from redis.sentinel import Sentinel
 
-from dev import ClusterServers, Sentinels, wait_until
-from tests.conftest import API_TOKEN, JOB_TOKEN, add_active_job, bearer, next_event, open_events
+from dev import ClusterServers, Sentinels, add_active_job, wait_until
+from tests.helpers import API_TOKEN, JOB_TOKEN, bearer, next_event, open_events
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,6 @@ def test_closing_the_app_closes_its_connections_to_every_node(cluster_app, clust
     assert next_event(events).data == "1"  # the watcher reads the cluster too
     opened = tcp_clients(cluster.masters) - before
     assert {n for n, _ in opened} == {0, 1, 2}  # the app's, on every master
-    app.extensions["bullmq_http.watcher"].stop()
     app.extensions["bullmq_http"].close()
     wait_until(lambda: not opened & tcp_clients(cluster.masters), 10, "the connections to close")
 
@@ -282,7 +281,6 @@ def test_closing_the_app_closes_its_connections_to_the_sentinels(
     assert 0 in reached and reached & {1, 2, 3}, reached
     gc.disable()  # closed by the app, not found later by the garbage collector
     try:
-        app.extensions["bullmq_http.watcher"].stop()
         app.extensions["bullmq_http"].close()
         wait_until(lambda: not opened & tcp_clients(servers), 10, "the connections to close")
     finally:

@@ -13,7 +13,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,9 +22,10 @@ from flask.testing import FlaskClient
 from prometheus_client import REGISTRY
 
 import streams
-from app import JobStore, watch_token
-from dev import EventStream, Gunicorn, ServerSentEvent, free_port, wait_until
-from tests.conftest import API_TOKEN, JOB_TOKEN, StreamedBody, bearer
+from app import watch_token
+from dev import EventStream, Gunicorn, ServerSentEvent, wait_until
+from store import JobStore
+from tests.helpers import API_TOKEN, JOB_TOKEN, StreamedBody, bearer
 
 SECRET = "a secret the instances share"
 EVENTS = "/queues/orders/jobs/1/events"
@@ -87,7 +87,7 @@ def opened() -> Iterator[Callable[..., tuple[int, Any]]]:
 
     yield open_
     for app in apps:
-        app.extensions["bullmq_http.watcher"].stop()
+        app.extensions["bullmq_http"].watcher.stop()
     for stream in opened_:
         stream.close()
 
@@ -342,12 +342,6 @@ def test_a_failing_watcher_is_logged_counted_reported_and_starts_again(
 # ------------------------------------------------------------- under gunicorn
 
 
-def serve(tmp_path: Path, redis_url: str, **settings: str) -> Gunicorn:
-    """Return gunicorn serving the app on one worker on a TCP port, with the settings."""
-    env = {"REDIS_URL": redis_url, "AUTH_TOKENS": API_TOKEN, "WEB_CONCURRENCY": "1", **settings}
-    return Gunicorn(tmp_path, env, bind=f"127.0.0.1:{free_port()}")
-
-
 def request(path: str, method: str = "GET", body: bytes = b"", token: str = API_TOKEN) -> bytes:
     """Return one raw HTTP/1.1 request."""
     return (
@@ -389,6 +383,12 @@ async def ask(server: Gunicorn, raw: bytes, timeout: float = 10.0) -> tuple[int,
         writer.close()
 
 
+def logged_no_error(server: Gunicorn) -> bool:
+    """Return whether the server has logged no error and no traceback."""
+    log = server.log.read_text()
+    return "Traceback" not in log and "[ERROR]" not in log
+
+
 def open_streams(server: Gunicorn) -> float | None:
     """Return the worker's open streams, as /metrics counts them."""
     conn = server.connect()
@@ -401,50 +401,44 @@ def open_streams(server: Gunicorn) -> float | None:
     return float(found[1]) if found else None
 
 
-def test_a_crowd_of_streams_past_the_limit_leaves_room_for_writes_and_probes(
-    tmp_path, redis_url, r, job
-):
+def test_a_crowd_of_streams_past_the_limit_leaves_room_for_writes_and_probes(serve, r, job):
     """More stream clients than the worker has connections, each retrying at once when
     refused: the worker holds MAX_STREAMS of them, refuses the rest at once, and serves
     probes and writes all the while."""
     key = job()
     crowd, connections = 300, 250  # MAX_STREAMS: four fifths, 200
-    with serve(
-        tmp_path, redis_url, WORKER_CONNECTIONS=str(connections), MAX_STREAMS_PER_TOKEN="1000"
-    ) as server:
+    server = serve(WORKER_CONNECTIONS=str(connections), MAX_STREAMS_PER_TOKEN="1000")
 
-        async def stream_client(stop: asyncio.Event, refusals: list[dict[str, str]]) -> bytes:
-            """Open a stream, retrying at once while refused; then wait for an event."""
-            while not stop.is_set():
-                reader, writer = await connect(server)
-                writer.write(request(f"{EVENTS}?tail=0"))
-                status, headers, _ = await answer(reader)
-                if status == 200:  # held until the end
-                    await reader.readuntil(b"retry: 2000\n\n")
-                    event = await asyncio.wait_for(reader.readuntil(b"\n\n\r\n"), 60)
-                    await stop.wait()
-                    writer.close()
-                    return event
-                refusals.append({"status": str(status), **headers})
+    async def stream_client(stop: asyncio.Event, refusals: list[dict[str, str]]) -> bytes:
+        """Open a stream, retrying at once while refused; then wait for an event."""
+        while not stop.is_set():
+            reader, writer = await connect(server)
+            writer.write(request(f"{EVENTS}?tail=0"))
+            status, headers, _ = await answer(reader)
+            if status == 200:  # held until the end
+                await reader.readuntil(b"retry: 2000\n\n")
+                event = await asyncio.wait_for(reader.readuntil(b"\n\n\r\n"), 60)
+                await stop.wait()
                 writer.close()
-                await asyncio.sleep(0.05)
-            return b""
+                return event
+            refusals.append({"status": str(status), **headers})
+            writer.close()
+            await asyncio.sleep(0.05)
+        return b""
 
-        async def scenario() -> tuple[list[bytes], list[dict[str, str]], list[tuple[int, bytes]]]:
-            stop, refusals = asyncio.Event(), list[dict[str, str]]()
-            clients = [asyncio.create_task(stream_client(stop, refusals)) for _ in range(crowd)]
-            await asyncio.sleep(3)  # the crowd at the limit, the rest knocking again and again
-            served = []
-            for n in range(10):
-                served.append(await ask(server, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"))
-                progress = request(
-                    "/queues/orders/jobs/1/progress", "POST", str(n).encode(), JOB_TOKEN
-                )
-                served.append(await ask(server, progress))
-            stop.set()
-            return await asyncio.wait_for(asyncio.gather(*clients), 60), refusals, served
+    async def scenario() -> tuple[list[bytes], list[dict[str, str]], list[tuple[int, bytes]]]:
+        stop, refusals = asyncio.Event(), list[dict[str, str]]()
+        clients = [asyncio.create_task(stream_client(stop, refusals)) for _ in range(crowd)]
+        await asyncio.sleep(3)  # the crowd at the limit, the rest knocking again and again
+        served = []
+        for n in range(10):
+            served.append(await ask(server, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"))
+            progress = request("/queues/orders/jobs/1/progress", "POST", str(n).encode(), JOB_TOKEN)
+            served.append(await ask(server, progress))
+        stop.set()
+        return await asyncio.wait_for(asyncio.gather(*clients), 60), refusals, served
 
-        events, refusals, served = asyncio.run(scenario())
+    events, refusals, served = asyncio.run(scenario())
 
     assert served == [(200, b"OK")] * 20
     assert r.hget(key, "progress") == "9"
@@ -455,59 +449,50 @@ def test_a_crowd_of_streams_past_the_limit_leaves_room_for_writes_and_probes(
     assert {refusal["retry-after"] for refusal in refusals} == {"2"}
 
 
-def test_idle_eviction_never_closes_a_connection_whose_request_arrived(tmp_path, redis_url, r, job):
+def test_idle_eviction_never_closes_a_connection_whose_request_arrived(serve, r, job):
     key = job()
-    with serve(
-        tmp_path, redis_url, WORKER_CONNECTIONS="300", MAX_STREAMS="250",
-        MAX_STREAMS_PER_TOKEN="1000",
-    ) as server:  # fmt: skip
+    server = serve(WORKER_CONNECTIONS="300", MAX_STREAMS="250", MAX_STREAMS_PER_TOKEN="1000")
 
-        async def scenario() -> list[tuple[int, bytes] | BaseException]:
-            streams_ = []
-            for _ in range(250):  # the streams a worker may hold
-                reader, writer = await connect(server)
-                writer.write(request(f"{EVENTS}?tail=0"))
-                assert (await answer(reader))[0] == 200
-                streams_.append(writer)
-            await asyncio.sleep(1.5)  # the streams are long past a new connection's grace
-            writes = [
-                ask(server, request("/queues/orders/jobs/1/progress", "POST", b"1", JOB_TOKEN), 30)
-                for _ in range(200)
-            ]
-            answers = await asyncio.gather(*writes, return_exceptions=True)
-            for writer in streams_:
-                writer.close()
-            return answers
+    async def scenario() -> list[tuple[int, bytes] | BaseException]:
+        streams_ = []
+        for _ in range(250):  # the streams a worker may hold
+            reader, writer = await connect(server)
+            writer.write(request(f"{EVENTS}?tail=0"))
+            assert (await answer(reader))[0] == 200
+            streams_.append(writer)
+        await asyncio.sleep(1.5)  # the streams are long past a new connection's grace
+        writes = [
+            ask(server, request("/queues/orders/jobs/1/progress", "POST", b"1", JOB_TOKEN), 30)
+            for _ in range(200)
+        ]
+        answers = await asyncio.gather(*writes, return_exceptions=True)
+        for writer in streams_:
+            writer.close()
+        return answers
 
-        answers = asyncio.run(scenario())
-        log = server.log.read_text()
-
-    assert answers == [(200, b"OK")] * 200
+    assert asyncio.run(scenario()) == [(200, b"OK")] * 200
     assert r.xlen("bull:orders:events") == 200
     assert r.hget(key, "progress") == "1"
-    assert "Traceback" not in log and "[ERROR]" not in log
+    assert logged_no_error(server)
 
 
-def test_many_idle_clients_are_closed_quietly_to_make_room(tmp_path, redis_url):
-    with serve(tmp_path, redis_url, WORKER_CONNECTIONS="100") as server:
+def test_many_idle_clients_are_closed_quietly_to_make_room(serve):
+    server = serve(WORKER_CONNECTIONS="100")
 
-        async def scenario() -> list[tuple[int, bytes]]:
-            answers, held = [], []
-            for _ in range(400):  # four times what the worker holds, each kept open
-                reader, writer = await connect(server)
-                writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-                status, _, body = await asyncio.wait_for(answer(reader), 10)
-                answers.append((status, body))
-                held.append(writer)
-            for writer in held:
-                writer.close()
-            return answers
+    async def scenario() -> list[tuple[int, bytes]]:
+        answers, held = [], []
+        for _ in range(400):  # four times what the worker holds, each kept open
+            reader, writer = await connect(server)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            status, _, body = await asyncio.wait_for(answer(reader), 10)
+            answers.append((status, body))
+            held.append(writer)
+        for writer in held:
+            writer.close()
+        return answers
 
-        answers = asyncio.run(scenario())
-        log = server.log.read_text()
-
-    assert answers == [(200, b"OK")] * 400
-    assert "Traceback" not in log and "[ERROR]" not in log
+    assert asyncio.run(scenario()) == [(200, b"OK")] * 400
+    assert logged_no_error(server)
 
 
 def stall_a_stream(server: Gunicorn) -> Callable[[], None]:
@@ -525,26 +510,24 @@ def stall_a_stream(server: Gunicorn) -> Callable[[], None]:
     return sock.close
 
 
-def test_a_client_that_stops_reading_is_cut_off_at_the_send_deadline(tmp_path, redis_url, job):
+def test_a_client_that_stops_reading_is_cut_off_at_the_send_deadline(serve, job):
     job()
-    with serve(tmp_path, redis_url, SEND_TIMEOUT="1") as server:
-        close = stall_a_stream(server)
-        try:
-            wait_until(lambda: open_streams(server) == 0, 20, "the stalled stream to be cut")
-            # Writes were never held up by it.
-            assert server.send("POST", "/queues/orders/jobs/1/progress", b"1", JOB_TOKEN) == 200
-        finally:
-            close()
-        log = server.log.read_text()
+    server = serve(SEND_TIMEOUT="1")
+    close = stall_a_stream(server)
+    try:
+        wait_until(lambda: open_streams(server) == 0, 20, "the stalled stream to be cut")
+        # Writes were never held up by it.
+        assert server.send("POST", "/queues/orders/jobs/1/progress", b"1", JOB_TOKEN) == 200
+    finally:
+        close()
+    log = server.log.read_text()
     assert "closed a connection whose client read nothing for 1 s (SEND_TIMEOUT)" in log
     assert "Traceback" not in log
 
 
-def test_sigterm_ends_a_stream_whose_client_stopped_reading_within_seconds(
-    tmp_path, redis_url, job
-):
+def test_sigterm_ends_a_stream_whose_client_stopped_reading_within_seconds(serve, job):
     job()
-    server = serve(tmp_path, redis_url, SEND_TIMEOUT="60").start()
+    server = serve(SEND_TIMEOUT="60")
     close = stall_a_stream(server)
     try:
         assert server.process is not None

@@ -12,7 +12,7 @@ import redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from dev import ClusterServers, Gunicorn, free_port
-from tests.conftest import API_TOKEN, unavailable
+from tests.helpers import API_TOKEN, unavailable
 
 HERE = Path(__file__).resolve().parent
 

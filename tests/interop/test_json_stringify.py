@@ -10,7 +10,7 @@ import struct
 import subprocess
 
 from app import progress_json
-from tests.conftest import JOB_TOKEN, bearer
+from tests.helpers import JOB_TOKEN, bearer
 
 # Each body as a client would send it.
 BODIES = [

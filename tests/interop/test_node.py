@@ -4,7 +4,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.conftest import API_TOKEN
+from tests.helpers import API_TOKEN
 from tests.interop.conftest import all_keys
 
 HERE = Path(__file__).resolve().parent

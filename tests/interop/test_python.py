@@ -18,7 +18,7 @@ from urllib.parse import quote, urlsplit
 
 from bullmq import Job, Queue, QueueEvents, Worker
 
-from tests.conftest import API_TOKEN
+from tests.helpers import API_TOKEN
 
 
 def request(service, method: str, path: str, token: str, body=None, content_type=None):

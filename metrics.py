@@ -1,0 +1,129 @@
+"""The service's Prometheus metrics, how a request is counted in them, and their text.
+
+They live in prometheus_client's default registry. Under gunicorn each worker writes its
+figures to files in PROMETHEUS_MULTIPROC_DIR (gunicorn.conf.py), and render() adds them
+up. Routes are labelled by their template, never by the path: queue names and job ids
+would make a new series each.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import prometheus_client
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
+
+REQUESTS = Counter(
+    "bullmq_http_requests",
+    "HTTP requests answered, by route template, method and status.",
+    ["route", "method", "status"],
+)
+DURATION = Histogram(
+    "bullmq_http_request_duration_seconds",
+    "Time from a request's arrival in the app to its response, by route template.",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+SIZES = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+REQUEST_BYTES = Histogram(
+    "bullmq_http_request_body_bytes",
+    "Request bodies as declared (Content-Length), by route template.",
+    ["route"],
+    buckets=SIZES,
+)
+RESPONSE_BYTES = Histogram(
+    "bullmq_http_response_body_bytes",
+    "Response bodies, by route template.",
+    ["route"],
+    buckets=SIZES,
+)
+REDIS_ERRORS = Counter(
+    "bullmq_http_redis_errors",
+    "Redis errors, each answered 503, by kind (the redis-py exception's name).",
+    ["kind"],
+)
+SCRIPT_OUTCOMES = Counter(
+    "bullmq_http_script_outcomes",
+    "Scripts run on a job's keys, by script and outcome: written or read, "
+    "not_lock_holder, no_such_job.",
+    ["script", "outcome"],
+)
+OPEN_STREAMS = Gauge(
+    "bullmq_http_open_event_streams",
+    "Event streams open now (GET .../events).",
+    multiprocess_mode="livesum",
+)
+WORKER_RESTARTS = Counter(
+    "bullmq_http_worker_restarts",
+    "gunicorn workers that exited and were replaced, whatever the reason.",
+)
+WATCHER_ERRORS = Counter(
+    "bullmq_http_watcher_errors",
+    "Unexpected errors of the job watcher, each logged with its traceback; it starts "
+    "again after a pause.",
+)
+# Where note_route leaves the matched route's template; a request no route matched (404,
+# 405) is labelled "unmatched".
+ROUTE = "bullmq_http.route"
+UNMATCHED = "unmatched"
+
+
+def counted_stream(events: Iterator[bytes]) -> Iterator[bytes]:
+    """Pass a stream's events on, counting it among the open streams while it lasts."""
+    OPEN_STREAMS.inc()
+    try:
+        yield from events
+    finally:
+        OPEN_STREAMS.dec()
+
+
+def count_request(
+    environ: dict[str, Any], method: str, status: str, seconds: float, response_bytes: str
+) -> None:
+    """Count one answered request in the metrics."""
+    route = environ.get(ROUTE, UNMATCHED)
+    if method not in KNOWN_METHODS:
+        method = "other"  # a label per made-up method would be a new series each
+    request_count(route, method, status).inc()
+    duration, request_size, response_size = route_metrics(route)
+    duration.observe(seconds)
+    declared = environ.get("CONTENT_LENGTH") or "0"
+    request_size.observe(int(declared) if declared.isdigit() else 0)
+    response_size.observe(int(response_bytes) if response_bytes.isdigit() else 0)
+
+
+KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+
+
+# A labelled series is looked up once per process, not per request (half the cost of
+# counting one); routes, methods and statuses are few, so these stay small.
+@functools.cache
+def request_count(route: str, method: str, status: str) -> Counter:
+    """Return the request counter of one route, method and status."""
+    return REQUESTS.labels(route, method, status)
+
+
+@functools.cache
+def script_outcome(script: str, outcome: str) -> Counter:
+    """Return the counter of one script's outcome."""
+    return SCRIPT_OUTCOMES.labels(script, outcome)
+
+
+@functools.cache
+def route_metrics(route: str) -> tuple[Histogram, Histogram, Histogram]:
+    """Return the duration, request size and response size histograms of one route."""
+    return DURATION.labels(route), REQUEST_BYTES.labels(route), RESPONSE_BYTES.labels(route)
+
+
+def render() -> tuple[bytes, str]:
+    """Return the metrics in Prometheus's text format, every worker's added up, and
+    their content type."""
+    registry = prometheus_client.REGISTRY
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # under gunicorn: gunicorn.conf.py
+        registry = prometheus_client.CollectorRegistry()
+        MultiProcessCollector(registry)
+    return prometheus_client.generate_latest(registry), prometheus_client.CONTENT_TYPE_LATEST

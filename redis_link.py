@@ -1,0 +1,232 @@
+"""The process's link to Redis: one server, a Sentinel master, or a cluster; over TLS
+where the settings say so.
+
+redis_client makes the connections every request shares (a bounded pool, waiting for a
+free connection up to REDIS_TIMEOUT); watcher_client the job watcher's own one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import gevent.lock
+import redis
+from gevent import monkey
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import ConnectionInterface
+from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
+
+from settings import redis_tls
+
+
+class RedisCommands(Protocol):
+    """What the job store needs of Redis: one server's connections, or a cluster's."""
+
+    def execute_command(self, *args: Any) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class Connections:
+    """The process's connections to one Redis server, each lent to one command at a time.
+
+    At most `size` are open; a command beyond them waits up to `timeout` for one to come
+    free, then fails (503). This is redis-py's BlockingConnectionPool and client call
+    less what costs more than the round trip itself (bench/results.md): a poll of each
+    connection as it is lent, which under gevent is a trip through the hub, and
+    telemetry. A connection that broke while idle (Redis restarted, or a failover
+    demoted its server) is found by the command, which is sent once more on a new
+    connection; a command that timed out is never sent again, as it may have run.
+    """
+
+    def __init__(self, pool: redis.ConnectionPool, size: int, timeout: float) -> None:
+        # The pool makes the connections: address, credentials, TLS, the sentinels' word.
+        self.connection_pool = pool
+        self.timeout = timeout
+        self.idle: list[ConnectionInterface] = []  # the most recently used last
+        self.free = bounded_semaphore(size)
+
+    def execute_command(self, *args: Any) -> Any:
+        """Send one command and return Redis's reply."""
+        if not self.free.acquire(timeout=self.timeout):
+            raise redis.exceptions.ConnectionError(
+                f"no Redis connection came free within {self.timeout:g} s (REDIS_MAX_CONNECTIONS)"
+            )
+        connection = self.idle.pop() if self.idle else self.connection_pool.make_connection()
+        try:
+            try:
+                return self.call(connection, args)
+            except redis.exceptions.ConnectionError:
+                connection.disconnect()
+                return self.call(connection, args)
+        finally:
+            self.idle.append(connection)
+            self.free.release()
+
+    @staticmethod
+    def call(connection: ConnectionInterface, args: tuple[Any, ...]) -> Any:
+        """Send a command on a connection and return the reply; connect first if need be
+        (a connection of Sentinel's asks the sentinels where the master is)."""
+        connection.connect()
+        connection.send_command(*args)
+        return connection.read_response()
+
+    def close(self) -> None:
+        """Close the idle connections, and any the pool holds itself (a Sentinel pool's,
+        to the sentinels); a closed one connects again when next used."""
+        for connection in self.idle:
+            connection.disconnect()
+        self.connection_pool.disconnect()
+
+
+def bounded_semaphore(size: int) -> threading.BoundedSemaphore:
+    """Return a semaphore for `size` holders, of gevent's kind where gevent has patched
+    threading: threading's own, rebuilt on patched locks, costs more than a Redis call."""
+    if monkey.is_module_patched("threading"):
+        return gevent.lock.BoundedSemaphore(size)
+    return threading.BoundedSemaphore(size)
+
+
+def redis_client(config: Mapping[str, Any]) -> RedisCommands:
+    """Make the process's Redis connections from the settings."""
+    options: dict[str, Any] = {
+        "socket_timeout": config["REDIS_TIMEOUT"],
+        "socket_connect_timeout": config["REDIS_TIMEOUT"],
+        # A failed connect is tried once more at once; a timeout never is.
+        "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+        # No CLIENT SETINFO on connecting: a round trip, and a command the service's
+        # least-privilege Redis user is not granted (deploy/redis-acl.conf).
+        "driver_info": None,
+        **tls_options(config),
+    }
+    if config["REDIS_CLUSTER"]:
+        return cluster_client(config, options)
+    if config["REDIS_SENTINELS"]:
+        sentinels = Sentinel(
+            config["REDIS_SENTINELS"],
+            # The sentinels are reached as the servers are: over TLS where they are.
+            sentinel_kwargs={
+                "password": config["REDIS_SENTINEL_PASSWORD"],
+                "socket_timeout": config["REDIS_TIMEOUT"],
+                "driver_info": None,
+                **({"ssl": True, **tls_options(config)} if redis_tls(config) else {}),
+            },
+        )
+        # The pool asks the sentinels for the master whenever it connects, so after a
+        # failover the next connection goes to the new master.
+        pool: redis.ConnectionPool = SentinelPool(
+            config["REDIS_SENTINEL_MASTER"],
+            sentinels,
+            username=config["REDIS_USERNAME"],
+            password=config["REDIS_PASSWORD"],
+            ssl=redis_tls(config),
+            **options,
+        )
+    elif config["REDIS_URL"]:
+        pool = redis.ConnectionPool.from_url(config["REDIS_URL"], **options)
+    else:
+        pool = redis.ConnectionPool(
+            host=config["REDIS_HOST"],
+            port=config["REDIS_PORT"],
+            username=config["REDIS_USERNAME"],
+            password=config["REDIS_PASSWORD"],
+            connection_class=redis.SSLConnection if redis_tls(config) else redis.Connection,
+            **options,
+        )
+    return Connections(pool, config["REDIS_MAX_CONNECTIONS"], config["REDIS_TIMEOUT"])
+
+
+def watcher_client(config: Mapping[str, Any]) -> redis.Redis | RedisCluster:
+    """Make the job watcher's own client: one connection (one per node of a cluster)."""
+    client = redis_client({**config, "REDIS_MAX_CONNECTIONS": 1})
+    if isinstance(client, Connections):
+        return redis.Redis.from_pool(client.connection_pool)  # closed with the client
+    assert isinstance(client, RedisCluster)
+    return client
+
+
+class SentinelPool(SentinelConnectionPool):
+    """redis-py's pool of a Sentinel master's connections, which, disconnected whole (as
+    closing a client of it does), closes its connections to the sentinels too.
+
+    It asks the sentinels where the master is through a client of each, whose
+    connections redis-py leaves open until the garbage collector finds them. When the
+    master moves, redis-py disconnects the pool's idle connections only, and the
+    sentinels' stay open for the next question.
+    """
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        super().disconnect(inuse_connections)
+        if inuse_connections:
+            for sentinel in self.sentinel_manager.sentinels:
+                sentinel.connection_pool.disconnect()
+
+
+class Cluster(RedisCluster):
+    """redis-py's Redis Cluster client, whose close() closes every node's connections.
+
+    Made from a URL, as cluster_client makes it, each node's client is handed a pool it
+    does not own, and RedisCluster.close() leaves that pool's connections open until the
+    garbage collector finds them.
+    """
+
+    def close(self) -> None:
+        nodes = self.get_nodes()
+        super().close()
+        for node in nodes:
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
+
+
+def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisCluster:
+    """Make a Redis Cluster client from its seed nodes."""
+    seeds = [ClusterNode(host, port) for host, port in config["REDIS_CLUSTER_NODES"]]
+    credentials = {"username": config["REDIS_USERNAME"], "password": config["REDIS_PASSWORD"]}
+    for url in (config["REDIS_URL"] or "").split(","):
+        if url.strip():
+            parts = urlsplit(url.strip())
+            seeds.append(ClusterNode(parts.hostname or "localhost", parts.port or 6379))
+            credentials = {"username": parts.username, "password": parts.password}
+    if not seeds:
+        seeds = [ClusterNode(config["REDIS_HOST"], config["REDIS_PORT"])]
+    first, *others = seeds
+    # Each node's connections take the options of one server's (timeouts, TLS); the
+    # cluster retries its own way, below.
+    node_options = {name: value for name, value in options.items() if name != "retry"}
+    return Cluster(
+        # Given a URL, the client makes each node's pool of connection_pool_class; given
+        # none, it makes pools that refuse a caller past their size instead of waiting.
+        url=f"{'rediss' if redis_tls(config) else 'redis'}://{first.host}:{first.port}",
+        startup_nodes=others,
+        **node_options,
+        # At most this many connections per node; a request beyond them waits for one to
+        # come free, up to REDIS_TIMEOUT, then answers 503.
+        connection_pool_class=redis.BlockingConnectionPool,
+        max_connections=config["REDIS_MAX_CONNECTIONS"],
+        timeout=config["REDIS_TIMEOUT"],
+        # MOVED and ASK are followed at once; a node down or a failover under way is
+        # retried a few times, within about a second, before the request answers 503.
+        retry=Retry(ExponentialBackoff(cap=0.4, base=0.05), 4),
+        **credentials,
+    )
+
+
+def tls_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Return redis-py's TLS options from the settings; none for a plain link.
+
+    Without REDIS_TLS_CA_FILE the system's trusted CAs verify the server, as a managed
+    Redis with a public certificate needs.
+    """
+    if not redis_tls(config):
+        return {}
+    return {
+        "ssl_ca_certs": config["REDIS_TLS_CA_FILE"],
+        "ssl_certfile": config["REDIS_TLS_CERT_FILE"],
+        "ssl_keyfile": config["REDIS_TLS_KEY_FILE"],
+        "ssl_check_hostname": config["REDIS_TLS_CHECK_HOSTNAME"],
+    }

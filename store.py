@@ -1,0 +1,406 @@
+"""BullMQ's keys of the jobs in one Redis database or cluster: the job store.
+
+JobStore reads and writes a job's keys in BullMQ's own layout (`<prefix>:<queue>:<id>`
+hash, `:lock`, `:logs`, the queue's `:events` stream), each write and each read of a
+route one Lua script in one round trip; what the caller got wrong comes back as
+NotLockHolder, NoSuchJob or CrossSlot, what Redis did as a RedisError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from redis.crc import key_slot
+
+from metrics import script_outcome
+from redis_link import RedisCommands
+from streams import JobState, StreamId, stream_id, text
+
+
+class NotLockHolder(Exception):
+    """The caller's token is not the job's current lock token."""
+
+
+class NoSuchJob(LookupError):
+    """The job is not in its queue."""
+
+    def __init__(self, queue: str, job_id: str) -> None:
+        super().__init__(queue, job_id)
+        self.queue = queue
+        self.job_id = job_id
+
+
+class CrossSlot(Exception):
+    """A job's keys would fall in different Redis Cluster slots."""
+
+
+SET_PROGRESS = """
+--[[
+  Set a job's progress, exactly as BullMQ's updateProgress does, if the caller holds
+  the job's lock.
+
+  KEYS[1] job hash         <prefix>:<queue>:<id>
+  KEYS[2] job lock         <prefix>:<queue>:<id>:lock
+  KEYS[3] event stream     <prefix>:<queue>:events
+  KEYS[4] queue meta hash  <prefix>:<queue>:meta
+
+  ARGV[1] job token (must equal the lock's value)
+  ARGV[2] job id
+  ARGV[3] progress, as JSON
+
+  Returns  0 written
+          -1 the token is not the job's current lock token (nothing written)
+          -2 no such job (nothing written)
+]]
+if redis.call("GET", KEYS[2]) ~= ARGV[1] then return -1 end
+if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
+
+local maxEvents = redis.call("HGET", KEYS[4], "opts.maxLenEvents")
+if not maxEvents then
+  maxEvents = 10000
+  redis.call("HSET", KEYS[4], "opts.maxLenEvents", maxEvents)
+end
+redis.call("HSET", KEYS[1], "progress", ARGV[3])
+redis.call("XADD", KEYS[3], "MAXLEN", "~", maxEvents, "*",
+           "event", "progress", "jobId", ARGV[2], "data", ARGV[3])
+return 0
+"""
+
+ADD_LOG = """
+--[[
+  Append one line to a job's logs, as BullMQ's Job.log does (honouring the job's own
+  keepLogs option, stored as "kl" in the JSON of the hash field "opts"), if the caller
+  holds the job's lock; then keep at most the server's cap of newest lines, if any.
+
+  KEYS[1] job hash   <prefix>:<queue>:<id>
+  KEYS[2] job lock   <prefix>:<queue>:<id>:lock
+  KEYS[3] job logs   <prefix>:<queue>:<id>:logs
+
+  ARGV[1] job token (must equal the lock's value)
+  ARGV[2] the log line
+  ARGV[3] the most lines a job keeps (MAX_LOGS_PER_JOB), or "" for no cap
+
+  Returns >0 the number of lines the job keeps, this one included
+          -1 the token is not the job's current lock token (nothing written)
+          -2 no such job (nothing written)
+]]
+if redis.call("GET", KEYS[2]) ~= ARGV[1] then return -1 end
+if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
+
+local count = redis.call("RPUSH", KEYS[3], ARGV[2])
+local keep = tonumber(ARGV[3])
+local opts = redis.call("HGET", KEYS[1], "opts")
+if opts then
+  local ok, decoded = pcall(cjson.decode, opts)
+  local kl = ok and type(decoded) == "table" and tonumber(decoded["kl"])
+  if kl and kl >= 1 and (not keep or kl < keep) then keep = math.floor(kl) end
+end
+if keep and count > keep then
+  redis.call("LTRIM", KEYS[3], -keep, -1)
+  count = keep
+end
+return count
+"""
+
+READ_LOGS = """
+--[[
+  Return one page of a job's logs and how many lines it has. A script, not MULTI: Redis
+  refuses every MULTI while it is out of memory, and reads must still work then.
+
+  KEYS[1] job hash   <prefix>:<queue>:<id>
+  KEYS[2] job logs   <prefix>:<queue>:<id>:logs
+
+  ARGV[1] LRANGE start   (the page, as indexes of the list)
+  ARGV[2] LRANGE stop
+  ARGV[3] "desc" to return the page newest first, else oldest first
+  ARGV[4] the most bytes of lines one page holds; it always holds at least one line
+
+  Returns {count, line, line, ...}: whole lines, as many as fit
+          -2 no such job
+]]
+if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
+
+local lines = redis.call("LRANGE", KEYS[2], ARGV[1], ARGV[2])
+local first, last, step = 1, #lines, 1
+if ARGV[3] == "desc" then first, last, step = #lines, 1, -1 end
+local page = {redis.call("LLEN", KEYS[2])}
+local room = tonumber(ARGV[4])
+for i = first, last, step do
+  room = room - #lines[i]
+  if room < 0 and #page > 1 then break end
+  page[#page + 1] = lines[i]
+end
+return page
+"""
+
+READ_PROGRESS = """
+--[[
+  Return a job's progress as stored.
+
+  KEYS[1] job hash   <prefix>:<queue>:<id>
+
+  Returns {progress}, or {} when none was ever set
+          -2 no such job
+]]
+if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
+local progress = redis.call("HGET", KEYS[1], "progress")
+if progress then return {progress} end
+return {}
+"""
+
+JOB_STATE = """
+--[[
+  Return what a job holds, and where its queue's event stream stands, for a stream of
+  the job's events to start from.
+
+  KEYS[1] job hash         <prefix>:<queue>:<id>
+  KEYS[2] job logs         <prefix>:<queue>:<id>:logs
+  KEYS[3] event stream     <prefix>:<queue>:events
+  KEYS[4] completed jobs   <prefix>:<queue>:completed
+  KEYS[5] failed jobs      <prefix>:<queue>:failed
+
+  ARGV[1] job id
+
+  Returns {progress or "", 1 if progress was set else 0, "completed", "failed" or "",
+           the return value or the failed reason, how many log lines the job has,
+           the newest id in the event stream, the oldest} ("0-0" for none)
+          -2 no such job
+]]
+if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
+local progress = redis.call("HGET", KEYS[1], "progress")
+local finished, outcome = "", ""
+if redis.call("ZSCORE", KEYS[4], ARGV[1]) then
+  finished, outcome = "completed", redis.call("HGET", KEYS[1], "returnvalue") or "null"
+elseif redis.call("ZSCORE", KEYS[5], ARGV[1]) then
+  finished, outcome = "failed", redis.call("HGET", KEYS[1], "failedReason") or ""
+end
+local newest = redis.call("XREVRANGE", KEYS[3], "+", "-", "COUNT", 1)[1]
+local oldest = redis.call("XRANGE", KEYS[3], "-", "+", "COUNT", 1)[1]
+return {progress or "", progress and 1 or 0, finished, outcome,
+        redis.call("LLEN", KEYS[2]), newest and newest[1] or "0-0", oldest and oldest[1] or "0-0"}
+"""
+
+# Script return codes, turned into NotLockHolder and NoSuchJob in JobStore._run.
+NOT_LOCK_HOLDER = -1
+NO_SUCH_JOB = -2
+
+
+class Script:
+    """A Lua script, run by its SHA1 from Redis's script cache; `name` and `done` (what
+    it did when it succeeded) label its outcomes in the metrics."""
+
+    def __init__(self, name: str, source: str, done: str) -> None:
+        self.name = name
+        self.done = done
+        self.source = source
+        # Redis names cached scripts by SHA1; a name, not a safeguard.
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+
+class JobStore:
+    """BullMQ's keys of the jobs in one Redis database or cluster.
+
+    What a route reads or writes is one script, one round trip; the streams of events
+    also read a queue's event stream and a job's lines in pages, and ping checks that
+    Redis answers. A method raises NotLockHolder, NoSuchJob or CrossSlot for what the
+    caller got wrong, a RedisError for what Redis did.
+    """
+
+    set_progress_script = Script("set_progress", SET_PROGRESS, "written")
+    add_log_script = Script("add_log", ADD_LOG, "written")
+    read_logs_script = Script("read_logs", READ_LOGS, "read")
+    read_progress_script = Script("read_progress", READ_PROGRESS, "read")
+    job_state_script = Script("job_state", JOB_STATE, "read")
+
+    def __init__(
+        self,
+        connect: Callable[[], RedisCommands],
+        prefix: str,
+        max_logs: int | None = None,
+        cluster: bool = False,
+        max_page_bytes: int = 1024 * 1024,
+    ) -> None:
+        self.connect = connect
+        self.prefix = prefix
+        self.max_logs = b"" if max_logs is None else str(max_logs).encode()
+        self.max_page_bytes = max_page_bytes
+        # A script may touch one cluster slot only.
+        self.one_slot = cluster
+        self._redis: RedisCommands | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def redis(self) -> RedisCommands:
+        """Return the Redis connections, made on first use.
+
+        A cluster client reads the cluster's layout as it is made; made here, a cluster
+        that is down at start-up costs 503s until it is up, not a failed start.
+        """
+        if self._redis is None:
+            with self._lock:
+                if self._redis is None:
+                    self._redis = self.connect()
+        return self._redis
+
+    def close(self) -> None:
+        """Close the Redis connections, if they were made; they are made anew on use."""
+        with self._lock:
+            if self._redis is not None:
+                self._redis.close()
+                self._redis = None
+
+    def ping(self) -> None:
+        """Raise a RedisError unless Redis answers."""
+        self.redis.execute_command("PING")
+
+    def key(self, queue: str, *parts: str) -> str:
+        """Return BullMQ's key for a queue, or for one of its jobs and a suffix."""
+        return ":".join((self.prefix, queue, *parts))
+
+    def write_progress(self, queue: str, job_id: str, token: bytes, progress: bytes) -> None:
+        """Store a job's progress and publish a progress event."""
+        keys = (
+            self.key(queue, job_id),
+            self.key(queue, job_id, "lock"),
+            self.key(queue, "events"),
+            self.key(queue, "meta"),
+        )
+        self._run(self.set_progress_script, queue, job_id, keys, (token, job_id, progress))
+
+    def append_log(self, queue: str, job_id: str, token: bytes, line: str) -> int:
+        """Append a line to a job's logs; return how many lines the job keeps."""
+        keys = (
+            self.key(queue, job_id),
+            self.key(queue, job_id, "lock"),
+            self.key(queue, job_id, "logs"),
+        )
+        args = (token, line, self.max_logs)
+        count: int = self._run(self.add_log_script, queue, job_id, keys, args)
+        return count
+
+    def page_of_logs(
+        self, queue: str, job_id: str, start: int, length: int, newest_first: bool
+    ) -> tuple[int, list[bytes]]:
+        """Return (total count, one page of lines) of a job's logs.
+
+        The page holds whole lines up to max_page_bytes, and at least one line.
+        """
+        keys = (self.key(queue, job_id), self.key(queue, job_id, "logs"))
+        end = start + length - 1
+        # Newest first counts from the end of the list; BullMQ appends at the end.
+        span = (-(end + 1), -(start + 1)) if newest_first else (start, end)
+        order = b"desc" if newest_first else b"asc"
+        args = (*span, order, self.max_page_bytes)
+        count, *lines = self._run(self.read_logs_script, queue, job_id, keys, args)
+        return count, lines
+
+    def stored_progress(self, queue: str, job_id: str) -> bytes | None:
+        """Return a job's progress as stored, None if it was never set."""
+        keys = (self.key(queue, job_id),)
+        found: list[bytes] = self._run(self.read_progress_script, queue, job_id, keys, ())
+        return found[0] if found else None
+
+    def job_state(self, queue: str, job_id: str) -> JobState:
+        """Return what a job holds, and where its queue's event stream stands."""
+        keys = (
+            self.key(queue, job_id),
+            self.key(queue, job_id, "logs"),
+            self.key(queue, "events"),
+            self.key(queue, "completed"),
+            self.key(queue, "failed"),
+        )
+        progress, has_progress, finished, outcome, log_count, newest, oldest = self._run(
+            self.job_state_script, queue, job_id, keys, (job_id,)
+        )
+        return JobState(
+            progress=text(progress) if has_progress else None,
+            finished=text(finished) or None,
+            outcome=text(outcome),
+            log_count=log_count,
+            stream_top=stream_id(newest),
+            stream_first=stream_id(oldest),
+        )
+
+    def events_after(
+        self, queue: str, after: StreamId, count: int
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Return up to `count` entries of a queue's event stream after a position."""
+        start = f"({after[0]}-{after[1]}"
+        key = self.key(queue, "events")
+        entries = self.redis.execute_command("XRANGE", key, start, "+", "COUNT", count)
+        # A cluster's client has parsed each entry's fields into a dict already.
+        return [
+            (entry_id, fields if isinstance(fields, dict) else pairs(fields))
+            for entry_id, fields in entries
+        ]
+
+    def log_page(self, queue: str, job_id: str, start: int, count: int) -> list[bytes]:
+        """Return up to `count` of a job's log lines from index `start`, as many whole
+        lines as fit in max_page_bytes (at least one)."""
+        return self.page_of_logs(queue, job_id, start, count, newest_first=False)[1]
+
+    def _run(
+        self, script: Script, queue: str, job_id: str, keys: tuple[str, ...], args: tuple[Any, ...]
+    ) -> Any:
+        """Run one of the scripts on a job's keys; raise what its return code stands for."""
+        if self.one_slot and len({key_slot(key.encode()) for key in keys}) > 1:
+            raise CrossSlot(keys[0])
+        redis_ = self.redis
+        try:
+            try:
+                result = redis_.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                # Redis restarted or its scripts were flushed: send the script itself,
+                # which Redis caches again for the EVALSHA of the next request.
+                result = redis_.execute_command("EVAL", script.source, len(keys), *keys, *args)
+        except redis.exceptions.ResponseError as error:
+            raise script_error(error, script) from error
+        if result == NOT_LOCK_HOLDER:
+            script_outcome(script.name, "not_lock_holder").inc()
+            raise NotLockHolder
+        if result == NO_SUCH_JOB:
+            script_outcome(script.name, "no_such_job").inc()
+            raise NoSuchJob(queue, job_id)
+        script_outcome(script.name, script.done).inc()
+        return result
+
+
+def pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """Return a stream entry's fields, given as name, value, name, value..."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def script_error(
+    error: redis.exceptions.ResponseError, script: Script
+) -> redis.exceptions.RedisError:
+    """Return the error a failed script stands for.
+
+    Redis before 7 reports a write refused inside a script (out of memory, a read-only
+    replica) as a script error, where Redis 7 reports the refusal itself. A command the
+    Redis user may not run is a script error everywhere, and only Valkey's names the
+    command: the line of the script that Redis names does.
+    """
+    message = str(error)
+    if any(sign in message for sign in SCRIPT_DENIED):
+        line = SCRIPT_LINE.search(message)
+        called = line and SCRIPT_CALL.search(script.source.splitlines()[int(line[1]) - 1])
+        if called:
+            message += f" (the {script.name} script's '{called[1].lower()}')"
+        return redis.exceptions.NoPermissionError(message)
+    if "OOM command not allowed" in message:
+        return redis.exceptions.OutOfMemoryError(message)
+    if "-READONLY" in message:
+        return redis.exceptions.ReadOnlyError(message)
+    return error
+
+
+# How Redis 6.2, Redis 7 and Valkey word an ACL's refusal inside a script, and how they
+# name the line of the script that was refused.
+SCRIPT_DENIED = ("NOPERM", "The user executing the script can't", "ACL failure in script")
+SCRIPT_LINE = re.compile(r"@user_script: ?(\d+)")
+SCRIPT_CALL = re.compile(r'redis\.call\("(\w+)"')
