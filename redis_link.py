@@ -7,6 +7,7 @@ free connection up to REDIS_TIMEOUT); watcher_client the job watcher's own one.
 
 from __future__ import annotations
 
+import select
 import threading
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -38,10 +39,14 @@ class Connections:
     At most `size` are open; a command beyond them waits up to `timeout` for one to come
     free, then fails (503). This is redis-py's BlockingConnectionPool and client call
     less what costs more than the round trip itself (bench/results.md): a poll of each
-    connection as it is lent, which under gevent is a trip through the hub, and
-    telemetry. A connection that broke while idle (Redis restarted, or a failover
-    demoted its server) is found by the command, which is sent once more on a new
-    connection; a command that timed out is never sent again, as it may have run.
+    connection through gevent's hub as it is lent, and telemetry.
+
+    A command is sent once. Before it is sent, a connection Redis closed while it was
+    idle (a restart, a failover that demoted its server, a client kill) is found and
+    made again, and a command that could not be sent whole is sent once more on a new
+    connection: Redis cannot have run either. Once sent, a command whose reply does not
+    come (a timeout, a connection cut mid-reply) is never sent again, as Redis may have
+    run it: the caller answers 503, and the outcome is unknown.
     """
 
     def __init__(self, pool: redis.ConnectionPool, size: int, timeout: float) -> None:
@@ -59,22 +64,31 @@ class Connections:
             )
         connection = self.idle.pop() if self.idle else self.connection_pool.make_connection()
         try:
+            self.send(connection, args)
             try:
-                return self.call(connection, args)
-            except redis.exceptions.ConnectionError:
-                connection.disconnect()
-                return self.call(connection, args)
+                return connection.read_response()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                connection.disconnect()  # it may have run: never sent again
+                raise
         finally:
             self.idle.append(connection)
             self.free.release()
 
     @staticmethod
-    def call(connection: ConnectionInterface, args: tuple[Any, ...]) -> Any:
-        """Send a command on a connection and return the reply; connect first if need be
-        (a connection of Sentinel's asks the sentinels where the master is)."""
-        connection.connect()
-        connection.send_command(*args)
-        return connection.read_response()
+    def send(connection: ConnectionInterface, args: tuple[Any, ...]) -> None:
+        """Send a command whole on a connection, connecting first if need be (a
+        connection of Sentinel's asks the sentinels where the master is); once more on a
+        new connection where Redis closed this one, or it broke before the command went
+        out whole."""
+        if closed_while_idle(connection):
+            connection.disconnect()
+        try:
+            connection.connect()
+            connection.send_command(*args)
+        except redis.exceptions.ConnectionError:
+            connection.disconnect()
+            connection.connect()
+            connection.send_command(*args)
 
     def close(self) -> None:
         """Close the idle connections, and any the pool holds itself (a Sentinel pool's,
@@ -82,6 +96,22 @@ class Connections:
         for connection in self.idle:
             connection.disconnect()
         self.connection_pool.disconnect()
+
+
+# The standard library's poll, not gevent's: a look at one socket that never waits needs
+# no trip through the hub.
+POLL = monkey.get_original("select", "poll")
+
+
+def closed_while_idle(connection: ConnectionInterface) -> bool:
+    """Return whether an idle connection has something to read: Redis closed it (a
+    reply nobody asked for is as bad)."""
+    sock = getattr(connection, "_sock", None)  # redis-py's socket; None unconnected
+    if sock is None:
+        return False
+    poll = POLL()
+    poll.register(sock.fileno(), select.POLLIN)
+    return bool(poll.poll(0))
 
 
 def bounded_semaphore(size: int) -> threading.BoundedSemaphore:
@@ -168,12 +198,23 @@ class SentinelPool(SentinelConnectionPool):
 
 
 class Cluster(RedisCluster):
-    """redis-py's Redis Cluster client, whose close() closes every node's connections.
+    """redis-py's Redis Cluster client, which never sends a command again once it may
+    have run, and whose close() closes every node's connections.
+
+    redis-py sends a command again after a connection error or a timeout, when Redis may
+    have run it already; this one answers those at once (503), having read the cluster's
+    layout again, and retries only what the cluster refused without running it. MOVED,
+    ASK and TRYAGAIN it follows as redis-py does.
 
     Made from a URL, as cluster_client makes it, each node's client is handed a pool it
     does not own, and RedisCluster.close() leaves that pool's connections open until the
     garbage collector finds them.
     """
+
+    ERRORS_ALLOW_RETRY = (  # type: ignore[assignment]  # fewer than redis-py's
+        redis.exceptions.ClusterDownError,
+        redis.exceptions.SlotNotCoveredError,
+    )
 
     def close(self) -> None:
         nodes = self.get_nodes()
@@ -209,8 +250,9 @@ def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisC
         connection_pool_class=redis.BlockingConnectionPool,
         max_connections=config["REDIS_MAX_CONNECTIONS"],
         timeout=config["REDIS_TIMEOUT"],
-        # MOVED and ASK are followed at once; a node down or a failover under way is
-        # retried a few times, within about a second, before the request answers 503.
+        # MOVED and ASK are followed at once; a cluster that is down, or a slot with no
+        # master, is retried a few times, within about a second, before the request
+        # answers 503 (a connection error or a timeout is not: see Cluster).
         retry=Retry(ExponentialBackoff(cap=0.4, base=0.05), 4),
         **credentials,
     )

@@ -110,7 +110,7 @@ class JobState:
 
 
 class JobReader(Protocol):
-    """What event_stream reads of a job beside its state (app.JobStore)."""
+    """What event_stream reads of a job beside its state (store.JobStore)."""
 
     def job_state(self, queue: str, job_id: str) -> JobState:
         """Raise LookupError for a job that is not there."""
@@ -198,7 +198,7 @@ class Watcher:
         block_ms: int,
     ) -> None:
         self.connect = connect
-        self.key = key  # BullMQ's key of a queue's part, or a job's (JobStore.key)
+        self.key = key  # BullMQ's key of a queue's part, or a job's (store.JobStore.key)
         self.block_ms = block_ms
         self.lock = threading.Lock()
         self.queues: dict[str, StreamId] = {}  # queue -> position in its event stream

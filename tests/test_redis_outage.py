@@ -3,6 +3,9 @@
 import logging
 import os
 import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
@@ -121,3 +124,48 @@ def test_unreachable_redis_at_start_up_does_not_stop_the_app(make_app, tmp_path)
     client = make_app(REDIS_URL=url).test_client()
     assert client.get("/healthz").status_code == 200
     assert_unavailable(requests(client))
+
+
+def test_connections_cut_while_writes_flow_store_every_line_at_most_once(serve, redis_url, r, job):
+    """Redis's side of the service's connections is killed again and again while 16
+    writers append lines: a command whose reply was lost is never sent again, so each
+    line is stored once if answered 200, at most once if answered 503."""
+    key = job()
+    server = serve(WEB_CONCURRENCY="2", REDIS_MAX_CONNECTIONS="4")
+    stop = threading.Event()
+    kills = []
+
+    def kill_connections() -> None:
+        with redis.Redis.from_url(redis_url) as admin:
+            while not stop.is_set():
+                kills.append(admin.client_kill_filter(_type="normal", skipme=True))
+                time.sleep(0.005)
+
+    def write(n: int) -> list[tuple[str, int]]:
+        sent = []
+        conn = server.connect()
+        try:
+            for i in range(200):
+                line = f"w{n}-{i}"
+                conn.request("POST", LOGS, line, bearer(JOB_TOKEN))
+                response = conn.getresponse()
+                response.read()
+                sent.append((line, response.status))
+        finally:
+            conn.close()
+        return sent
+
+    killer = threading.Thread(target=kill_connections)
+    killer.start()
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            answers = [pair for sent in pool.map(write, range(16)) for pair in sent]
+    finally:
+        stop.set()
+        killer.join(10)
+
+    stored = r.lrange(f"{key}:logs", 0, -1)
+    assert sum(kills) > 100  # connections were cut, many times
+    assert {status for _, status in answers} <= {200, 503}
+    assert len(stored) == len(set(stored))  # no line twice
+    assert {line for line, status in answers if status == 200} <= set(stored)
