@@ -2,9 +2,11 @@
 
 import logging
 import re
+import signal
 
 import pytest
 
+from dev import wait_until
 from tests.helpers import API_TOKEN, JOB_TOKEN, bearer
 
 LINE = re.compile(r'(\S+) "(\S+) (\S+)" (\d{3}) (\d+\.\d\d)ms (\S+) (\S+)')
@@ -112,3 +114,24 @@ def test_a_forwarded_address_is_escaped_too(make_app, access):
     client = make_app(TRUSTED_PROXIES=1).test_client()
     client.get("/healthz", headers={"X-Forwarded-For": "10.0.0.2\x1b[2J\x00"})
     assert access()[-1][0] == r"10.0.0.2\x1b[2J\x00"
+
+
+@pytest.mark.parametrize("log_format", ["plain", "json"])
+def test_after_any_number_of_reloads_one_request_is_one_line(serve, log_format):
+    server = serve(LOG_FORMAT=log_format, WEB_CONCURRENCY="2")
+    for _ in range(2):  # two reloads
+        old = set(server.wait_for_workers(2))
+        server.process.send_signal(signal.SIGHUP)  # gunicorn reads its config again
+        wait_until(
+            lambda old=old: not old & set(pids := server.worker_pids()) and len(pids) == 2,
+            30,
+            "the workers to be replaced",
+        )
+    for n in range(4):  # whichever worker answers
+        conn = server.connect()
+        conn.request("GET", "/healthz", headers={"X-Request-ID": f"after-reloads-{n}"})
+        assert conn.getresponse().status == 200
+        conn.close()
+    wait_until(lambda: "after-reloads-3" in server.log.read_text(), 10, "the last line")
+    lines = server.log.read_text().splitlines()
+    assert [sum(f"after-reloads-{n}" in line for line in lines) for n in range(4)] == [1] * 4
