@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import unquote_plus
 
 from metrics import count_request
 
@@ -48,9 +49,18 @@ def loggable_wsgi(text: str) -> str:
     return loggable(text.encode("latin-1").decode("utf-8", "surrogateescape"))
 
 
-# A watch token in a query string is logged as "token=-": whoever reads the log must not
-# be able to open the stream.
-WATCH_TOKEN = re.compile(r"(?<![^&])token=[^&]*")
+def redacted(query: str) -> str:
+    """Return a query string with the value of each `token` parameter written as "-":
+    whoever reads the log must not be able to open a stream. A parameter is a token
+    wherever the route reads it as one: its name after %-decoding (tok%65n=)."""
+    if "token" not in query and "%" not in query:
+        return query  # nothing can be named token
+    parts = query.split("&")
+    for n, part in enumerate(parts):
+        name = part.partition("=")[0]
+        if unquote_plus(name) == "token":
+            parts[n] = f"{name}=-"
+    return "&".join(parts)
 
 # What an access-log line holds, in order: the plain line is these fields joined as
 # ACCESS_LINE lays them out, a JSON line (LOG_FORMAT=json) is an object of them.
@@ -101,7 +111,7 @@ class AccessLog:
                 loggable_wsgi(environ.get("REMOTE_ADDR") or "-"),
                 loggable_wsgi(method),
                 loggable_wsgi(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""))
-                + (loggable_wsgi(f"?{WATCH_TOKEN.sub('token=-', query)}") if query else ""),
+                + (loggable_wsgi(f"?{redacted(query)}") if query else ""),
                 status,
                 seconds * 1000,
                 request_id,

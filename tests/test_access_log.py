@@ -135,3 +135,26 @@ def test_after_any_number_of_reloads_one_request_is_one_line(serve, log_format):
     wait_until(lambda: "after-reloads-3" in server.log.read_text(), 10, "the last line")
     lines = server.log.read_text().splitlines()
     assert [sum(f"after-reloads-{n}" in line for line in lines) for n in range(4)] == [1] * 4
+
+
+@pytest.mark.parametrize(
+    ("query", "logged"),
+    [
+        ("token=1.SECRET", "token=-"),
+        ("tok%65n=1.SECRET", "tok%65n=-"),  # the route reads this as token too
+        ("%74oken=1.SECRET&tail=3", "%74oken=-&tail=3"),
+        ("tail=0&token=1.SECRET&token=1.SECRET", "tail=0&token=-&token=-"),
+    ],
+)
+def test_a_watch_token_never_reaches_the_access_log_however_it_is_spelt(
+    make_app, job, access, query, logged
+):
+    job()
+    client = make_app(WATCH_TOKEN_SECRET="a secret").test_client()
+    response = client.get(f"/queues/orders/jobs/1/events?{query}")
+    assert (response.status_code, response.text) == (
+        401,
+        "the watch token is not valid for this job",
+    )
+    [(_, method, path, status, *_)] = access()
+    assert (method, path, status) == ("GET", f"/queues/orders/jobs/1/events?{logged}", "401")
