@@ -558,10 +558,11 @@ class Gunicorn(Server):
         self.stop_timeout = 30.0  # requests in flight finish first
 
     def connect(self) -> http.client.HTTPConnection:
-        """Open a keep-alive HTTP connection to the server."""
-        if self.bind.startswith("unix:"):
-            return UnixHTTPConnection(self.bind.removeprefix("unix:"))
-        host, port = self.bind.rsplit(":", 1)
+        """Open a keep-alive HTTP connection to the server (its first address)."""
+        bind = self.bind.split(",")[0]
+        if bind.startswith("unix:"):
+            return UnixHTTPConnection(bind.removeprefix("unix:"))
+        host, port = bind.rsplit(":", 1)
         return http.client.HTTPConnection(host, int(port), timeout=10)
 
     def start(self, timeout: float = 20.0) -> Gunicorn:
@@ -618,7 +619,8 @@ class Gunicorn(Server):
 
 def address() -> tuple[str, str]:
     """Return (base URL, extra curl options) for where gunicorn.conf.py binds."""
-    bind = os.environ.get("BIND") or f"127.0.0.1:{os.environ.get('PORT', '8080')}"
+    binds = os.environ.get("BIND") or f"127.0.0.1:{os.environ.get('PORT', '8080')}"
+    bind = binds.split(",")[0].strip()
     if bind.startswith("unix:"):
         return "http://localhost", f"--unix-socket {bind.removeprefix('unix:')} "
     # A server listening on every interface is reached on loopback.

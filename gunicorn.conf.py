@@ -1,14 +1,14 @@
 """gunicorn settings for the service: `gunicorn -c gunicorn.conf.py` and nothing else.
 
-Environment, parsed by settings.py like the service's own: BIND (a host:port or
-unix:/path; overrides PORT), PORT (default 8080, on 127.0.0.1), WEB_CONCURRENCY
-(worker processes, default: one per core), WORKER_CLASS (default gevent),
-WORKER_CONNECTIONS (connections per gevent worker, default 1000), REQUEST_TIMEOUT
-(seconds for a request to arrive whole, default 10), SEND_TIMEOUT (seconds a client may
-read nothing of a response before it is cut off, default 10), THREADS (threads per
-gthread worker, default 8), LOG_FORMAT (plain or json, default plain), and
-PROMETHEUS_MULTIPROC_DIR (where workers keep their metrics; default a fresh temporary
-directory). The app reads the service's settings.
+Environment, parsed by settings.py like the service's own: BIND (host:port or
+unix:/path, several comma separated; overrides PORT), PORT (default 8080, on
+127.0.0.1), WEB_CONCURRENCY (worker processes, default: one per core), WORKER_CLASS
+(gevent, gthread or sync; default gevent), WORKER_CONNECTIONS (connections per gevent
+worker, default 1000), REQUEST_TIMEOUT (seconds for a request to arrive whole, default
+10), SEND_TIMEOUT (seconds a client may read nothing of a response before it is cut
+off, default 10), THREADS (threads per gthread worker, default 8), LOG_FORMAT (plain or
+json, default plain), and PROMETHEUS_MULTIPROC_DIR (where workers keep their metrics;
+default a fresh temporary directory). The app reads the service's settings.
 
 gunicorn reads this file again on every reload (SIGHUP): what it does must be safe to
 do twice.
@@ -70,7 +70,7 @@ if "metrics" not in sys.modules:
         _stale.unlink()
 
 wsgi_app = "app:create_app()"
-bind = [SETTINGS["BIND"] or f"127.0.0.1:{SETTINGS['PORT']}"]
+bind = list(SETTINGS["BIND"]) or [f"127.0.0.1:{SETTINGS['PORT']}"]
 workers = SETTINGS["WEB_CONCURRENCY"] or os.cpu_count() or 1
 
 worker_connections = SETTINGS["WORKER_CONNECTIONS"]

@@ -62,6 +62,7 @@ def redacted(query: str) -> str:
             parts[n] = f"{name}=-"
     return "&".join(parts)
 
+
 # What an access-log line holds, in order: the plain line is these fields joined as
 # ACCESS_LINE lays them out, a JSON line (LOG_FORMAT=json) is an object of them.
 ACCESS_FIELDS = (

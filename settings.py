@@ -99,6 +99,16 @@ def _addresses(value: str) -> tuple[tuple[str, int], ...]:
     return tuple(addresses)
 
 
+def _binds(value: str) -> tuple[str, ...]:
+    # Several, comma separated: a unix socket for a proxy, and a port for Prometheus.
+    binds = tuple(bind.strip() for bind in value.split(","))
+    for bind in binds:
+        unix = bind.startswith("unix:") and len(bind) > len("unix:")
+        if not (unix or bind.rpartition(":")[2].isdigit()):
+            raise ValueError("must be host:port or unix:/path, comma separated")
+    return binds
+
+
 def _token_list(value: str) -> tuple[str, ...]:
     return tuple(token.strip() for token in value.split(",") if token.strip())
 
@@ -115,10 +125,10 @@ class Setting:
 # gunicorn's settings (gunicorn.conf.py), which the app reads too: a worker's room sizes
 # its streams.
 SERVER_SETTINGS: dict[str, Setting] = {
-    "BIND": Setting(None, _text),
+    "BIND": Setting((), _binds),
     "PORT": Setting(8080, whole_number(1, 65535)),
     "WEB_CONCURRENCY": Setting(None, whole_number(1, 256)),  # unset: one per core
-    "WORKER_CLASS": Setting("gevent", _text),
+    "WORKER_CLASS": Setting("gevent", one_of("gevent", "gthread", "sync")),
     "WORKER_CONNECTIONS": Setting(1000, whole_number(1, 10_000)),
     "THREADS": Setting(8, whole_number(1, 1024)),
     "REQUEST_TIMEOUT": Setting(10.0, seconds(300)),

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dev import GUNICORN, Gunicorn, harness_environ, wait_until
+from dev import GUNICORN, Gunicorn, UnixHTTPConnection, free_port, harness_environ, wait_until
 from tests.helpers import API_TOKEN, JOB_TOKEN, ROOT, bearer
 from worker import DeadlineWorker
 
@@ -116,6 +116,35 @@ def test_a_bad_app_setting_stops_start_up_with_one_line(env, line):
 def test_a_bad_server_setting_stops_start_up_with_one_line(variable, value, bounds):
     code, stderr = start_with({"BIND": "", variable: value})
     assert (code, stderr) == (1, f"{variable}={value!r} must be a whole number {bounds}")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "line"),
+    [
+        ("WORKER_CLASS", "foo", "WORKER_CLASS='foo' must be gevent or gthread or sync"),
+        ("LOG_FORMAT", "xml", "LOG_FORMAT='xml' must be plain or json"),
+        ("REQUEST_TIMEOUT", "0", "REQUEST_TIMEOUT='0' must be a number of seconds above 0 "
+         "and at most 300"),
+        ("BIND", "127.0.0.1:80,nowhere", "BIND='127.0.0.1:80,nowhere' must be host:port or "
+         "unix:/path, comma separated"),
+    ],
+)  # fmt: skip
+def test_every_other_bad_server_setting_is_one_line_too(variable, value, line):
+    assert start_with({variable: value}) == (1, line)
+
+
+def test_bind_takes_several_addresses(tmp_path, redis_url):
+    """One instance serves a proxy over a unix socket and Prometheus over TCP."""
+    port = free_port()
+    sock = tmp_path / "service.sock"
+    env = {"REDIS_URL": redis_url, "WEB_CONCURRENCY": "1"}
+    with Gunicorn(tmp_path, env, bind=f"unix:{sock},127.0.0.1:{port}"):
+        unix = UnixHTTPConnection(str(sock))
+        tcp = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for conn, path in ((unix, "/healthz"), (tcp, "/metrics")):
+            conn.request("GET", path)
+            assert conn.getresponse().status == 200
+            conn.close()
 
 
 def test_sigterm_lets_requests_in_flight_finish(tmp_path, redis_url, r, job):
