@@ -13,22 +13,26 @@ token, which reads every queue (the older format), or three fields:
 
 Tokens are looked up by their SHA-256 digest, so a request costs the same with one
 token or a thousand, and nothing about the secret shows in how long a lookup takes.
-The file is checked for changes at most once a second, on a request; a file that
-cannot be read or parsed leaves the last good set in force.
+The file is checked for changes at most once a second, on a request, and a changed one
+is read in a thread of its own while requests go on with the set in force. A file that
+cannot be read or parsed leaves the last good set in force; so does an empty file, or
+one whose last line has no newline: a file caught while it is being written.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import hmac
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from gevent import monkey
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,10 @@ log = logging.getLogger(__name__)
 CHECK_SECONDS = 1.0
 
 HASHED = re.compile(r"sha256:([0-9a-fA-F]{64})")
+
+# Starts a thread of the operating system's own, even where gevent has patched the
+# threading module: a greenlet reading a large file would hold up the worker's requests.
+start_thread = monkey.get_original("_thread", "start_new_thread")
 
 
 class TokenFileError(ValueError):
@@ -55,12 +63,15 @@ class Token:
         return self.queues.fullmatch(queue) is not None
 
 
-def queue_patterns(patterns: Iterable[str]) -> re.Pattern[str]:
-    """Return one regular expression that matches any of the glob patterns."""
-    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns), re.DOTALL)
+@functools.cache
+def queue_patterns(patterns: str) -> re.Pattern[str]:
+    """Return one regular expression that matches any of the comma-separated glob
+    patterns; each set of patterns is compiled once, however many tokens share it."""
+    parts = patterns.split(",")
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in parts), re.DOTALL)
 
 
-EVERY_QUEUE = queue_patterns(["*"])
+EVERY_QUEUE = queue_patterns("*")
 
 
 def digest(token: bytes) -> bytes:
@@ -106,6 +117,12 @@ def from_environment(tokens: Iterable[str]) -> list[Token]:
 
 def parse_file(path: str, text: str) -> list[Token]:
     """Return the tokens of a token file's text; raise TokenFileError naming the line."""
+    if not text.strip():
+        raise TokenFileError(f"AUTH_TOKENS_FILE={path!r} is empty")
+    if not text.endswith("\n"):
+        raise TokenFileError(
+            f"AUTH_TOKENS_FILE={path!r} does not end with a newline: it may be cut short"
+        )
     tokens = []
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
@@ -118,7 +135,7 @@ def parse_file(path: str, text: str) -> list[Token]:
             name, secret, patterns = fields
             if not all(patterns.split(",")):
                 raise TokenFileError(f"{where}: an empty queue pattern in {patterns!r}")
-            queues = queue_patterns(patterns.split(","))
+            queues = queue_patterns(patterns)
         else:
             raise TokenFileError(
                 f"{where}: expected a token alone, or three fields: name, token, queues"
@@ -154,7 +171,7 @@ class ApiTokens:
         self.environment = from_environment(environment)
         self.path = path
         self.checked = time.monotonic()
-        self._lock = threading.Lock()
+        self.reading = False  # a thread is reading the file
         self.current, self.seen = self.load()
 
     def load(self) -> tuple[TokenSet, tuple[int, int, int, int] | None]:
@@ -165,29 +182,41 @@ class ApiTokens:
         return TokenSet(self.environment + parse_file(self.path, text)), signature(status)
 
     def find(self, sent: bytes) -> Token | None:
-        """Return the token that was sent, after a look at the file if one is due."""
+        """Return the token that was sent; look at the file first if a look is due."""
         if self.path and time.monotonic() - self.checked >= CHECK_SECONDS:
-            self.refresh()
+            self.checked = time.monotonic()
+            self.look()
         return self.current.find(sent)
 
+    def look(self) -> None:
+        """If the file changed, read it in a thread of the operating system's own, not a
+        greenlet: a large file takes a while, and requests must not wait for it."""
+        try:
+            status = os.stat(self.path or "")
+        except OSError as error:
+            self.keep(f"AUTH_TOKENS_FILE={self.path!r} cannot be read ({error})", None)
+            return
+        if signature(status) != self.seen and not self.reading:
+            self.reading = True
+            start_thread(self.refresh, ())
+
     def refresh(self) -> None:
-        """Load the file again if it changed; keep the last good set if it is bad."""
-        assert self.path is not None
-        with self._lock:
-            self.checked = time.monotonic()
+        """Load the file again; keep the last good set if it is bad."""
+        try:
             try:
-                status = os.stat(self.path)
+                status = os.stat(self.path or "")
+                if signature(status) == self.seen:
+                    return
+                self.current, self.seen = self.load()
             except OSError as error:
                 self.keep(f"AUTH_TOKENS_FILE={self.path!r} cannot be read ({error})", None)
                 return
-            if signature(status) == self.seen:
-                return
-            try:
-                self.current, self.seen = self.load()
             except TokenFileError as error:
                 self.keep(str(error), signature(status))
                 return
             log.warning("AUTH_TOKENS_FILE=%r reloaded: %d API tokens", self.path, len(self.current))
+        finally:
+            self.reading = False
 
     def keep(self, reason: str, seen: tuple[int, int, int, int] | None) -> None:
         """Say once per change of the file that the last good set stays in force."""

@@ -142,6 +142,9 @@ def test_hundreds_of_tokens_are_a_normal_file(make_app, tmp_path, r, job):
             f"one {HASHED} *\ntwo sha256:{hashlib.sha256(HASHED.encode()).hexdigest()} *\n",
             "two is the same token as one",
         ),
+        ("", "is empty"),
+        ("\n \n", "is empty"),
+        ("good-token\ncut-short", "does not end with a newline: it may be cut short"),
     ],
 )
 def test_a_malformed_file_stops_start_up_with_one_line(tmp_path, monkeypatch, text, reason):
@@ -153,7 +156,7 @@ def test_a_malformed_file_stops_start_up_with_one_line(tmp_path, monkeypatch, te
     message = str(raised.value)
     assert reason in message
     assert "\n" not in message
-    if "line" in reason:
+    if reason.startswith("line "):
         assert message.startswith(f"AUTH_TOKENS_FILE={str(path)!r} line ")
 
 
@@ -183,12 +186,21 @@ def test_a_changed_file_is_used_without_a_restart(scoped, r, job, token_file, ch
     job(queue="emails")
     assert read(scoped, "emails", BILLING).status_code == 403
     replace(token_file, f"billing-ui {BILLING} billing-*,emails\nnewcomer new-token *\n")
-    assert read(scoped, "emails", BILLING).status_code == 200
+    # Read in a thread of its own: in force once read, while requests go on.
+    wait_until(lambda: read(scoped, "emails", BILLING).status_code == 200, 10, "the new file")
     assert read(scoped, "emails", "new-token").status_code == 200
     assert read(scoped, "emails", DASHBOARD).status_code == 401
 
 
-@pytest.mark.parametrize("bad", ["a b\n", None])  # malformed, then gone
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "a b\n",  # malformed
+        None,  # gone
+        "",  # empty: the first instant of a rewrite in place
+        "steady steady-token *\ncut cut-tok",  # cut short inside its last line
+    ],
+)
 def test_a_bad_file_keeps_the_last_good_set_and_says_so_once(
     scoped, r, job, token_file, check_always, caplog, bad
 ):
@@ -197,16 +209,23 @@ def test_a_bad_file_keeps_the_last_good_set_and_says_so_once(
         token_file.unlink()
     else:
         replace(token_file, bad)
+
+    def errors() -> list[str]:
+        return [record.getMessage() for record in caplog.records if record.name == "tokens"]
+
     with caplog.at_level(logging.ERROR, logger="tokens"):
         for _ in range(3):
             assert read(scoped, "emails", DASHBOARD).status_code == 200
             assert read(scoped, "emails", BILLING).status_code == 403
-    errors = [record.getMessage() for record in caplog.records if record.name == "tokens"]
-    assert len(errors) == 1
-    assert errors[0].startswith(f"AUTH_TOKENS_FILE={str(token_file)!r} ")
-    assert errors[0].endswith("the last good set of 4 API tokens stays")
+        wait_until(errors, 10, "the error")
+        for _ in range(3):
+            assert read(scoped, "emails", DASHBOARD).status_code == 200
+            assert read(scoped, "emails", "cut-tok").status_code == 401  # no prefix works
+    assert len(errors()) == 1
+    assert errors()[0].startswith(f"AUTH_TOKENS_FILE={str(token_file)!r} ")
+    assert errors()[0].endswith("the last good set of 4 API tokens stays")
     replace(token_file, "fixed fixed-token *\n")
-    assert read(scoped, "emails", "fixed-token").status_code == 200
+    wait_until(lambda: read(scoped, "emails", "fixed-token").status_code == 200, 10, "the fix")
     assert read(scoped, "emails", DASHBOARD).status_code == 401
 
 
@@ -272,3 +291,25 @@ def test_a_reload_signal_picks_up_a_changed_file(served):
     server.process.send_signal(signal.SIGHUP)
     until_accepted(server, "new-token")
     assert statuses(server, "old-token", 20) == [401] * 20
+
+
+def test_a_large_changed_file_holds_up_no_request(serve, tmp_path, job):
+    """100,000 lines are read beside the requests, which go on with the set in force."""
+    job(queue="emails")
+    path = tmp_path / "large-tokens"
+    path.write_text("steady steady-token *\n")
+    server = serve(AUTH_TOKENS="", AUTH_TOKENS_FILE=str(path))
+    lines = "".join(f"team-{n} token-{n} queue-{n % 50}-*,emails\n" for n in range(100_000))
+    replace(path, "steady steady-token *\n" + lines)
+    slowest = 0.0
+    for _ in range(20):  # the first looks at the file: it changed
+        started = time.monotonic()
+        assert server.send("GET", "/queues/emails/jobs/1/logs", None, "steady-token") == 200
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.1)
+    wait_until(
+        lambda: server.send("GET", "/queues/emails/jobs/1/logs", None, "token-99999") == 200,
+        20,
+        "the new file to be in force",
+    )
+    assert slowest < 3  # generous: reading the file in the request took 7 s
