@@ -3,6 +3,7 @@
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,17 @@ from dev import free_port, harness_environ, wait_until
 from tests.helpers import ROOT
 
 
-def test_printed_curl_lines_work(tmp_path):
-    env = {**harness_environ(), "PORT": str(free_port())}
+@pytest.mark.parametrize(
+    ("stop", "group"),
+    [
+        (signal.SIGINT, True),  # Ctrl-C, to the terminal's whole process group
+        (signal.SIGTERM, False),  # a supervisor, `timeout`, an editor's stop button
+        (signal.SIGHUP, False),  # the terminal closed
+    ],
+)
+def test_make_run_serves_the_readme_and_stops_everything(tmp_path, stop, group):
+    port = free_port()
+    env = {**harness_environ(), "PORT": str(port)}
     log = tmp_path / "out"
     with log.open("w") as output:
         stack = subprocess.Popen(
@@ -33,6 +43,9 @@ def test_printed_curl_lines_work(tmp_path):
         )
         assert stack.poll() is None, log.read_text()
         printed = log.read_text()
+        children = Path(f"/proc/{stack.pid}/task/{stack.pid}/children").read_text().split()
+        started = [int(pid) for pid in children]  # Redis and gunicorn's master
+        # The curl lines work as printed.
         curls = [line.strip() for line in printed.splitlines() if line.startswith("  curl ")]
         assert len(curls) == 3
         answers = [
@@ -43,13 +56,29 @@ def test_printed_curl_lines_work(tmp_path):
         ]
         assert [answer.stdout for answer in answers[:2]] == ["OK 200", "OK 200"]
         assert answers[2].stdout == '{"count":1,"logs":["hello"]} 200'
+        # With the printed exports, the README's examples work as written.
+        exports = "\n".join(line for line in printed.splitlines() if "  export " in line)
+        readme = (
+            f"curl -sS -X POST http://127.0.0.1:{port}/queues/orders/jobs/42/progress "
+            '-H "Authorization: Bearer $JOB_TOKEN" -d \'{"step": 3, "of": 10}\'\n'
+            f'curl -sS -H "Authorization: Bearer $API_TOKEN" '
+            f"http://127.0.0.1:{port}/queues/orders/jobs/42/progress"
+        )
+        ran = subprocess.run(["bash", "-c", f"{exports}\n{readme}"], capture_output=True, text=True)
+        assert ran.stdout == 'OK{"step":3,"of":10}'
     finally:
-        os.killpg(stack.pid, signal.SIGINT)  # Ctrl-C
+        if group:
+            os.killpg(stack.pid, stop)
+        else:
+            stack.send_signal(stop)
         code = stack.wait(timeout=30)
     assert code == 0
     redis_url = next(line for line in printed.splitlines() if "Throwaway Redis at" in line)
     socket_path = redis_url.split("unix://")[1].split(",")[0]
     assert not os.path.exists(socket_path)  # Redis stopped and its directory is gone
+    wait_until(lambda: not any(map(running, started)), 10, "what make run started to end")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # the port is free again
 
 
 HOLDING = """
