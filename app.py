@@ -61,7 +61,7 @@ from settings import (
     settings_from_env,
     whole_number,
 )
-from store import CrossSlot, JobStore, NoSuchJob, NotLockHolder
+from store import CrossSlot, JobStore, NoSuchJob, NotBullmqLayout, NotLockHolder
 from streams import (
     RETRY_MS,
     StreamLimits,
@@ -583,6 +583,15 @@ def cross_slot(error: CrossSlot) -> Response:
     )
 
 
+def not_bullmq_layout(error: NotBullmqLayout) -> Response:
+    """Answer 409 where a key holds something BullMQ would not have written there: the
+    request cannot be served until the key is mended, and no retry helps."""
+    log.warning("%s is not in BullMQ's layout: %s %s answered 409", error.key,
+                request.method, loggable(request.path))  # fmt: skip
+    message = f"{error.key} holds another type than BullMQ's layout gives it: mend or delete it"
+    return Response(message, 409, PLAIN)
+
+
 # Who holds too many streams, and the setting that says how many it may.
 STREAM_CREDENTIALS = {
     "api": ("this API token", "MAX_STREAMS_PER_TOKEN"),
@@ -708,6 +717,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_error_handler(NotLockHolder, not_lock_holder)
     app.register_error_handler(NoSuchJob, no_such_job)
     app.register_error_handler(CrossSlot, cross_slot)
+    app.register_error_handler(NotBullmqLayout, not_bullmq_layout)
     app.register_error_handler(TooManyStreams, too_many_streams)
     for error in REDIS_UNAVAILABLE:
         app.register_error_handler(error, redis_unavailable)

@@ -39,6 +39,15 @@ class CrossSlot(Exception):
     """A job's keys would fall in different Redis Cluster slots."""
 
 
+class NotBullmqLayout(Exception):
+    """A key of the job or its queue holds another type than BullMQ's layout gives it
+    (a string where the event stream should be, say); `key` names it."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
 SET_PROGRESS = """
 --[[
   Set a job's progress, exactly as BullMQ's updateProgress does, if the caller holds
@@ -56,9 +65,13 @@ SET_PROGRESS = """
   Returns  0 written
           -1 the token is not the job's current lock token (nothing written)
           -2 no such job (nothing written)
+          {-3, 3} the event stream key holds another type (nothing written: Redis
+                  would not undo the writes before a failed XADD)
 ]]
 if redis.call("GET", KEYS[2]) ~= ARGV[1] then return -1 end
 if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
+local events = redis.call("TYPE", KEYS[3])["ok"]
+if events ~= "stream" and events ~= "none" then return {-3, 3} end
 
 local maxEvents = redis.call("HGET", KEYS[4], "opts.maxLenEvents")
 if not maxEvents then
@@ -185,9 +198,11 @@ return {progress or "", progress and 1 or 0, finished, outcome,
         redis.call("LLEN", KEYS[2]), newest and newest[1] or "0-0", oldest and oldest[1] or "0-0"}
 """
 
-# Script return codes, turned into NotLockHolder and NoSuchJob in JobStore._run.
+# Script return codes, turned into NotLockHolder, NoSuchJob and NotBullmqLayout in
+# JobStore._run.
 NOT_LOCK_HOLDER = -1
 NO_SUCH_JOB = -2
+NOT_BULLMQ_LAYOUT = -3  # with the index of the key, in KEYS, that is not
 
 
 class Script:
@@ -359,7 +374,11 @@ class JobStore:
                 # which Redis caches again for the EVALSHA of the next request.
                 result = redis_.execute_command("EVAL", script.source, len(keys), *keys, *args)
         except redis.exceptions.ResponseError as error:
+            if "WRONGTYPE" in str(error):
+                raise NotBullmqLayout(wrong_key(error, script, keys)) from error
             raise script_error(error, script) from error
+        if isinstance(result, list) and result[:1] == [NOT_BULLMQ_LAYOUT]:
+            raise NotBullmqLayout(keys[result[1] - 1])
         if result == NOT_LOCK_HOLDER:
             script_outcome(script.name, "not_lock_holder").inc()
             raise NotLockHolder
@@ -399,8 +418,17 @@ def script_error(
     return error
 
 
+def wrong_key(error: redis.exceptions.ResponseError, script: Script, keys: tuple[str, ...]) -> str:
+    """Return the key a WRONGTYPE error inside a script is about: the one the script's
+    line that Redis names works on (or, where it names none, every key of the call)."""
+    line = SCRIPT_LINE.search(str(error))
+    used = line and SCRIPT_KEY.search(script.source.splitlines()[int(line[1]) - 1])
+    return keys[int(used[1]) - 1] if used else " or ".join(keys)
+
+
 # How Redis 6.2, Redis 7 and Valkey word an ACL's refusal inside a script, and how they
-# name the line of the script that was refused.
+# name the line of the script that was refused, and the key a line works on.
 SCRIPT_DENIED = ("NOPERM", "The user executing the script can't", "ACL failure in script")
 SCRIPT_LINE = re.compile(r"@user_script: ?(\d+)")
 SCRIPT_CALL = re.compile(r'redis\.call\("(\w+)"')
+SCRIPT_KEY = re.compile(r"KEYS\[(\d+)\]")

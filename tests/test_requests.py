@@ -156,3 +156,29 @@ def test_a_progress_that_grows_when_written_out_is_capped_too(make_app, r, job):
     assert response.status_code == 413
     assert response.data == b"the progress is larger than 16 bytes (MAX_PROGRESS_BYTES)"
     assert snapshot(r) == before
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "token", "key"),
+    [
+        ("POST", "/queues/orders/jobs/1/progress", JOB_TOKEN, "bull:orders:events"),
+        ("POST", "/queues/orders/jobs/1/progress", JOB_TOKEN, "bull:orders:meta"),
+        ("POST", "/queues/orders/jobs/1/logs", JOB_TOKEN, "bull:orders:1:logs"),
+        ("GET", "/queues/orders/jobs/1/logs", API_TOKEN, "bull:orders:1:logs"),
+        ("GET", "/queues/orders/jobs/1/events", API_TOKEN, "bull:orders:events"),
+        ("GET", "/queues/orders/jobs/1/events", API_TOKEN, "bull:orders:completed"),
+    ],
+)
+def test_a_key_of_another_type_is_a_409_naming_it(client, job, r, caplog, method, path, token, key):
+    job()
+    r.delete(key)
+    r.set(key, "not what BullMQ writes here")
+    before = snapshot(r)
+    response = client.open(path, method=method, data=b"1", headers=bearer(token))
+    assert (response.status_code, response.text) == (
+        409,
+        f"{key} holds another type than BullMQ's layout gives it: mend or delete it",
+    )
+    assert snapshot(r) == before
+    assert "Traceback" not in caplog.text
+    assert f"{key} is not in BullMQ's layout" in caplog.text
