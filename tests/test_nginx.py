@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import uuid
 from dataclasses import dataclass
@@ -31,20 +32,27 @@ EXAMPLE = ROOT / "deploy" / "nginx.conf"
 APP_BODY_LIMIT = 1000  # below nginx's 1m, so that each of the two limits can be hit
 
 
-def site_config(socket: Path, port: int) -> str:
-    """Return the example config, pointed at this test's socket and port."""
+def site_config(socket: Path, port: int, directory: Path) -> str:
+    """Return the example config, pointed at this test's socket, port and directory."""
     text = EXAMPLE.read_text()
     for old, new in [
         ("server unix:/run/bullmq-http/gunicorn.sock", f"server unix:{socket}"),
         ("listen 80;", f"listen 127.0.0.1:{port};"),
+        ("/var/log/nginx/bullmq-http.log", str(directory / "access.log")),
     ]:
         assert text.count(old) == 1, f"deploy/nginx.conf no longer has {old!r}"
         text = text.replace(old, new)
     return text
 
 
+# What the example says to set in nginx.conf's main context.
+MAIN_CONTEXT = re.search(r"^#   (worker_shutdown_timeout \S+;)$", EXAMPLE.read_text(), re.M)
+
+
 def main_config(directory: Path) -> str:
-    """Return an nginx.conf that keeps everything in directory and includes the site."""
+    """Return an nginx.conf that keeps everything in directory, sets what the example
+    says to set in the main context, and includes the site."""
+    assert MAIN_CONTEXT, "deploy/nginx.conf no longer says to set worker_shutdown_timeout"
     temp = "\n".join(
         f"    {kind}_temp_path {directory / kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -52,6 +60,7 @@ def main_config(directory: Path) -> str:
     # As root, nginx's workers would run as nobody, who cannot reach the test's socket.
     user = "user root;" if os.geteuid() == 0 else ""
     return f"""{user}
+{MAIN_CONTEXT[1]}
 worker_processes 1;
 pid {directory / "nginx.pid"};
 error_log {directory / "error.log"} warn;
@@ -70,6 +79,8 @@ class Stack:
     redis_server: RedisServer
     gunicorn: Gunicorn
     data: redis.Redis
+    directory: Path
+    nginx: int  # the master's process id
 
     def request(self, method, path, body=None, headers=None):
         """Send a request to nginx; return (status, headers, body)."""
@@ -116,7 +127,7 @@ def stack(request, nginx, tmp_path_factory):
         }
         with Gunicorn(directory, env) as server:
             (directory / "site.conf").write_text(
-                site_config(Path(server.bind.removeprefix("unix:")), port)
+                site_config(Path(server.bind.removeprefix("unix:")), port, directory)
             )
             (directory / "nginx.conf").write_text(main_config(directory))
             process = subprocess.Popen(
@@ -125,7 +136,7 @@ def stack(request, nginx, tmp_path_factory):
                 stderr=subprocess.PIPE,
             )  # fmt: skip
             data = redis.Redis.from_url(redis_server.url, decode_responses=True)
-            stack = Stack(port, redis_server, server, data)
+            stack = Stack(port, redis_server, server, data, directory, process.pid)
             wait_until(
                 lambda: (
                     process.poll() is not None
@@ -256,3 +267,35 @@ def test_readyz_under_the_prefix_follows_redis(stack, job):
     finally:
         s.redis_server.start()
     assert s.request("GET", "/bullmq/readyz")[::2] == (200, b"OK")
+
+
+def test_nginx_logs_no_watch_token(stack, job):
+    s, _ = stack
+    for query in ("token=1.SECRET-ONE", "tok%65n=1.SECRET-TWO&tail=3"):
+        status, _, body = s.request("GET", f"/bullmq/queues/orders/jobs/1/events?{query}")
+        assert (status, body) == (401, b"watch tokens are off on this server (WATCH_TOKEN_SECRET)")
+    wait_until(lambda: (s.directory / "access.log").exists(), 5, "nginx's access log")
+    logged = (s.directory / "access.log").read_text()
+    assert logged.count('"GET /bullmq/queues/orders/jobs/1/events HTTP/1.1" 401') == 2
+    assert "SECRET" not in logged
+
+
+def test_an_nginx_reload_ends_within_its_timeout_with_streams_open(stack, job):
+    s, _ = stack
+    children = Path(f"/proc/{s.nginx}/task/{s.nginx}/children")
+    old_workers = set(children.read_text().split())
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    try:
+        conn.request("GET", "/bullmq/queues/orders/jobs/1/events", headers=bearer(API_TOKEN))
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.readline() == b"retry: 2000\n"
+        os.kill(s.nginx, signal.SIGHUP)  # nginx -s reload
+        # The old worker leaves within worker_shutdown_timeout (10 s), cutting the
+        # stream: a network error to the client, which reconnects with Last-Event-ID.
+        wait_until(lambda: not old_workers & set(children.read_text().split()), 20, "old ones")
+        with pytest.raises(http.client.IncompleteRead):
+            response.read()
+    finally:
+        conn.close()
+    assert s.request("GET", "/bullmq/healthz")[0] == 200  # the new workers serve
