@@ -713,6 +713,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(jobs)
     app.register_blueprint(health)
     app.register_blueprint(docs)
+    if app.config["METRICS"]:
+        metrics.start_at_zero(
+            (rule.rule, method)
+            for rule in app.url_map.iter_rules()
+            for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"})
+        )
     app.register_error_handler(HTTPException, plain_error)
     app.register_error_handler(NotLockHolder, not_lock_holder)
     app.register_error_handler(NoSuchJob, no_such_job)

@@ -162,15 +162,17 @@ logconfig_dict = {
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Count a worker that exited while the server runs on (it is replaced), and drop
-    its live gauges from the metrics; its counters stay in the sums."""
-    from prometheus_client import multiprocess
-
-    from metrics import WORKER_RESTARTS  # loaded with the app, by now
+    """Count a worker that exited while the server runs on (it is replaced), and fold
+    its metric files into the dead workers' (metrics.py): its counts stay in the sums,
+    its live gauges go."""
+    from metrics import WORKER_RESTARTS, fold_dead_worker  # loaded with the app, by now
 
     if server.LISTENERS:  # emptied when the whole server stops
         WORKER_RESTARTS.inc()
-    multiprocess.mark_process_dead(worker.pid)
+    try:
+        fold_dead_worker(worker.pid)
+    except Exception:  # an error here would stop the master, and every worker with it
+        server.log.exception("the metrics of worker %s could not be folded", worker.pid)
 
 
 # A stop signal that reaches a worker after it forks, but before it sets up its own

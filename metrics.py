@@ -8,13 +8,17 @@ would make a new series each.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import prometheus_client
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, multiprocess
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
 REQUESTS = Counter(
@@ -122,8 +126,68 @@ def route_metrics(route: str) -> tuple[Histogram, Histogram, Histogram]:
 def render() -> tuple[bytes, str]:
     """Return the metrics in Prometheus's text format, every worker's added up, and
     their content type."""
-    registry = prometheus_client.REGISTRY
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # under gunicorn: gunicorn.conf.py
-        registry = prometheus_client.CollectorRegistry()
-        MultiProcessCollector(registry)
-    return prometheus_client.generate_latest(registry), prometheus_client.CONTENT_TYPE_LATEST
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory is None:
+        return prometheus_client.generate_latest(), prometheus_client.CONTENT_TYPE_LATEST
+    # Under gunicorn (gunicorn.conf.py): read the workers' files, none being folded.
+    registry = prometheus_client.CollectorRegistry()
+    MultiProcessCollector(registry)
+    with files_locked(directory, fcntl.LOCK_SH):
+        text = prometheus_client.generate_latest(registry)
+    return text, prometheus_client.CONTENT_TYPE_LATEST
+
+
+# What the files of dead workers are folded into: "counter_dead.db", "histogram_dead.db".
+FOLDED = "dead"
+
+
+def fold_dead_worker(pid: int) -> None:
+    """Fold a dead worker's counters and histograms into the directory's files of dead
+    workers, and remove its own, in the master as gunicorn reaps it: the directory and
+    the scrape stay bounded over any number of restarts, and every sum stays as it was.
+    Its live gauges, which end with it, are dropped."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    multiprocess.mark_process_dead(pid, directory)
+    with files_locked(directory, fcntl.LOCK_EX):  # no scrape sees it half done
+        for kind in ("counter", "histogram"):
+            dead = Path(directory, f"{kind}_{pid}.db")
+            if not dead.exists():
+                continue
+            folded = MmapedDict(str(Path(directory, f"{kind}_{FOLDED}.db")))
+            try:
+                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(dead)):
+                    total, _ = folded.read_value(key)
+                    folded.write_value(key, total + value, timestamp)
+            finally:
+                folded.close()
+            dead.unlink()
+
+
+@contextlib.contextmanager
+def files_locked(directory: str, how: int) -> Iterator[None]:
+    """Hold the lock on the directory's metric files: shared to read them, exclusive to
+    fold a dead worker's in."""
+    with open(Path(directory, ".lock"), "a") as lock:
+        fcntl.flock(lock, how)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# The kinds of Redis error an outage most often starts with, counted from zero.
+COMMON_REDIS_ERRORS = (
+    "ConnectionError", "TimeoutError", "ReadOnlyError", "OutOfMemoryError",
+    "NoPermissionError", "AuthenticationError", "ClusterDownError",
+)  # fmt: skip
+
+
+def start_at_zero(routes: Iterable[tuple[str, str]]) -> None:
+    """Make the series the README's alerts read exist at zero from start-up, so that the
+    first error is an increase Prometheus's rate() sees, not a series born counting:
+    a 503 and a 500 of each route and method, and the common kinds of Redis error."""
+    for route, method in routes:
+        for status in ("500", "503"):
+            request_count(route, method, status)
+    for kind in COMMON_REDIS_ERRORS:
+        REDIS_ERRORS.labels(kind)

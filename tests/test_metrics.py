@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import signal
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -119,8 +122,11 @@ def test_counts_add_up_across_workers(stack):
     for (route, method, status), count in statuses.items():
         assert requests(samples, route, method, str(status)) == count, (route, method, status)
     assert requests(samples, PROGRESS, "POST", "503") == 4
-    errors = {labels: value for (name, labels), value in samples.items()
-              if name == "bullmq_http_redis_errors_total"}  # fmt: skip
+    errors = {
+        labels: value
+        for (name, labels), value in samples.items()
+        if name == "bullmq_http_redis_errors_total" and value
+    }  # the others stay 0
     assert errors == {frozenset({("kind", "ConnectionError")}): 4}
     assert scripts(samples, "set_progress", "written") == 5 * rounds
     assert scripts(samples, "add_log", "written") == 5 * rounds
@@ -256,3 +262,64 @@ def test_json_warnings(tmp_path):
     assert warnings[0]["message"].startswith(
         "Redis unavailable for GET /readyz (API token -, request req-2): "
     )
+
+
+def test_the_series_the_alerts_read_exist_at_zero_before_the_first_error(stack):
+    """Prometheus's rate() sees no increase in a series that is born counting: the first
+    outage would pass unseen by the README's alerts."""
+    redis_server, _, server = stack
+    samples = scrape(server)
+    first_503 = (
+        "bullmq_http_requests_total",
+        frozenset({"route": PROGRESS, "method": "POST", "status": "503"}.items()),
+    )
+    connection_errors = ("bullmq_http_redis_errors_total",
+                         frozenset({"kind": "ConnectionError"}.items()))  # fmt: skip
+    assert (samples.get(first_503), samples.get(connection_errors)) == (0.0, 0.0)
+    redis_server.stop()
+    path = "/queues/orders/jobs/1/progress"
+    assert server.send("POST", path, b"1", JOB_TOKEN) == 503
+    samples = scrape(server)
+    assert (samples.get(first_503), samples.get(connection_errors)) == (1.0, 1.0)
+
+
+def test_dead_workers_are_folded_and_every_count_only_grows(serve, tmp_path):
+    directory = tmp_path / "metrics"
+    server = serve(WEB_CONCURRENCY="2", PROMETHEUS_MULTIPROC_DIR=str(directory))
+    server.wait_for_workers(2)
+    seen: list[float] = []
+    stop = threading.Event()
+
+    def scrape_all_along() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(requests(scrape(server), "/healthz", "GET", "200"))
+            except (OSError, http.client.HTTPException):
+                pass  # served by the worker as it was killed
+            time.sleep(0.02)
+
+    before = requests(scrape(server), "/healthz", "GET", "200")
+    scraper = threading.Thread(target=scrape_all_along)
+    scraper.start()
+    try:
+        for _ in range(12):
+            for _ in range(3):
+                assert server.send("GET", "/healthz") == 200
+            victim = server.worker_pids()[0]
+            os.kill(victim, signal.SIGKILL)
+            wait_until(
+                lambda victim=victim: (
+                    victim not in (pids := server.worker_pids()) and len(pids) == 2
+                ),
+                20,
+                "the worker to be replaced",
+            )
+    finally:
+        stop.set()
+        scraper.join(10)
+    assert requests(scrape(server), "/healthz", "GET", "200") == before + 36
+    assert seen == sorted(seen)  # no scrape ever saw a count go down
+    assert server.process is not None
+    alive = {str(pid) for pid in (server.process.pid, *server.worker_pids())}
+    owners = {path.stem.rsplit("_", 1)[1] for path in directory.glob("*.db")}
+    assert owners <= alive | {"dead"}  # nothing left of the 12 dead workers
