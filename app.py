@@ -30,7 +30,6 @@ settings.py, tokens.py (API tokens), logs.py (the access log) and metrics.py.
 from __future__ import annotations
 
 import functools
-import hashlib
 import hmac
 import json
 import logging
@@ -71,7 +70,7 @@ from streams import (
     parse_cursor,
     text,
 )
-from tokens import ApiTokens
+from tokens import ApiTokens, watch_token
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +153,6 @@ def check_api_token(queue: str | None) -> None:
     request.environ[TOKEN_NAME] = token.name  # for the access log
     if queue is not None and not token.reads(queue):
         abort(403, f"this token may not read queue {queue!r}")
-
-
-def watch_token(secret: str, queue: str, job_id: str, expires: int) -> str:
-    """Return the watch token of one job's events, good until `expires` (Unix time)."""
-    message = f"bullmq-http watch\n{queue}\n{job_id}\n{expires}".encode()
-    signature = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
-    return f"{expires}.{signature}"
 
 
 def check_watch_token(token: str, queue: str, job_id: str) -> int:

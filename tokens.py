@@ -1,4 +1,5 @@
-"""API tokens: who may read which queues, from AUTH_TOKENS and AUTH_TOKENS_FILE.
+"""Tokens: API tokens, who may read which queues, from AUTH_TOKENS and AUTH_TOKENS_FILE;
+and watch tokens, which open one job's events (watch_token).
 
 The token file holds one token a line (`#` starts a comment). A line is either a bare
 token, which reads every queue (the older format), or three fields:
@@ -25,6 +26,7 @@ import fnmatch
 import functools
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -223,3 +225,18 @@ class ApiTokens:
         if seen != self.seen:
             log.error("%s; the last good set of %d API tokens stays", reason, len(self.current))
         self.seen = seen
+
+
+def watch_token(secret: str, queue: str, job_id: str, expires: int) -> str:
+    """Return the watch token of one job's events, good until `expires` (Unix seconds).
+
+    It is `<expires>.<signature>`, the signature the hex HMAC-SHA256, under the secret,
+    of the JSON array ["bullmq-http watch", queue, job id, expires] written as
+    JavaScript's JSON.stringify writes it: no queue name or job id, whatever it holds (a
+    newline, a quote), can pass for another's, and any backend can sign one (README).
+    """
+    message = json.dumps(
+        ["bullmq-http watch", queue, job_id, expires], ensure_ascii=False, separators=(",", ":")
+    )
+    signature = hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+    return f"{expires}.{signature}"

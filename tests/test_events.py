@@ -7,13 +7,17 @@ import http.client
 import itertools
 import json
 import re
+import shutil
 import signal
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -21,7 +25,6 @@ from bullmq import Queue, Worker
 from prometheus_client import REGISTRY
 
 import streams
-from app import watch_token
 from dev import (
     EventStream,
     Gunicorn,
@@ -32,7 +35,8 @@ from dev import (
     wait_until,
 )
 from streams import parse_cursor
-from tests.helpers import API_TOKEN, JOB_TOKEN, StreamedBody, bearer
+from tests.helpers import API_TOKEN, JOB_TOKEN, ROOT, StreamedBody, bearer, unavailable
+from tokens import watch_token
 
 SECRET = "a secret the instances share"
 
@@ -572,3 +576,46 @@ def test_sigterm_ends_open_streams_within_a_second(tmp_path, redis_url, r):
         assert ended < 2.5  # a second, and the time to notice it
     finally:
         server.stop()
+
+
+def readme_snippet(language: str, starts: str) -> str:
+    """Return the README's code block in a language that holds `starts`."""
+    blocks = re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    [snippet] = [block for block in blocks if starts in block]
+    return snippet
+
+
+# Queue names and job ids the routes take, plain and less so.
+TRICKY = [("orders", "1"), ("orders\na", "b"), ("q-é", 'x"y/z:1'), ("que\\", "[1]")]
+
+
+def test_the_readmes_signers_sign_what_the_service_accepts(make_app, r):
+    node = shutil.which("node")
+    if node is None:
+        unavailable("node is not installed")
+    js = readme_snippet("js", "function watchToken")
+    namespace: dict[str, Any] = {}
+    exec(readme_snippet("python", "def watch_token"), namespace)  # noqa: S102
+    expires = int(time.time()) + 60
+    client = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()
+    signed = set()
+    for queue, job_id in TRICKY:
+        add_active_job(r, queue, job_id, JOB_TOKEN)
+        run = subprocess.run(
+            [node, "-e", js + "process.stdout.write(watchToken(...process.argv.slice(1, 4), "
+             "Number(process.argv[4])));", SECRET, queue, job_id, str(expires)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        token = run.stdout
+        assert token == namespace["watch_token"](SECRET, queue, job_id, expires)
+        assert token == watch_token(SECRET, queue, job_id, expires)
+        signed.add(token)
+        path = f"/queues/{quote(queue)}/jobs/{quote(job_id, safe='')}/events?token={token}"
+        response = client.get(path, buffered=False)
+        assert response.status_code == 200
+        response.close()
+    assert len(signed) == len(TRICKY)  # no two jobs share a token
+    # Fields joined by newlines would sign these two alike.
+    assert watch_token(SECRET, "orders\na", "b", expires) != watch_token(
+        SECRET, "orders", "a\nb", expires
+    )

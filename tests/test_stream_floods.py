@@ -22,10 +22,10 @@ from flask.testing import FlaskClient
 from prometheus_client import REGISTRY
 
 import streams
-from app import watch_token
 from dev import EventStream, Gunicorn, ServerSentEvent, wait_until
 from store import JobStore
 from tests.helpers import API_TOKEN, JOB_TOKEN, StreamedBody, bearer
+from tokens import watch_token
 
 SECRET = "a secret the instances share"
 EVENTS = "/queues/orders/jobs/1/events"
