@@ -232,10 +232,12 @@ def read_progress(queue: str, job_id: str) -> Response:
 @watch_or_api_token_required
 def job_events(queue: str, job_id: str) -> Response:
     """Stream a job's progress and log lines as server-sent events, as they happen."""
-    no_query_parameters_but(("tail", "token"))
+    no_query_parameters_but(("tail", "token", "last_event_id"))
     tail = query_number("tail", 10, parse_tail)
     resume = None
-    last_event_id = request.headers.get("Last-Event-ID")
+    # A browser's own reconnect sends the header; a page that opens a new EventSource
+    # cannot, and puts the id in the query. The header, the newer, wins.
+    last_event_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
     if last_event_id:
         resume = parse_cursor(last_event_id)
         if resume is None:
@@ -263,6 +265,25 @@ def job_events(queue: str, job_id: str) -> Response:
         raise
     # The server closes the response when the stream ends, however it ends.
     response.call_on_close(give_back)
+    return response
+
+
+@jobs.after_request
+def allow_watching_pages(response: Response) -> Response:
+    """Let a page on an allowed origin (WATCH_ALLOWED_ORIGINS) read the stream it opens
+    with a watch token, the preflight of its reconnects included; an API token's
+    answers never carry CORS headers: a browser must never hold one."""
+    allowed = current_app.config["WATCH_ALLOWED_ORIGINS"]
+    if not allowed or request.endpoint != "jobs.job_events":
+        return response
+    response.vary.add("Origin")
+    origin = request.headers.get("Origin")
+    if origin in allowed and "token" in request.args:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        if request.method == "OPTIONS":
+            response.headers["Access-Control-Allow-Methods"] = "GET"
+            response.headers["Access-Control-Allow-Headers"] = "Last-Event-ID"
+            response.headers["Access-Control-Max-Age"] = "600"
     return response
 
 

@@ -109,6 +109,20 @@ def _binds(value: str) -> tuple[str, ...]:
     return binds
 
 
+def _origins(value: str) -> frozenset[str]:
+    # Web origins, comma separated: scheme, host and port, as a browser's Origin says.
+    origins = frozenset(origin.strip() for origin in value.split(",") if origin.strip())
+    for origin in origins:
+        parts = urlsplit(origin)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.netloc
+            or origin != (f"{parts.scheme}://{parts.netloc}")
+        ):
+            raise ValueError("must be origins like https://app.example.com, comma separated")
+    return origins
+
+
 def _token_list(value: str) -> tuple[str, ...]:
     return tuple(token.strip() for token in value.split(",") if token.strip())
 
@@ -169,6 +183,7 @@ SETTINGS: dict[str, Setting] = {
     "METRICS": Setting(True, _flag),
     "WATCH_TOKEN_SECRET": Setting(None, _text),
     "WATCH_TOKEN_SECONDS": Setting(300, whole_number(1, 86_400)),
+    "WATCH_ALLOWED_ORIGINS": Setting(frozenset(), _origins),
     # Unset, from the worker's room: see default_max_streams.
     "MAX_STREAMS": Setting(None, whole_number(0, 10_000)),
     "MAX_STREAMS_PER_TOKEN": Setting(100, whole_number(1, 10_000)),

@@ -25,6 +25,7 @@ from bullmq import Queue, Worker
 from prometheus_client import REGISTRY
 
 import streams
+from app import create_app
 from dev import (
     EventStream,
     Gunicorn,
@@ -34,6 +35,7 @@ from dev import (
     open_raw_stream,
     wait_until,
 )
+from settings import ConfigError
 from streams import parse_cursor
 from tests.helpers import API_TOKEN, JOB_TOKEN, ROOT, StreamedBody, bearer, unavailable
 from tokens import watch_token
@@ -166,7 +168,8 @@ def test_a_stream_opens_with_the_progress_and_the_newest_lines(service, job_id):
     ("query", "headers", "status", "message"),
     [
         ("?tail=101", bearer(API_TOKEN), 400, "tail must be a whole number from 0 to 100"),
-        ("?tial=1", bearer(API_TOKEN), 400, "unknown query parameter 'tial': use tail and token"),
+        ("?tial=1", bearer(API_TOKEN), 400,
+         "unknown query parameter 'tial': use tail, token and last_event_id"),
         ("", {**bearer(API_TOKEN), "Last-Event-ID": "yesterday"}, 400,
          "Last-Event-ID must be the id of an event this service sent"),
         ("", {}, 401, "send the token as 'Authorization: Bearer <token>'"),
@@ -619,3 +622,74 @@ def test_the_readmes_signers_sign_what_the_service_accepts(make_app, r):
     assert watch_token(SECRET, "orders\na", "b", expires) != watch_token(
         SECRET, "orders", "a\nb", expires
     )
+
+
+PAGE = "https://app.example.com"
+
+
+@pytest.mark.parametrize(
+    ("origin", "credential", "allowed"),
+    [
+        (PAGE, "watch", True),
+        ("https://evil.example.com", "watch", False),
+        (PAGE, "api", False),  # a browser must never hold an API token
+    ],
+)
+def test_pages_on_allowed_origins_may_read_streams_opened_with_a_watch_token(
+    make_app, job, origin, credential, allowed
+):
+    job()
+    client = make_app(WATCH_TOKEN_SECRET=SECRET, WATCH_ALLOWED_ORIGINS=frozenset({PAGE}))
+    token = watch_token(SECRET, "orders", "1", int(time.time()) + 60)
+    path = "/queues/orders/jobs/1/events" + (f"?token={token}" if credential == "watch" else "")
+    headers = {"Origin": origin, **(bearer(API_TOKEN) if credential == "api" else {})}
+    response = client.test_client().get(path, headers=headers, buffered=False)
+    assert response.status_code == 200
+    assert response.headers.get("Access-Control-Allow-Origin") == (origin if allowed else None)
+    assert response.headers["Vary"] == "Origin"
+    response.close()
+    # The preflight of a reconnect, which sends Last-Event-ID.
+    preflight = client.test_client().options(path, headers={
+        "Origin": origin, "Access-Control-Request-Headers": "last-event-id"})  # fmt: skip
+    assert preflight.headers.get("Access-Control-Allow-Origin") == (origin if allowed else None)
+    if allowed:
+        assert preflight.headers["Access-Control-Allow-Headers"] == "Last-Event-ID"
+
+
+def test_without_allowed_origins_no_answer_carries_cors_headers(make_app, job):
+    job()
+    client = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()
+    token = watch_token(SECRET, "orders", "1", int(time.time()) + 60)
+    path = f"/queues/orders/jobs/1/events?token={token}"
+    response = client.get(path, headers={"Origin": PAGE}, buffered=False)
+    assert response.status_code == 200
+    assert "Access-Control-Allow-Origin" not in response.headers
+    response.close()
+
+
+@pytest.mark.parametrize("value", ["app.example.com", "https://app.example.com/", "ftp://x.y"])
+def test_an_allowed_origin_must_be_an_origin(monkeypatch, value):
+    monkeypatch.setenv("WATCH_ALLOWED_ORIGINS", value)
+    with pytest.raises(ConfigError) as raised:
+        create_app()
+    assert str(raised.value) == (
+        f"WATCH_ALLOWED_ORIGINS={value!r} must be origins like https://app.example.com, "
+        "comma separated"
+    )
+
+
+def test_a_new_event_source_resumes_from_the_cursor_in_its_query(service, job_id):
+    """A page that opens a new EventSource cannot send Last-Event-ID: the query can. A
+    browser's own reconnect sends the header, which is newer, and wins."""
+    path = f"/queues/orders/jobs/{job_id}"
+    service.post(f"{path}/logs", b"seen")
+    with service.events(f"{path}/events") as stream:
+        [seen] = take(stream, 1)
+    service.post(f"{path}/logs", b"missed")
+    with service.events(f"{path}/events?last_event_id={seen.id}") as stream:
+        assert kinds(take(stream, 1)) == [log(1, "missed")]
+    with service.events(f"{path}/events?last_event_id=0-0/0", resume_after([seen])) as stream:
+        assert kinds(take(stream, 1)) == [log(1, "missed")]
+    assert service.refusal(f"{path}/events?last_event_id=nonsense", bearer(API_TOKEN)) == (
+        400, "Last-Event-ID must be the id of an event this service sent"
+    )  # fmt: skip
