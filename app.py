@@ -167,8 +167,12 @@ def check_watch_token(token: str, queue: str, job_id: str) -> int:
     expected = watch_token(secret, queue, job_id, int(expires))
     if not hmac.compare_digest(token.encode(), expected.encode()):
         abort(401, "the watch token is not valid for this job")
-    if int(expires) <= time.time():
+    now = time.time()
+    if int(expires) <= now:
         abort(401, "the watch token has expired: ask for a new one")
+    longest = current_app.config["WATCH_TOKEN_MAX_SECONDS"]
+    if int(expires) > now + longest:
+        abort(401, f"the watch token lives longer than WATCH_TOKEN_MAX_SECONDS={longest} allows")
     return int(expires)
 
 
@@ -290,11 +294,16 @@ def allow_watching_pages(response: Response) -> Response:
 @jobs.post("/queues/<queue>/jobs/<path:job_id>/events/token")
 @api_token_required
 def mint_watch_token(queue: str, job_id: str) -> Response:
-    """Return a short-lived token that opens this job's events and nothing else."""
+    """Return a token that opens this job's events and nothing else, for `seconds`
+    (by default WATCH_TOKEN_SECONDS, at most WATCH_TOKEN_MAX_SECONDS)."""
+    no_query_parameters_but(("seconds",))
     secret = current_app.config["WATCH_TOKEN_SECRET"]
     if not secret:
         abort(404, "watch tokens are off: set WATCH_TOKEN_SECRET, the same on every instance")
-    expires = int(time.time()) + current_app.config["WATCH_TOKEN_SECONDS"]
+    longest = current_app.config["WATCH_TOKEN_MAX_SECONDS"]
+    default = min(current_app.config["WATCH_TOKEN_SECONDS"], longest)
+    seconds = query_number("seconds", default, whole_number(1, longest))
+    expires = int(time.time()) + seconds
     return json_answer({"token": watch_token(secret, queue, job_id, expires), "expires": expires})
 
 

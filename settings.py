@@ -183,6 +183,9 @@ SETTINGS: dict[str, Setting] = {
     "METRICS": Setting(True, _flag),
     "WATCH_TOKEN_SECRET": Setting(None, _text),
     "WATCH_TOKEN_SECONDS": Setting(300, whole_number(1, 86_400)),
+    # The longest a watch token may live, minted or signed elsewhere: a link in a
+    # notification must outlast the job it watches.
+    "WATCH_TOKEN_MAX_SECONDS": Setting(86_400, whole_number(1, 30 * 86_400)),
     "WATCH_ALLOWED_ORIGINS": Setting(frozenset(), _origins),
     # Unset, from the worker's room: see default_max_streams.
     "MAX_STREAMS": Setting(None, whole_number(0, 10_000)),

@@ -693,3 +693,27 @@ def test_a_new_event_source_resumes_from_the_cursor_in_its_query(service, job_id
     assert service.refusal(f"{path}/events?last_event_id=nonsense", bearer(API_TOKEN)) == (
         400, "Last-Event-ID must be the id of an event this service sent"
     )  # fmt: skip
+
+
+def test_a_link_lives_as_long_as_its_backend_chose_up_to_the_maximum(make_app, job):
+    job()
+    client = make_app(WATCH_TOKEN_SECRET=SECRET, WATCH_TOKEN_MAX_SECONDS=7200).test_client()
+    path = "/queues/orders/jobs/1/events"
+    minted = client.post(f"{path}/token?seconds=7200", headers=bearer(API_TOKEN))
+    assert minted.status_code == 200
+    assert 7190 <= minted.json["expires"] - time.time() <= 7200
+    too_long = client.post(f"{path}/token?seconds=7201", headers=bearer(API_TOKEN))
+    assert (too_long.status_code, too_long.text) == (
+        400,
+        "seconds must be a whole number from 1 to 7200",
+    )
+    # Signed elsewhere: the same bound.
+    far = watch_token(SECRET, "orders", "1", int(time.time()) + 7300)
+    response = client.get(f"{path}?token={far}")
+    assert (response.status_code, response.text) == (
+        401,
+        "the watch token lives longer than WATCH_TOKEN_MAX_SECONDS=7200 allows",
+    )
+    response = client.get(f"{path}?token={minted.json['token']}", buffered=False)
+    assert response.status_code == 200
+    response.close()
