@@ -37,10 +37,11 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import quote
 
 import redis
 import yaml
@@ -79,8 +80,10 @@ health = Blueprint("health", __name__)
 docs = Blueprint("docs", __name__)
 
 PLAIN = {"Content-Type": "text/plain; charset=utf-8"}
-# Where watch_or_api_token_required leaves when a request's watch token expires.
-WATCH_TOKEN_EXPIRES = "bullmq_http.watch_token_expires"  # noqa: S105
+# Where watch_or_api_token_required leaves a request's watch token, and when it expires.
+WATCH_TOKEN = "bullmq_http.watch_token"  # noqa: S105
+# The cookie a watch page exchanges its link's token for (POST .../watch/session).
+WATCH_COOKIE = "bullmq_watch"
 
 # ------------------------------------------------------------------------- auth
 
@@ -124,18 +127,21 @@ def api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def watch_or_api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Let the request through with a watch token for the route's job (?token=, what a
-    browser's EventSource can send), or else an API token that may read its queue."""
+    """Let the request through with a watch token for the route's job, or else an API
+    token that may read its queue. A watch token comes as ?token= (what a browser's
+    EventSource can send), or in the cookie a watch page exchanged its link for."""
 
     @functools.wraps(view)
     def wrapper(**kwargs: Any) -> Any:
         token = request.args.get("token")
+        if token is None and "Authorization" not in request.headers:
+            token = request.cookies.get(WATCH_COOKIE)
         if token is None:
             check_api_token(kwargs.get("queue"))
         else:
             expires = check_watch_token(token, kwargs["queue"], kwargs["job_id"])
             request.environ[TOKEN_NAME] = "watch-token"  # for the access log
-            request.environ[WATCH_TOKEN_EXPIRES] = expires
+            request.environ[WATCH_TOKEN] = token, expires
         return view(**kwargs)
 
     return wrapper
@@ -246,14 +252,16 @@ def job_events(queue: str, job_id: str) -> Response:
         resume = parse_cursor(last_event_id)
         if resume is None:
             abort(400, "Last-Event-ID must be the id of an event this service sent")
-    # A stream opened with a watch token ends when the token expires.
-    expires = request.environ.get(WATCH_TOKEN_EXPIRES)
-    until = None if expires is None else time.monotonic() + (expires - time.time())
     parts = service()
-    if expires is None:
+    watch = request.environ.get(WATCH_TOKEN)
+    if watch is None:
+        until = None
         give_back = parts.stream_limits.take("api", request.environ[TOKEN_NAME])
     else:
-        give_back = parts.stream_limits.take("watch", request.args["token"])
+        token, expires = watch
+        # A stream opened with a watch token ends when the token expires.
+        until = time.monotonic() + (expires - time.time())
+        give_back = parts.stream_limits.take("watch", token)
     try:
         state = parts.store.job_state(queue, job_id)
         events = event_stream(parts.store, parts.watcher, queue, job_id, state, tail, resume, until)
@@ -289,6 +297,57 @@ def allow_watching_pages(response: Response) -> Response:
             response.headers["Access-Control-Allow-Headers"] = "Last-Event-ID"
             response.headers["Access-Control-Max-Age"] = "600"
     return response
+
+
+@jobs.post("/queues/<queue>/jobs/<path:job_id>/watch/session")
+def start_watching(queue: str, job_id: str) -> Response:
+    """Exchange a watch token (the body: what a page took from its link's #token=) for
+    an HttpOnly cookie that opens this job's events and plain-text logs, for as long as
+    the token is valid, with no token in any URL the page asks for."""
+    no_query_parameters_but(())
+    token = request_body().decode("ascii", "replace").strip()
+    expires = check_watch_token(token, queue, job_id)
+    response = current_app.response_class(status=204)
+    response.set_cookie(
+        WATCH_COOKIE,
+        token,
+        max_age=max(1, int(expires - time.time())),
+        path=job_cookie_path(queue, job_id),
+        secure=request.is_secure,
+        httponly=True,
+        samesite="Strict",
+    )
+    return response
+
+
+TEXT_PAGE = 100  # lines read at once for logs.txt
+
+
+@jobs.get("/queues/<queue>/jobs/<path:job_id>/logs.txt")
+@watch_or_api_token_required
+def logs_as_text(queue: str, job_id: str) -> Response:
+    """Return all of a job's log lines as text, a line each, oldest first."""
+    no_query_parameters_but(("token",))
+    job_store = service().store
+    first = job_store.log_page(queue, job_id, 0, TEXT_PAGE)  # 404 for a missing job
+
+    def lines() -> Iterator[bytes]:
+        """The lines a page at a time, each page within MAX_PAGE_BYTES."""
+        page, start = first, 0
+        while page:
+            yield b"".join(line + b"\n" for line in page)
+            start += len(page)
+            try:
+                page = job_store.log_page(queue, job_id, start, TEXT_PAGE)
+            except LookupError:
+                return  # removed meanwhile: what was there is sent
+
+    filename = quote(f"{queue}-{job_id}.log", safe="")
+    return current_app.response_class(
+        lines(),
+        mimetype="text/plain",
+        headers={"Content-Disposition": f"attachment; filename*=UTF-8''{filename}"},
+    )
 
 
 @jobs.post("/queues/<queue>/jobs/<path:job_id>/events/token")
@@ -530,6 +589,18 @@ def log_line(body: bytes) -> str:
     if size > limit:
         abort(413, f"the log line is longer than {limit} bytes (MAX_LOG_LINE_BYTES)")
     return line
+
+
+def job_cookie_path(queue: str, job_id: str) -> str:
+    """Return the path a job's watch cookie is sent for: the job's routes as the client
+    wrote them (behind a proxy, under its prefix), so that its browser sends it back."""
+    raw = request.environ.get("RAW_URI")  # gunicorn's: the path as the client sent it
+    if raw:
+        base = raw.partition("?")[0].removesuffix("watch/session")
+    else:
+        base = f"/queues/{quote(queue, safe='')}/jobs/{quote(job_id, safe='')}/"
+    # Nothing that could end the cookie's path and start another attribute.
+    return request.script_root + quote(base, safe="/%!$&'()*+=:@~")
 
 
 def json_answer(value: Any) -> Response:

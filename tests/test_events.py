@@ -717,3 +717,78 @@ def test_a_link_lives_as_long_as_its_backend_chose_up_to_the_maximum(make_app, j
     response = client.get(f"{path}?token={minted.json['token']}", buffered=False)
     assert response.status_code == 200
     response.close()
+
+
+def test_a_page_exchanges_its_link_for_a_cookie_that_opens_its_job_only(make_app, job, r):
+    job()
+    job(job_id="2")
+    r.rpush("bull:orders:1:logs", "first", "second <b>")
+    client = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()
+    expires = int(time.time()) + 600
+    token = watch_token(SECRET, "orders", "1", expires)
+    response = client.post("/queues/orders/jobs/1/watch/session", data=token)
+    assert response.status_code == 204
+    cookie = response.headers["Set-Cookie"]
+    assert cookie.startswith(f"bullmq_watch={token}; ")
+    attributes = {part.strip().split("=")[0] for part in cookie.split(";")[1:]}
+    assert {"Max-Age", "Path", "HttpOnly", "SameSite"} <= attributes
+    assert "Path=/queues/orders/jobs/1/" in cookie and "SameSite=Strict" in cookie
+    # The cookie opens this job's events and its lines as text, with no token in the URL.
+    stream = client.get("/queues/orders/jobs/1/events", buffered=False)
+    assert stream.status_code == 200
+    stream.close()
+    text = client.get("/queues/orders/jobs/1/logs.txt")
+    assert (text.status_code, text.mimetype, text.data) == (
+        200, "text/plain", b"first\nsecond <b>\n"
+    )  # fmt: skip
+    assert text.headers["Content-Disposition"] == "attachment; filename*=UTF-8''orders-1.log"
+    # Another job's routes: the browser does not send it there, and it opens nothing.
+    assert client.get("/queues/orders/jobs/2/events").status_code == 401
+    client.set_cookie("bullmq_watch", token, path="/queues/orders/jobs/2/")
+    refused = client.get("/queues/orders/jobs/2/logs.txt")
+    assert (refused.status_code, refused.text) == (401, "the watch token is not valid for this job")
+    # Nor an API route: reading a page of logs takes an API token.
+    assert client.get("/queues/orders/jobs/1/logs").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"", "the watch token is not valid for this job"),
+        (b"12.abc", "the watch token is not valid for this job"),
+    ],
+)
+def test_a_page_with_a_bad_link_gets_no_cookie(make_app, job, body, message):
+    job()
+    client = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()
+    response = client.post("/queues/orders/jobs/1/watch/session", data=body)
+    assert (response.status_code, response.text) == (401, message)
+    assert "Set-Cookie" not in response.headers
+
+
+def test_logs_as_text_pages_through_every_line(make_app, job, r):
+    job()
+    lines = [f"line {n} " + "x" * 1000 for n in range(1000)]
+    r.rpush("bull:orders:1:logs", *lines)
+    client = make_app(MAX_PAGE_BYTES=50_000).test_client()
+    response = client.get("/queues/orders/jobs/1/logs.txt", headers=bearer(API_TOKEN))
+    assert response.status_code == 200
+    assert response.text == "".join(f"{line}\n" for line in lines)
+    missing = client.get("/queues/orders/jobs/9/logs.txt", headers=bearer(API_TOKEN))
+    assert (missing.status_code, missing.text) == (404, "job '9' not found in queue 'orders'")
+
+
+def test_the_cookie_path_is_the_jobs_path_as_the_client_wrote_it(service, job_id):
+    """Under gunicorn the path is the one the browser asked for, which it matches the
+    cookie against: escapes as it wrote them."""
+    add_active_job(service.data, "orders", f"{job_id}/a b", JOB_TOKEN)
+    token = watch_token(SECRET, "orders", f"{job_id}/a b", int(time.time()) + 60)
+    conn = service.server.connect()
+    try:
+        conn.request("POST", f"/queues/orders/jobs/{job_id}%2Fa%20b/watch/session", token)
+        response = conn.getresponse()
+        response.read()
+    finally:
+        conn.close()
+    assert response.status == 204
+    assert f"Path=/queues/orders/jobs/{job_id}%2Fa%20b/;" in response.getheader("Set-Cookie")
