@@ -23,9 +23,9 @@ merely idle clients can hold every connection a worker has. This one adds:
   a read would block: one connection could be served again and again while the others
   wait for hundreds of milliseconds (bench/results.md: p99 at 32 connections).
 - gunicorn's own answers to malformed requests in plain text, like the service's.
-- On SIGTERM, idle connections close at once, and open streams of events end within a
-  second (those whose clients stopped reading included) instead of holding the
-  graceful stop.
+- On SIGTERM, connections idle for a second close (the others once they have been, or
+  once their request is answered), and open streams of events end within a second
+  (those whose clients stopped reading included) instead of holding the graceful stop.
 
 For every worker class, BodyReader hands the app a body gunicorn cannot parse (a
 malformed chunk) as a ValueError, and closes the connection after the answer.
@@ -280,10 +280,20 @@ class DeadlineWorker(GeventWorker):
         # whole timeout: close the idle ones, and end the streams now; their clients
         # resume elsewhere with Last-Event-ID.
         super().handle_exit(sig, frame)
-        for client in list(self.idle):
-            client.close_idle()
+        self.close_idle_for_stop()
         streams.stop_all()
         gevent.spawn_later(STREAMS_STOP_SECONDS, self.cut_streams)
+
+    def close_idle_for_stop(self) -> None:
+        """Close the connections idle for a second or more; look again a second later
+        for the others, while any are left: a request may be on its way on a fresh one
+        (a worker goes on accepting for up to a second after it is told to stop)."""
+        enough = time.monotonic() - IDLE_ENOUGH_SECONDS
+        for client, since in list(self.idle.items()):
+            if since <= enough:
+                client.close_idle()
+        if self.idle:
+            gevent.spawn_later(IDLE_ENOUGH_SECONDS, self.close_idle_for_stop)
 
     def cut_streams(self) -> None:
         """Close the connections of the streams still open: their clients stopped
