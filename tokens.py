@@ -15,7 +15,9 @@ token, which reads every queue (the older format), or three fields:
 Tokens are looked up by their SHA-256 digest, so a request costs the same with one
 token or a thousand, and nothing about the secret shows in how long a lookup takes.
 The file is checked for changes at most once a second, on a request, and a changed one
-is read in a thread of its own while requests go on with the set in force. A file that
+is read in a thread of its own while requests go on with the set in force; the
+request that noticed waits up to 50 ms for it, so that a small file's change applies
+to that request already. A file that
 cannot be read or parsed leaves the last good set in force; so does an empty file, or
 one whose last line has no newline: a file caught while it is being written.
 """
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 
 # How often, at most, a process looks at the token file for a change.
 CHECK_SECONDS = 1.0
+# How long the request that notices a change waits for the file to be read: a file of
+# a few thousand lines is read by then, and the request is judged by the new set.
+READ_WAIT_SECONDS = 0.05
 
 HASHED = re.compile(r"sha256:([0-9a-fA-F]{64})")
 
@@ -201,6 +206,11 @@ class ApiTokens:
         if signature(status) != self.seen and not self.reading:
             self.reading = True
             start_thread(self.refresh, ())
+            # The request that noticed waits a moment, so that a token rotated out is
+            # refused at once: sleeping, which under gevent lets other requests run.
+            deadline = time.monotonic() + READ_WAIT_SECONDS
+            while self.reading and time.monotonic() < deadline:
+                time.sleep(0.002)
 
     def refresh(self) -> None:
         """Load the file again; keep the last good set if it is bad."""
