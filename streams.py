@@ -462,13 +462,14 @@ class StreamLimits:
                 raise TooManyStreams(kind, self.per_kind[kind])
             self.open += 1
             self.held[key] = held + 1
-        given_back = threading.Event()
+        given_back = False
 
         def give_back() -> None:
-            if given_back.is_set():
-                return
-            given_back.set()
+            nonlocal given_back
             with self.lock:
+                if given_back:
+                    return
+                given_back = True
                 self.open -= 1
                 self.held[key] -= 1
                 if not self.held[key]:
@@ -649,7 +650,7 @@ def follow(
             except queue.Empty:
                 if time.monotonic() - beat >= HEARTBEAT_SECONDS:
                     beat = time.monotonic()
-                    yield b": keep-alive\n\n"
+                    yield comment("keep-alive")
                 continue
         if event.kind == "removed":
             data = json.dumps({"jobId": subscription.job_id})
