@@ -15,7 +15,10 @@ Dashboards and operators read, authorized by an API token that may read the queu
                                                   a watch token (?token=, or cookie)
     GET  /queues/<queue>/jobs/<job_id>/logs.txt   every line as text; a watch token too
     POST /queues/<queue>/jobs/<job_id>/events/token   mint a watch token for a browser
-    POST /queues/<queue>/jobs/<job_id>/watch/session  trade a watch token for a cookie
+    GET  /queues/<queue>/jobs/<job_id>/watch      a page that shows the job live, for
+                                                  a link's #token= (templates/, static/)
+    POST /queues/<queue>/jobs/<job_id>/watch/session  trade a watch token for a cookie;
+                                                  GET: the job's name and state
 
 and probes and tools ask, with no token: GET /healthz, GET /readyz, GET /openapi.json,
 and GET /metrics (Prometheus; every gunicorn worker's figures added up).
@@ -33,35 +36,43 @@ it), logs.py (the access log) and metrics.py.
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 import logging
-import math
 import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import quote
 
 import redis
 import yaml
-from flask import Blueprint, Flask, Response, abort, current_app, request
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    abort,
+    current_app,
+    render_template,
+    request,
+    send_from_directory,
+)
 from werkzeug.exceptions import HTTPException, Unauthorized
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wrappers import Response as BaseResponse
 
+import js_json
 import metrics
-from js_json import stringify
 from logs import TOKEN_NAME, AccessLog, loggable
-from redis_link import redis_client, watcher_client
+from redis_link import UNAVAILABLE, error_hint, redis_client, watcher_client
 from settings import (
     DEFAULTS,
     api_tokens,
     check_settings,
     default_max_streams,
+    read_secret_files,
     settings_from_env,
     whole_number,
 )
@@ -75,7 +86,7 @@ from streams import (
     parse_cursor,
     text,
 )
-from tokens import ApiTokens, watch_token
+from tokens import ApiTokens, BadWatchToken, watch_token, watch_token_expires
 
 log = logging.getLogger(__name__)
 
@@ -171,19 +182,11 @@ def check_watch_token(token: str, queue: str, job_id: str) -> int:
     secret = current_app.config["WATCH_TOKEN_SECRET"]
     if not secret:
         abort(401, "watch tokens are off on this server (WATCH_TOKEN_SECRET)")
-    expires, _, _ = token.partition(".")
-    if not (token.isascii() and expires.isdigit() and len(expires) <= 12):
-        abort(401, "the watch token is not valid for this job")
-    expected = watch_token(secret, queue, job_id, int(expires))
-    if not hmac.compare_digest(token.encode(), expected.encode()):
-        abort(401, "the watch token is not valid for this job")
-    now = time.time()
-    if int(expires) <= now:
-        abort(401, "the watch token has expired: ask for a new one")
     longest = current_app.config["WATCH_TOKEN_MAX_SECONDS"]
-    if int(expires) > now + longest:
-        abort(401, f"the watch token lives longer than WATCH_TOKEN_MAX_SECONDS={longest} allows")
-    return int(expires)
+    try:
+        return watch_token_expires(secret, token, queue, job_id, longest)
+    except BadWatchToken as error:
+        abort(401, str(error))
 
 
 # ------------------------------------------------------------------------ views
@@ -303,15 +306,52 @@ def allow_watching_pages(response: Response) -> Response:
     return response
 
 
+@jobs.get("/queues/<queue>/jobs/<path:job_id>/watch")
+def watch_page(queue: str, job_id: str) -> Response:
+    """Serve the page that shows one job live to whoever holds its watch link
+    (`watch#token=...`). It holds no job data: its script reads the job with the
+    link's token, which stays in the URL's fragment, out of every server's log."""
+    no_query_parameters_but(())
+    response = current_app.response_class(
+        render_template("watch.html", queue=queue, job_id=job_id), mimetype="text/html"
+    )
+    ancestors = " ".join(sorted(current_app.config["WATCH_FRAME_ANCESTORS"])) or "'none'"
+    response.headers.update(
+        {
+            "Content-Security-Policy": "default-src 'none'; script-src 'self'; "
+            "style-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
+            f"form-action 'none'; frame-ancestors {ancestors}",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+        }
+    )
+    return response
+
+
+# The page's own files, beside it: found from any proxy's prefix, with no setting.
+PAGE_FILES = Path(__file__).with_name("static")
+
+
+@jobs.get("/queues/<queue>/jobs/<path:job_id>/<any('watch.css', 'watch.js'):name>")
+def watch_page_file(queue: str, job_id: str, name: str) -> Response:
+    """Serve the watch page's style or script; the same for every job."""
+    no_query_parameters_but(())
+    response = send_from_directory(PAGE_FILES, name, max_age=300)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
 @jobs.post("/queues/<queue>/jobs/<path:job_id>/watch/session")
 def start_watching(queue: str, job_id: str) -> Response:
     """Exchange a watch token (the body: what a page took from its link's #token=) for
     an HttpOnly cookie that opens this job's events and plain-text logs, for as long as
-    the token is valid, with no token in any URL the page asks for."""
+    the token is valid, with no token in any URL the page asks for; answer what
+    watched_job does."""
     no_query_parameters_but(())
     token = request_body().decode("ascii", "replace").strip()
     expires = check_watch_token(token, queue, job_id)
-    response = current_app.response_class(status=204)
+    response = job_summary(queue, job_id, expires)
     response.set_cookie(
         WATCH_COOKIE,
         token,
@@ -322,6 +362,23 @@ def start_watching(queue: str, job_id: str) -> Response:
         samesite="Strict",
     )
     return response
+
+
+@jobs.get("/queues/<queue>/jobs/<path:job_id>/watch/session")
+@watch_or_api_token_required
+def watched_job(queue: str, job_id: str) -> Response:
+    """Return the job a page watches: its name and state, and when its watch token
+    expires (null for an API token)."""
+    no_query_parameters_but(("token",))
+    watch = request.environ.get(WATCH_TOKEN)
+    return job_summary(queue, job_id, None if watch is None else watch[1])
+
+
+def job_summary(queue: str, job_id: str, expires: int | None) -> Response:
+    """Answer a job's queue, id, name and state, and when a watch token expires."""
+    state = service().store.job_state(queue, job_id)
+    summary = {"queue": queue, "id": job_id, "name": state.name, "state": state.status}
+    return json_answer({**summary, "expires": expires})
 
 
 TEXT_PAGE = 100  # lines read at once for logs.txt
@@ -411,7 +468,7 @@ def openapi() -> Response:
 # start stops at JavaScript's largest safe integer: BullMQ's clients cannot page past it.
 parse_start = whole_number(0, 2**53 - 1)
 parse_length = whole_number(1, 100)
-parse_tail = whole_number(0, 100)
+parse_tail = whole_number(0, 1000)
 
 
 def no_query_parameters_but(known: tuple[str, ...]) -> None:
@@ -434,18 +491,6 @@ def query_number(name: str, default: int, parse: Callable[[str], int]) -> int:
         return parse(value)
     except ValueError as error:
         abort(400, f"{name} {error}")
-
-
-def _not_json(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_number(text: str) -> float:
-    # JSON.parse reads every number as a double, integers too.
-    number = float(text)
-    if not math.isfinite(number):
-        raise ValueError(f"the number {text[:40]}{'...' if len(text) > 40 else ''} is too large")
-    return number
 
 
 def request_body() -> bytes:
@@ -483,22 +528,9 @@ def request_body() -> bytes:
 def parse_json(body: bytes, what: str) -> Any:
     """Parse a body as one JSON value, or stop with a 400 that says what is wrong."""
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        abort(400, f"{what} is not valid UTF-8")
-    try:
-        return json.loads(
-            text, parse_constant=_not_json, parse_float=_finite_number, parse_int=_finite_number
-        )
+        return js_json.parse(body)
     except ValueError as error:
-        abort(400, f"{what} must be valid JSON ({error})")
-    except RecursionError:
-        too_deep(what)
-
-
-def too_deep(what: str) -> NoReturn:
-    """Stop with a 400 for JSON nested deeper than Python's recursion takes."""
-    abort(400, f"{what} is nested too deeply to be read as JSON")
+        abort(400, f"{what} {error}")
 
 
 def progress_json(body: bytes) -> bytes:
@@ -508,9 +540,9 @@ def progress_json(body: bytes) -> bytes:
     if len(body) > limit:  # refused before the cost of parsing it
         abort(413, too_large)
     try:
-        written = stringify(parse_json(body, "the progress"))
+        written = js_json.stringify(parse_json(body, "the progress"))
     except RecursionError:  # read, but too deep to write again
-        too_deep("the progress")
+        abort(400, f"the progress {js_json.TOO_DEEP}")
     # A lone surrogate cannot be UTF-8; JSON.stringify writes it as an escape, as here.
     stored = written.encode("utf-8", "backslashreplace")
     if len(stored) > limit:  # a number such as 1e20 is longer written out
@@ -658,32 +690,6 @@ def too_many_streams(error: TooManyStreams) -> Response:
     return Response(message, 503, {"Retry-After": str(RETRY_MS // 1000), **PLAIN})
 
 
-# Redis trouble answers 503: the caller may retry, and the pool reconnects by itself.
-REDIS_UNAVAILABLE = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.OutOfMemoryError,
-    # The Redis user may not run a command, or touch a key: its ACL is short of what
-    # the service needs (deploy/redis-acl.conf).
-    redis.exceptions.NoPermissionError,
-    # A cluster that is failing over, resharding, or missing a slot's master.
-    redis.exceptions.ClusterError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.RedisClusterException,
-)
-
-
-# What to fix, where the error is the settings' or the Redis user's, not an outage.
-REDIS_ERROR_HINTS = (
-    (redis.exceptions.AuthenticationError, " (check REDIS_USERNAME and REDIS_PASSWORD)"),
-    (
-        redis.exceptions.NoPermissionError,
-        " (grant the Redis user what deploy/redis-acl.conf grants)",
-    ),
-)
-
-
 def redis_unavailable(error: redis.exceptions.RedisError) -> Response:
     """Answer 503 while Redis cannot be reached; the pool reconnects by itself."""
     metrics.REDIS_ERRORS.labels(type(error).__name__).inc()
@@ -694,7 +700,7 @@ def redis_unavailable(error: redis.exceptions.RedisError) -> Response:
         loggable(request.environ.get(TOKEN_NAME, "-")),
         request.environ.get("HTTP_X_REQUEST_ID", "-"),
         error,
-        next((hint for kind, hint in REDIS_ERROR_HINTS if isinstance(error, kind)), ""),
+        error_hint(error),
     )
     return Response(
         "Redis is unavailable; retry shortly",
@@ -717,12 +723,13 @@ def note_route(endpoint: str | None, values: dict[str, Any] | None) -> None:
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the service: defaults, then environment variables, then `config`."""
-    app = Flask(__name__, static_folder=None)
+    app = Flask(__name__, static_folder=None)  # the watch page: templates/, static/
     app.config.update(DEFAULTS)
     app.config.update(settings_from_env(os.environ))
     app.config.update(config or {})
     if app.config["MAX_STREAMS"] is None:
         app.config["MAX_STREAMS"] = default_max_streams(app.config)
+    read_secret_files(app.config)
     check_settings(app.config)
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY_BYTES"]
     tokens = api_tokens(app.config)
@@ -768,7 +775,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_error_handler(CrossSlot, cross_slot)
     app.register_error_handler(NotBullmqLayout, not_bullmq_layout)
     app.register_error_handler(TooManyStreams, too_many_streams)
-    for error in REDIS_UNAVAILABLE:
+    for error in UNAVAILABLE:
         app.register_error_handler(error, redis_unavailable)
 
     hops = app.config["TRUSTED_PROXIES"]

@@ -5,7 +5,8 @@ loopback, REDIS_SERVER choosing the binary, serving TLS when given TlsFiles; Gun
 serves the app with its production config; add_active_job lays out a job as a BullMQ
 worker holds it; wait_until is the one way to wait for any of them. `python dev.py`
 (what `make run` runs) serves the app under gunicorn, without REDIS_URL with a
-throwaway Redis server holding a demo job, and prints curl lines to try.
+throwaway Redis server holding a demo job, and prints curl lines to try;
+`python dev.py screenshot FILE` (`make screenshot`) draws the watch page into FILE.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from redis.crc import key_slot
 
 from settings import SETTINGS
 from streams import RETRY_MS
+from tokens import watch_token
 
 # What gunicorn.conf.py and gunicorn itself read from the environment, beside the
 # settings of settings.SETTINGS.
@@ -636,6 +638,11 @@ def seed_demo_job(url: str) -> tuple[str, str, str]:
     return queue, job_id, token
 
 
+def watch_link_token(env: Mapping[str, str], queue: str, job_id: str) -> str:
+    """Return a watch token of the job for an hour, signed as a backend signs one."""
+    return watch_token(env["WATCH_TOKEN_SECRET"], queue, job_id, int(time.time()) + 3600)
+
+
 class Stop(Exception):
     """A signal that stops `make run`: SIGTERM or SIGHUP (SIGINT is KeyboardInterrupt)."""
 
@@ -650,6 +657,7 @@ def throwaway_redis(env: dict[str, str]) -> RedisServer:
     server = RedisServer().start()
     env["REDIS_URL"] = server.url
     env.setdefault("AUTH_TOKENS", secrets.token_urlsafe(24))
+    env.setdefault("WATCH_TOKEN_SECRET", secrets.token_urlsafe(32))
     queue, job_id, job_token = seed_demo_job(server.url)
     base, curl = address()
     api = env["AUTH_TOKENS"].split(",")[0]
@@ -667,6 +675,8 @@ def throwaway_redis(env: dict[str, str]) -> RedisServer:
         f"  curl {curl}{job_auth} -d 42 {job_url}/progress\n"
         f"  curl {curl}{job_auth} -d 'hello' {job_url}/logs\n"
         f"  curl {curl}{api_auth} '{job_url}/logs?start=0&length=10'\n"
+        f"And watch the job in a browser, for an hour:\n"
+        f"  {job_url}/watch#token={watch_link_token(env, queue, job_id)}\n"
         f"Ctrl-C stops both.",
         flush=True,
     )
@@ -698,5 +708,55 @@ def main() -> int:
             shutil.rmtree(server.directory, ignore_errors=True)
 
 
+def screenshot(path: Path) -> None:
+    """Draw the watch page of a demo job, part way through, into a PNG file: the
+    README's picture. Chromium is Debian's, driven by Playwright."""
+    from playwright.sync_api import sync_playwright  # a development dependency
+
+    directory = Path(tempfile.mkdtemp(prefix="bullmq-http-screenshot-"))
+    secret = secrets.token_urlsafe(32)
+    with RedisServer(directory / "redis") as redis_server:
+        queue, job_id, _ = seed_demo_job(redis_server.url)
+        with redis.Redis.from_url(redis_server.url) as r:
+            key = f"bull:{queue}:{job_id}"
+            r.hset(key, "name", "resize-images")
+            r.hset(key, "progress", json.dumps({"current": 7, "total": 12, "message": "resizing"}))
+            r.rpush(f"{key}:logs", *DEMO_LINES)
+        env = {"REDIS_URL": redis_server.url, "WATCH_TOKEN_SECRET": secret, "WEB_CONCURRENCY": "1"}
+        with Gunicorn(directory, env, bind=f"127.0.0.1:{free_port()}") as server:
+            link = f"http://{server.bind}/queues/{queue}/jobs/{job_id}/watch#token="
+            link += watch_link_token(env, queue, job_id)
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(
+                    executable_path=shutil.which("chromium") or "chromium",
+                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+                )
+                page = browser.new_page(viewport={"width": 960, "height": 640})
+                page.goto(link)
+                page.wait_for_selector("#connection[data-state=live]")
+                page.wait_for_selector(f"#L{len(DEMO_LINES) - 1}")
+                page.screenshot(path=str(path))
+                browser.close()
+    shutil.rmtree(directory, ignore_errors=True)
+    print(f"wrote {path}")
+
+
+DEMO_LINES = [
+    "info: fetched 12 images from s3://uploads/2026-12-01/",
+    "resizing beach.jpg to 1600x1200",
+    "resizing dunes.jpg to 1600x1200",
+    "warn: harbour.jpg has no EXIF orientation; assuming landscape",
+    "resizing harbour.jpg to 1600x1200",
+    "resizing lighthouse.jpg to 1600x1200",
+    "resizing market.jpg to 1600x1200",
+    "error: pier.jpg is truncated (read 812 KiB of 2.1 MiB); retrying once",
+    "resizing pier.jpg to 1600x1200",
+    "info: 7 of 12 done",
+]
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["screenshot"] and len(sys.argv) == 3:
+        screenshot(Path(sys.argv[2]))
+        sys.exit(0)
     sys.exit(main())

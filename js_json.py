@@ -1,11 +1,43 @@
-"""JSON written exactly as JavaScript's JSON.stringify writes it, so that what the
-service stores is byte for byte what BullMQ's Node library would have stored.
+"""JSON read as JavaScript's JSON.parse reads it, and written exactly as its
+JSON.stringify writes it, so that what the service stores is byte for byte what
+BullMQ's Node library would have stored.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import math
+from typing import Any, NoReturn
+
+TOO_DEEP = "is nested too deeply to be read as JSON"
+
+
+def parse(body: bytes) -> Any:
+    """Parse bytes as one JSON value as JSON.parse does: every number a double, and
+    only finite ones; raise ValueError saying what is wrong ("... must be valid JSON")."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("is not valid UTF-8") from None
+    try:
+        return json.loads(
+            text, parse_constant=_not_json, parse_float=_finite_number, parse_int=_finite_number
+        )
+    except RecursionError:
+        raise ValueError(TOO_DEEP) from None
+    except ValueError as error:
+        raise ValueError(f"must be valid JSON ({error})") from None
+
+
+def _not_json(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_number(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"the number {text[:40]}{'...' if len(text) > 40 else ''} is too large")
+    return number
 
 
 def stringify(value: Any) -> str:

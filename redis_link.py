@@ -3,6 +3,8 @@ where the settings say so.
 
 redis_client makes the connections every request shares (a bounded pool, waiting for a
 free connection up to REDIS_TIMEOUT); watcher_client the job watcher's own one.
+UNAVAILABLE says which of redis-py's errors mean Redis cannot serve now (a request
+answers 503 and may be retried), and error_hint what to fix where that is a setting.
 """
 
 from __future__ import annotations
@@ -23,6 +25,35 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from settings import redis_tls
+
+# Redis trouble: the caller may retry, and the connections recover by themselves.
+UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    # The Redis user may not run a command, or touch a key: its ACL is short of what
+    # the service needs (deploy/redis-acl.conf).
+    redis.exceptions.NoPermissionError,
+    # A cluster that is failing over, resharding, or missing a slot's master.
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.RedisClusterException,
+)
+
+# What to fix, where the error is the settings' or the Redis user's, not an outage.
+ERROR_HINTS = (
+    (redis.exceptions.AuthenticationError, " (check REDIS_USERNAME and REDIS_PASSWORD)"),
+    (
+        redis.exceptions.NoPermissionError,
+        " (grant the Redis user what deploy/redis-acl.conf grants)",
+    ),
+)
+
+
+def error_hint(error: redis.exceptions.RedisError) -> str:
+    """Return what to fix for a Redis error the settings cause, or ""."""
+    return next((hint for kind, hint in ERROR_HINTS if isinstance(error, kind)), "")
 
 
 class RedisCommands(Protocol):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -157,6 +157,7 @@ SETTINGS: dict[str, Setting] = {
     "REDIS_PORT": Setting(6379, whole_number(1, 65535)),
     "REDIS_USERNAME": Setting(None, _text),
     "REDIS_PASSWORD": Setting(None, _text),
+    "REDIS_PASSWORD_FILE": Setting(None, _text),  # read by read_secret_files
     "REDIS_TLS": Setting(False, _flag),
     "REDIS_TLS_CA_FILE": Setting(None, _text),
     "REDIS_TLS_CERT_FILE": Setting(None, _text),
@@ -182,11 +183,14 @@ SETTINGS: dict[str, Setting] = {
     "TRUSTED_PROXIES": Setting(0, whole_number(0, 10)),
     "METRICS": Setting(True, _flag),
     "WATCH_TOKEN_SECRET": Setting(None, _text),
+    "WATCH_TOKEN_SECRET_FILE": Setting(None, _text),  # read by read_secret_files
     "WATCH_TOKEN_SECONDS": Setting(300, whole_number(1, 86_400)),
     # The longest a watch token may live, minted or signed elsewhere: a link in a
     # notification must outlast the job it watches.
     "WATCH_TOKEN_MAX_SECONDS": Setting(86_400, whole_number(1, 30 * 86_400)),
     "WATCH_ALLOWED_ORIGINS": Setting(frozenset(), _origins),
+    # The origins whose pages may show the watch page in a frame; none unless listed.
+    "WATCH_FRAME_ANCESTORS": Setting(frozenset(), _origins),
     # Unset, from the worker's room: see default_max_streams.
     "MAX_STREAMS": Setting(None, whole_number(0, 10_000)),
     "MAX_STREAMS_PER_TOKEN": Setting(100, whole_number(1, 10_000)),
@@ -249,6 +253,29 @@ def default_max_streams(config: Mapping[str, Any]) -> int:
     if config["WORKER_CLASS"] == "gthread":
         return config["THREADS"] // 2
     return 0
+
+
+# Secrets that may come from a file (a container's mounted secret) instead.
+SECRET_FILES = ("REDIS_PASSWORD", "WATCH_TOKEN_SECRET")
+
+
+def read_secret_files(config: MutableMapping[str, Any]) -> None:
+    """Set each secret whose <NAME>_FILE is set to the file's text, less its line end;
+    raise ConfigError for a file that cannot be read, an empty one, or both set."""
+    for name in SECRET_FILES:
+        path = config[f"{name}_FILE"]
+        if not path:
+            continue
+        if config[name]:
+            raise ConfigError(f"{name} and {name}_FILE are both set: choose one")
+        try:
+            with open(path, encoding="utf-8") as file:
+                secret = file.read().removesuffix("\n").removesuffix("\r")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{name}_FILE={path} cannot be read: {error}") from None
+        if not secret:
+            raise ConfigError(f"{name}_FILE={path} is empty")
+        config[name] = secret
 
 
 def check_settings(config: Mapping[str, Any]) -> None:

@@ -176,12 +176,14 @@ JOB_STATE = """
   KEYS[3] event stream     <prefix>:<queue>:events
   KEYS[4] completed jobs   <prefix>:<queue>:completed
   KEYS[5] failed jobs      <prefix>:<queue>:failed
+  KEYS[6] job lock         <prefix>:<queue>:<id>:lock
 
   ARGV[1] job id
 
   Returns {progress or "", 1 if progress was set else 0, "completed", "failed" or "",
            the return value or the failed reason, how many log lines the job has,
-           the newest id in the event stream, the oldest} ("0-0" for none)
+           the newest id in the event stream, the oldest ("0-0" for none),
+           the job's name, 1 if a worker holds its lock else 0}
           -2 no such job
 ]]
 if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
@@ -195,7 +197,8 @@ end
 local newest = redis.call("XREVRANGE", KEYS[3], "+", "-", "COUNT", 1)[1]
 local oldest = redis.call("XRANGE", KEYS[3], "-", "+", "COUNT", 1)[1]
 return {progress or "", progress and 1 or 0, finished, outcome,
-        redis.call("LLEN", KEYS[2]), newest and newest[1] or "0-0", oldest and oldest[1] or "0-0"}
+        redis.call("LLEN", KEYS[2]), newest and newest[1] or "0-0", oldest and oldest[1] or "0-0",
+        redis.call("HGET", KEYS[1], "name") or "", redis.call("EXISTS", KEYS[6])}
 """
 
 # Script return codes, turned into NotLockHolder, NoSuchJob and NotBullmqLayout in
@@ -328,9 +331,10 @@ class JobStore:
             self.key(queue, "events"),
             self.key(queue, "completed"),
             self.key(queue, "failed"),
+            self.key(queue, job_id, "lock"),
         )
-        progress, has_progress, finished, outcome, log_count, newest, oldest = self._run(
-            self.job_state_script, queue, job_id, keys, (job_id,)
+        progress, has_progress, finished, outcome, log_count, newest, oldest, name, locked = (
+            self._run(self.job_state_script, queue, job_id, keys, (job_id,))
         )
         return JobState(
             progress=text(progress) if has_progress else None,
@@ -339,6 +343,8 @@ class JobStore:
             log_count=log_count,
             stream_top=stream_id(newest),
             stream_first=stream_id(oldest),
+            name=text(name),
+            locked=bool(locked),
         )
 
     def events_after(

@@ -107,6 +107,13 @@ class JobState:
     log_count: int
     stream_top: StreamId  # the newest id in the queue's event stream
     stream_first: StreamId  # the oldest still there
+    name: str  # the job's name
+    locked: bool  # whether a worker holds the job (BullMQ's lock)
+
+    @property
+    def status(self) -> str:
+        """Return "completed", "failed", "active" (a worker holds it) or "waiting"."""
+        return self.finished or ("active" if self.locked else "waiting")
 
 
 class JobReader(Protocol):

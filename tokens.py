@@ -250,3 +250,26 @@ def watch_token(secret: str, queue: str, job_id: str, expires: int) -> str:
     )
     signature = hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
     return f"{expires}.{signature}"
+
+
+class BadWatchToken(ValueError):
+    """A watch token that does not open a job's events now; its message says why."""
+
+
+def watch_token_expires(secret: str, token: str, queue: str, job_id: str, longest: int) -> int:
+    """Return when a watch token of this job expires (Unix time), or raise BadWatchToken
+    unless it is one, unexpired, and lives no longer than `longest` seconds from now."""
+    expires, _, _ = token.partition(".")
+    if not (token.isascii() and expires.isdigit() and len(expires) <= 12):
+        raise BadWatchToken("the watch token is not valid for this job")
+    expected = watch_token(secret, queue, job_id, int(expires))
+    if not hmac.compare_digest(token.encode(), expected.encode()):
+        raise BadWatchToken("the watch token is not valid for this job")
+    now = time.time()
+    if int(expires) <= now:
+        raise BadWatchToken("the watch token has expired: ask for a new one")
+    if int(expires) > now + longest:
+        raise BadWatchToken(
+            f"the watch token lives longer than WATCH_TOKEN_MAX_SECONDS={longest} allows"
+        )
+    return int(expires)

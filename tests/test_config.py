@@ -100,6 +100,41 @@ def test_an_unreadable_token_file_stops_the_factory(monkeypatch):
     assert "\n" not in str(raised.value)
 
 
+def test_secrets_come_from_mounted_files(tmp_path, monkeypatch):
+    (tmp_path / "watch").write_text("s3cret with spaces \n")
+    (tmp_path / "redis").write_text("pa55\r\n")
+    monkeypatch.setenv("WATCH_TOKEN_SECRET_FILE", str(tmp_path / "watch"))
+    monkeypatch.setenv("REDIS_PASSWORD_FILE", str(tmp_path / "redis"))
+    app = create_app()
+    assert app.config["WATCH_TOKEN_SECRET"] == "s3cret with spaces "
+    assert app.config["REDIS_PASSWORD"] == "pa55"
+
+
+@pytest.mark.parametrize(
+    ("content", "also", "message"),
+    [
+        (None, {}, "WATCH_TOKEN_SECRET_FILE={path} cannot be read: [Errno 2]"),
+        ("\n", {}, "WATCH_TOKEN_SECRET_FILE={path} is empty"),
+        (
+            "x",
+            {"WATCH_TOKEN_SECRET": "y"},
+            "WATCH_TOKEN_SECRET and WATCH_TOKEN_SECRET_FILE are both set",
+        ),
+    ],
+)
+def test_a_bad_secret_file_stops_the_factory(tmp_path, monkeypatch, content, also, message):
+    path = tmp_path / "secret"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv("WATCH_TOKEN_SECRET_FILE", str(path))
+    for name, value in also.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as raised:
+        create_app()
+    assert str(raised.value).startswith(message.format(path=path))
+    assert "\n" not in str(raised.value)
+
+
 def test_the_factory_reads_the_environment_and_overrides_win(monkeypatch):
     monkeypatch.setenv("QUEUE_PREFIX", "from-env")
     monkeypatch.setenv("MAX_BODY_BYTES", "100")

@@ -167,7 +167,7 @@ def test_a_stream_opens_with_the_progress_and_the_newest_lines(service, job_id):
 @pytest.mark.parametrize(
     ("query", "headers", "status", "message"),
     [
-        ("?tail=101", bearer(API_TOKEN), 400, "tail must be a whole number from 0 to 100"),
+        ("?tail=1001", bearer(API_TOKEN), 400, "tail must be a whole number from 0 to 1000"),
         ("?tial=1", bearer(API_TOKEN), 400,
          "unknown query parameter 'tial': use tail, token and last_event_id"),
         ("", {**bearer(API_TOKEN), "Last-Event-ID": "yesterday"}, 400,
@@ -727,7 +727,10 @@ def test_a_page_exchanges_its_link_for_a_cookie_that_opens_its_job_only(make_app
     expires = int(time.time()) + 600
     token = watch_token(SECRET, "orders", "1", expires)
     response = client.post("/queues/orders/jobs/1/watch/session", data=token)
-    assert response.status_code == 204
+    assert (response.status_code, response.json) == (
+        200,
+        {"queue": "orders", "id": "1", "name": "job", "state": "active", "expires": expires},
+    )
     cookie = response.headers["Set-Cookie"]
     assert cookie.startswith(f"bullmq_watch={token}; ")
     attributes = {part.strip().split("=")[0] for part in cookie.split(";")[1:]}
@@ -749,6 +752,71 @@ def test_a_page_exchanges_its_link_for_a_cookie_that_opens_its_job_only(make_app
     assert (refused.status_code, refused.text) == (401, "the watch token is not valid for this job")
     # Nor an API route: reading a page of logs takes an API token.
     assert client.get("/queues/orders/jobs/1/logs").status_code == 401
+
+
+def test_a_page_reads_its_jobs_name_and_state_by_its_cookie(make_app, job, r):
+    job(job_id="1", name="resize")
+    r.hset("bull:orders:2", "name", "queued")
+    job(job_id="3", name="done")
+    r.zadd("bull:orders:completed", {"3": 1})
+    r.hset("bull:orders:3", "returnvalue", "7")
+    client = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()
+    expires = int(time.time()) + 600
+    answers = {}
+    for job_id in ("1", "2", "3"):
+        token = watch_token(SECRET, "orders", job_id, expires)
+        assert (
+            client.post(f"/queues/orders/jobs/{job_id}/watch/session", data=token).status_code
+            == 200
+        )
+        response = client.get(f"/queues/orders/jobs/{job_id}/watch/session")
+        assert response.status_code == 200
+        answers[job_id] = (response.json["name"], response.json["state"], response.json["expires"])
+    # A worker holds 1 (its lock); 2 waits; 3 completed.
+    assert answers == {
+        "1": ("resize", "active", expires),
+        "2": ("queued", "waiting", expires),
+        "3": ("done", "completed", expires),
+    }
+    # An API token reads it too; no watch token, no expiry.
+    response = client.get("/queues/orders/jobs/1/watch/session", headers=bearer(API_TOKEN))
+    assert (response.status_code, response.json["expires"]) == (200, None)
+    # No credential: 401; a job that is not there: 404.
+    fresh = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()
+    assert fresh.get("/queues/orders/jobs/1/watch/session").status_code == 401
+    token = watch_token(SECRET, "orders", "9", expires)
+    missing = fresh.post("/queues/orders/jobs/9/watch/session", data=token)
+    assert (missing.status_code, missing.text) == (404, "job '9' not found in queue 'orders'")
+    assert "Set-Cookie" not in missing.headers
+
+
+def test_the_watch_page_is_served_with_strict_headers(make_app):
+    client = make_app().test_client()
+    response = client.get("/queues/orders/jobs/a%3Cb%3E%22x/watch")
+    assert (response.status_code, response.mimetype) == (200, "text/html")
+    policy = response.headers["Content-Security-Policy"]
+    assert "script-src 'self';" in policy and "'unsafe-inline'" not in policy
+    assert "connect-src 'self';" in policy and policy.endswith("frame-ancestors 'none'")
+    assert response.headers["Referrer-Policy"] == "no-referrer"
+    assert response.headers["Cache-Control"] == "no-store"
+    # The job id is text in the page, escaped; the page holds no job data.
+    assert "<title>orders / a&lt;b&gt;&#34;x</title>" in response.text
+    assert '<script src="watch.js" defer></script>' in response.text
+    for name, mimetype in (("watch.js", "text/javascript"), ("watch.css", "text/css")):
+        with client.get(f"/queues/orders/jobs/a%3Cb%3E%22x/{name}") as asset:
+            assert (asset.status_code, asset.mimetype) == (200, mimetype)
+            assert asset.data == (ROOT / "static" / name).read_bytes()
+            assert asset.headers["X-Content-Type-Options"] == "nosniff"
+    refused = client.get("/queues/orders/jobs/1/watch?token=1.x")
+    assert (refused.status_code, refused.text) == (
+        400,
+        "unknown query parameter 'token': this route takes none",
+    )
+    framed = make_app(
+        WATCH_FRAME_ANCESTORS=frozenset({"https://b.example", "https://a.example"})
+    ).test_client()
+    policy = framed.get("/queues/orders/jobs/1/watch").headers["Content-Security-Policy"]
+    assert policy.endswith("frame-ancestors https://a.example https://b.example")
 
 
 @pytest.mark.parametrize(
@@ -790,5 +858,5 @@ def test_the_cookie_path_is_the_jobs_path_as_the_client_wrote_it(service, job_id
         response.read()
     finally:
         conn.close()
-    assert response.status == 204
+    assert response.status == 200
     assert f"Path=/queues/orders/jobs/{job_id}%2Fa%20b/;" in response.getheader("Set-Cookie")

@@ -6,9 +6,7 @@ import http.client
 import json
 import os
 import re
-import shutil
 import signal
-import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,56 +19,13 @@ from dev import (
     Gunicorn,
     RedisServer,
     add_active_job,
-    answers,
-    dying_with_this_process,
     free_port,
     wait_until,
 )
-from tests.helpers import API_TOKEN, JOB_TOKEN, ROOT, bearer, unavailable
+from tests.helpers import API_TOKEN, JOB_TOKEN, bearer
+from tests.nginx_front import nginx_binary, start_nginx
 
-EXAMPLE = ROOT / "deploy" / "nginx.conf"
 APP_BODY_LIMIT = 1000  # below nginx's 1m, so that each of the two limits can be hit
-
-
-def site_config(socket: Path, port: int, directory: Path) -> str:
-    """Return the example config, pointed at this test's socket, port and directory."""
-    text = EXAMPLE.read_text()
-    for old, new in [
-        ("server unix:/run/bullmq-http/gunicorn.sock", f"server unix:{socket}"),
-        ("listen 80;", f"listen 127.0.0.1:{port};"),
-        ("/var/log/nginx/bullmq-http.log", str(directory / "access.log")),
-    ]:
-        assert text.count(old) == 1, f"deploy/nginx.conf no longer has {old!r}"
-        text = text.replace(old, new)
-    return text
-
-
-# What the example says to set in nginx.conf's main context.
-MAIN_CONTEXT = re.search(r"^#   (worker_shutdown_timeout \S+;)$", EXAMPLE.read_text(), re.M)
-
-
-def main_config(directory: Path) -> str:
-    """Return an nginx.conf that keeps everything in directory, sets what the example
-    says to set in the main context, and includes the site."""
-    assert MAIN_CONTEXT, "deploy/nginx.conf no longer says to set worker_shutdown_timeout"
-    temp = "\n".join(
-        f"    {kind}_temp_path {directory / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    # As root, nginx's workers would run as nobody, who cannot reach the test's socket.
-    user = "user root;" if os.geteuid() == 0 else ""
-    return f"""{user}
-{MAIN_CONTEXT[1]}
-worker_processes 1;
-pid {directory / "nginx.pid"};
-error_log {directory / "error.log"} warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-{temp}
-    include {directory / "site.conf"};
-}}
-"""
 
 
 @dataclass
@@ -104,12 +59,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def nginx() -> str:
-    found = shutil.which("nginx") or next(
-        (path for path in ("/usr/sbin/nginx",) if os.access(path, os.X_OK)), None
-    )
-    if found:
-        return found
-    unavailable("nginx is not installed (make test installs it where apt-get can)")
+    return nginx_binary()
 
 
 @pytest.fixture(scope="module", params=[1, 0], ids=["trusted", "untrusted"])
@@ -126,26 +76,9 @@ def stack(request, nginx, tmp_path_factory):
             "WEB_CONCURRENCY": "1",
         }
         with Gunicorn(directory, env) as server:
-            (directory / "site.conf").write_text(
-                site_config(Path(server.bind.removeprefix("unix:")), port, directory)
-            )
-            (directory / "nginx.conf").write_text(main_config(directory))
-            process = subprocess.Popen(
-                dying_with_this_process([nginx, "-p", str(directory), "-c",
-                                         str(directory / "nginx.conf"), "-g", "daemon off;"]),
-                stderr=subprocess.PIPE,
-            )  # fmt: skip
+            process = start_nginx(nginx, directory, Path(server.bind.removeprefix("unix:")), port)
             data = redis.Redis.from_url(redis_server.url, decode_responses=True)
             stack = Stack(port, redis_server, server, data, directory, process.pid)
-            wait_until(
-                lambda: (
-                    process.poll() is not None
-                    or answers(lambda: stack.request("GET", "/bullmq/healthz")[0] == 200, OSError)
-                ),
-                10,
-                "nginx to answer",
-            )
-            assert process.poll() is None, process.stderr.read().decode()
             try:
                 yield stack, bool(request.param)
             finally:

@@ -145,6 +145,9 @@ def test_a_watch_token_opened_in_many_tabs_holds_only_its_share(make_app, job, o
     # Another browser's token for the same job has its own share.
     other = watch_token(SECRET, "orders", "1", int(time.time()) + 299)
     assert opened(client, f"{EVENTS}?token={other}")[0] == 200
+    # A link exchanged for the page's cookie is the same token, and the same share.
+    assert client.post("/queues/orders/jobs/1/watch/session", data=token).status_code == 200
+    assert opened(client, EVENTS)[0] == 429
 
 
 def test_a_stream_opened_with_a_watch_token_ends_when_it_expires(make_app, job, opened):

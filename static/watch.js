@@ -1,0 +1,366 @@
+// The watch page: one job, live, from a link that carries a watch token.
+//
+// The link is <job>/watch#token=<token>. The fragment never reaches a server; this
+// script trades the token for an HttpOnly cookie scoped to the job's routes
+// (POST watch/session), takes it out of the address bar, and from then on the cookie
+// opens the job's events and its plain-text logs. A reload finds the cookie
+// (GET watch/session).
+//
+// The stream: a browser's EventSource reconnects by itself after a network error, but
+// closes for good on an answer that is not a stream (a proxy's 502 while the service
+// restarts, a 503). Then this script reconnects itself, with backoff, asking for what
+// it missed by the last event id (last_event_id=; a new EventSource cannot send the
+// Last-Event-ID header). A hidden tab closes its stream and resumes the same way when
+// shown again. Log lines are worker output: shown as text, never as HTML.
+"use strict";
+
+(() => {
+  const TAIL = 1000; // log lines a fresh page starts with; the download has them all
+  const MAX_DELAY_MS = 30000; // the longest wait between reconnects
+  const FINAL = ["completed", "failed", "removed"];
+  const LEVEL = /^(info|warn|error):/i;
+
+  // The job's routes as this browser addressed them: a proxy's prefix included.
+  const base = location.pathname.replace(/watch$/, "");
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    name: $("name"),
+    status: $("status"),
+    connection: $("connection"),
+    problem: $("problem"),
+    bar: $("bar"),
+    fill: $("bar").firstElementChild,
+    progressText: $("progress-text"),
+    raw: $("raw"),
+    rawJson: $("raw-json"),
+    announce: $("announce"),
+    outcome: $("outcome"),
+    outcomeTitle: $("outcome-title"),
+    outcomeBody: $("outcome-body"),
+    filter: $("filter"),
+    follow: $("follow"),
+    earlier: $("earlier"),
+    lines: $("lines"),
+    empty: $("empty"),
+  };
+  const title = document.title;
+
+  let source = null; // the open EventSource
+  let lastEventId = ""; // where the stream resumes
+  let ended = false; // the job finished, or the link no longer opens it
+  let failures = 0; // reconnects since the stream was last live
+  let retryTimer = 0;
+  let following = true; // keep the newest line in view
+  let pending = []; // lines that arrived since the last frame drew
+  let frame = 0;
+  let seenFirstLine = false;
+  let target = /^#L(\d+)$/.exec(location.hash)?.[1] ?? null; // a line to show on arrival
+  let filterText = "";
+
+  // ----------------------------------------------------------------- status
+
+  function setConnection(state) {
+    ui.connection.dataset.state = state;
+    ui.connection.textContent = state;
+  }
+
+  function setStatus(state) {
+    if (ui.status.dataset.state === state) return;
+    ui.status.dataset.state = state;
+    ui.status.textContent = state;
+    ui.announce.textContent = `Job ${state}`;
+  }
+
+  function showProblem(message) {
+    ui.problem.textContent = message;
+    ui.problem.hidden = !message;
+  }
+
+  // --------------------------------------------------------------- progress
+
+  // A percentage from the shapes workers report: 42, "42", {progress: 42},
+  // {percent: 42}, {current: 21, total: 50}; null for anything else.
+  function percentOf(value) {
+    const number = (v) =>
+      typeof v === "number" ? v : typeof v === "string" && v.trim() !== "" ? Number(v) : NaN;
+    let percent = number(value);
+    if (value !== null && typeof value === "object" && !Array.isArray(value)) {
+      percent = number(value.progress);
+      if (!Number.isFinite(percent)) percent = number(value.percent);
+      if (!Number.isFinite(percent) && number(value.total) > 0) {
+        percent = (number(value.current) / number(value.total)) * 100;
+      }
+    }
+    return Number.isFinite(percent) ? Math.min(100, Math.max(0, percent)) : null;
+  }
+
+  function messageOf(value) {
+    if (value === null || typeof value !== "object") return "";
+    const text = [value.message, value.status].find((v) => typeof v === "string");
+    return text ?? "";
+  }
+
+  function showProgress(value) {
+    const percent = percentOf(value);
+    const message = messageOf(value);
+    ui.bar.classList.toggle("indeterminate", percent === null);
+    if (percent === null) {
+      ui.bar.removeAttribute("aria-valuenow");
+      ui.fill.style.width = "";
+      ui.progressText.textContent = message || "Progress reported, not as a number:";
+    } else {
+      const shown = Math.floor(percent);
+      ui.bar.setAttribute("aria-valuenow", String(shown));
+      ui.fill.style.width = `${percent}%`;
+      ui.progressText.textContent = message ? `${shown}% · ${message}` : `${shown}%`;
+      document.title = `${shown}% · ${title}`;
+    }
+    ui.rawJson.textContent = JSON.stringify(value, null, 2);
+    ui.raw.hidden = false;
+    ui.raw.open = percent === null && !message;
+  }
+
+  // -------------------------------------------------------------- log lines
+
+  function lineElement(index, line) {
+    const item = document.createElement("li");
+    item.id = `L${index}`;
+    const level = LEVEL.exec(line);
+    if (level) item.className = level[1].toLowerCase();
+    const number = document.createElement("a");
+    number.className = "number";
+    number.href = `#L${index}`;
+    number.textContent = String(index);
+    const text = document.createElement("span");
+    text.className = "text";
+    text.textContent = line;
+    const copy = document.createElement("button");
+    copy.type = "button";
+    copy.className = "copy";
+    copy.textContent = "Copy";
+    copy.setAttribute("aria-label", `Copy line ${index}`);
+    item.append(number, text, copy);
+    item.hidden = !matches(line);
+    return item;
+  }
+
+  function addLine(index, line) {
+    if (!seenFirstLine) {
+      seenFirstLine = true;
+      if (index > 0) {
+        ui.earlier.textContent =
+          `${index} earlier ${index === 1 ? "line is" : "lines are"} not shown: ` +
+          "“Download all” has every line.";
+        ui.earlier.hidden = false;
+      }
+    }
+    pending.push({ index, line });
+    if (!frame) frame = requestAnimationFrame(draw);
+  }
+
+  // Lines are drawn once a frame, however fast they come.
+  function draw() {
+    frame = 0;
+    if (!pending.length) return;
+    const fragment = document.createDocumentFragment();
+    for (const { index, line } of pending) fragment.append(lineElement(index, line));
+    pending = [];
+    ui.lines.append(fragment);
+    ui.empty.hidden = true;
+    const wanted = target === null ? null : document.getElementById(`L${target}`);
+    if (wanted) {
+      target = null;
+      wanted.classList.add("target");
+      follow(false);
+      wanted.scrollIntoView({ block: "center" });
+    } else if (following) {
+      ui.lines.scrollTop = ui.lines.scrollHeight;
+    }
+  }
+
+  function follow(on) {
+    following = on;
+    ui.follow.setAttribute("aria-pressed", String(on));
+    ui.follow.textContent = on ? "Following" : "Follow";
+  }
+
+  function matches(line) {
+    return !filterText || line.toLowerCase().includes(filterText);
+  }
+
+  function applyFilter() {
+    filterText = ui.filter.value.trim().toLowerCase();
+    for (const row of ui.lines.children) {
+      row.hidden = !matches(row.querySelector(".text").textContent);
+    }
+  }
+
+  async function copyLine(button) {
+    const text = button.parentElement.querySelector(".text").textContent;
+    try {
+      await navigator.clipboard.writeText(text);
+      button.textContent = "Copied";
+    } catch {
+      // No clipboard here (an insecure origin): select the line for the reader to copy.
+      const range = document.createRange();
+      range.selectNodeContents(button.previousElementSibling);
+      getSelection().removeAllRanges();
+      getSelection().addRange(range);
+      button.textContent = "Selected";
+    }
+    setTimeout(() => (button.textContent = "Copy"), 1500);
+  }
+
+  // ------------------------------------------------------------------ the end
+
+  function finish(kind, data) {
+    ended = true;
+    closeStream();
+    setStatus(kind);
+    setConnection("ended");
+    ui.outcome.hidden = false;
+    ui.outcome.dataset.kind = kind;
+    if (kind === "completed") {
+      ui.outcomeTitle.textContent = "Completed. Return value:";
+      ui.outcomeBody.textContent = JSON.stringify(data.returnvalue, null, 2) ?? "undefined";
+    } else if (kind === "failed") {
+      ui.outcomeTitle.textContent = "Failed. Reason:";
+      ui.outcomeBody.textContent = data.failedReason || "(none given)";
+    } else {
+      ui.outcomeTitle.textContent = "The job was removed.";
+      ui.outcomeBody.hidden = true;
+    }
+  }
+
+  function giveUp(message, state) {
+    ended = true;
+    closeStream();
+    clearTimeout(retryTimer);
+    setConnection("ended");
+    if (state) setStatus(state);
+    showProblem(message);
+  }
+
+  // ----------------------------------------------------------------- the link
+
+  // Ask what the job is; with the link's token the first time, by cookie after.
+  async function session() {
+    const token = new URLSearchParams(location.hash.slice(1)).get("token");
+    const url = `${base}watch/session`;
+    let response;
+    try {
+      response = token
+        ? await fetch(url, { method: "POST", body: token, credentials: "same-origin" })
+        : await fetch(url, { credentials: "same-origin", cache: "no-store" });
+    } catch {
+      return later(session); // the service is out of reach: try again
+    }
+    if (token && response.status !== 502 && response.status !== 503) {
+      // The token is now the cookie's (or no good): out of the address bar and history.
+      history.replaceState(null, "", location.pathname + location.search);
+    }
+    if (response.status === 401) {
+      return giveUp(
+        token || !lastEventId
+          ? "This link is not valid, or has expired: ask for a new one."
+          : "The link has expired: ask for a new one to go on watching.",
+      );
+    }
+    if (response.status === 404) return giveUp("There is no such job.", "removed");
+    if (!response.ok) return later(session);
+    const job = await response.json();
+    ui.name.textContent = job.name;
+    setStatus(job.state);
+    showProblem("");
+    connect();
+  }
+
+  // ---------------------------------------------------------------- the stream
+
+  function connect() {
+    clearTimeout(retryTimer);
+    if (ended || source || document.hidden) return;
+    const query = lastEventId
+      ? `last_event_id=${encodeURIComponent(lastEventId)}`
+      : `tail=${TAIL}`;
+    source = new EventSource(`${base}events?${query}`);
+    setConnection(failures ? "reconnecting" : "connecting");
+    source.onopen = () => {
+      failures = 0;
+      setConnection("live");
+    };
+    source.addEventListener("progress", (event) => {
+      lastEventId = event.lastEventId || lastEventId;
+      if (ui.status.dataset.state === "waiting") setStatus("active");
+      showProgress(JSON.parse(event.data));
+    });
+    source.addEventListener("log", (event) => {
+      lastEventId = event.lastEventId || lastEventId;
+      const { index, line } = JSON.parse(event.data);
+      addLine(index, line);
+    });
+    for (const kind of FINAL) {
+      source.addEventListener(kind, (event) => {
+        lastEventId = event.lastEventId || lastEventId;
+        finish(kind, JSON.parse(event.data));
+      });
+    }
+    source.onerror = () => {
+      if (source.readyState === EventSource.CLOSED) {
+        // Not a stream (a 401, a proxy's 502, a 503): the browser gave up; we don't.
+        closeStream();
+        later(session);
+      } else {
+        setConnection("reconnecting"); // the browser retries, sending Last-Event-ID
+      }
+    };
+  }
+
+  function closeStream() {
+    if (source) {
+      source.close();
+      source = null;
+    }
+  }
+
+  // Try again after a delay that doubles, from 1 s up to MAX_DELAY_MS, with jitter.
+  function later(step) {
+    if (ended) return;
+    failures += 1;
+    setConnection("reconnecting");
+    const delay = Math.min(MAX_DELAY_MS, 1000 * 2 ** (failures - 1));
+    clearTimeout(retryTimer);
+    retryTimer = setTimeout(step, delay / 2 + Math.random() * (delay / 2));
+  }
+
+  document.addEventListener("visibilitychange", () => {
+    if (ended) return;
+    if (document.hidden) {
+      closeStream();
+      clearTimeout(retryTimer);
+      setConnection("paused");
+    } else if (!source) {
+      session(); // the link may have expired meanwhile
+    }
+  });
+
+  // ---------------------------------------------------------------- controls
+
+  ui.lines.addEventListener("scroll", () => {
+    const { scrollTop, scrollHeight, clientHeight } = ui.lines;
+    const atBottom = scrollHeight - scrollTop - clientHeight < 8;
+    if (atBottom !== following) follow(atBottom);
+  });
+  ui.follow.addEventListener("click", () => {
+    follow(true);
+    ui.lines.scrollTop = ui.lines.scrollHeight;
+  });
+  ui.filter.addEventListener("input", applyFilter);
+  ui.lines.addEventListener("click", (event) => {
+    const button = event.target.closest("button.copy");
+    if (button) copyLine(button);
+  });
+
+  if (document.hidden) setConnection("paused");
+  session();
+})();

@@ -1,0 +1,437 @@
+"""The watch page in a real browser: Debian's Chromium, driven by Playwright, against the
+service under gunicorn behind nginx with deploy/nginx.conf, on jobs of the real BullMQ
+library. Nothing here depends on which Redis server runs: `make test` runs it in its
+first pass only (the `once` mark)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from bullmq import Job, Queue, Worker
+from playwright.sync_api import sync_playwright
+
+from dev import Gunicorn, free_port, wait_until
+from tests.helpers import API_TOKEN, unavailable
+from tests.nginx_front import nginx_binary, start_nginx
+from tokens import watch_token
+
+pytestmark = pytest.mark.once
+
+SECRET = "the page tests' secret"
+# What Chromium needs to run headless here, as root, on a machine with no network.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SECONDS = 15.0  # the longest a page may take to show what happened
+
+
+def chromium_binary() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        unavailable("chromium is not installed (make test installs it where apt-get can)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_binary(), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Site:
+    """gunicorn on a unix socket with nginx in front, as the README deploys them."""
+
+    def __init__(self, directory: Path, redis_url: str) -> None:
+        self.port = 0
+        self.redis_url = redis_url
+        self.gunicorn = Gunicorn(
+            directory,
+            {
+                "REDIS_URL": redis_url,
+                "AUTH_TOKENS": API_TOKEN,
+                "WATCH_TOKEN_SECRET": SECRET,
+                # Shorter than any link here: the page must outlive a stream's token.
+                "WATCH_TOKEN_SECONDS": "1",
+                "TRUSTED_PROXIES": "1",
+                "WEB_CONCURRENCY": "1",
+            },
+        )
+
+    def url(self, queue: str, job_id: str, route: str) -> str:
+        return f"http://127.0.0.1:{self.port}/bullmq/queues/{queue}/jobs/{job_id}/{route}"
+
+    def link(self, queue: str, job_id: str, seconds: int = 3600) -> str:
+        """Return a watch link, signed as a backend signs one."""
+        token = watch_token(SECRET, queue, job_id, int(time.time()) + seconds)
+        return f"{self.url(queue, job_id, 'watch')}#token={token}"
+
+    def post(self, queue: str, job_id: str, route: str, token: str, body: bytes) -> int:
+        """Report on a job through nginx, as a worker does; return the status."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            path = f"/bullmq/queues/{queue}/jobs/{job_id}/{route}"
+            conn.request("POST", path, body, {"Authorization": f"Bearer {token}"})
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Site]:
+    directory = tmp_path_factory.mktemp("page")
+    site = Site(directory, redis_url)
+    site.port = free_port()
+    with site.gunicorn:
+        nginx = start_nginx(
+            nginx_binary(), directory, Path(site.gunicorn.bind.removeprefix("unix:")), site.port
+        )
+        try:
+            yield site
+        finally:
+            nginx.terminate()
+            nginx.wait(timeout=10)
+            assert nginx.stderr is not None
+            nginx.stderr.close()
+
+
+class BullJob:
+    """A job of the real BullMQ library for Python, held by a real Worker until finish()
+    or fail(); its calls run on an event loop of its own thread."""
+
+    def __init__(self, redis_url: str, name: str = "resize") -> None:
+        self.queue_name = f"page-{uuid.uuid4().hex[:8]}"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.outcome: tuple[str, Any] | None = None
+        self.job: Job
+        self.token: str
+        self.run(self._start(redis_url, name))
+
+    def run(self, work: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result(30)
+
+    async def _start(self, redis_url: str, name: str) -> None:
+        self.done = asyncio.Event()
+        held: asyncio.Future[tuple[Job, str]] = self.loop.create_future()
+
+        async def process(job: Job, token: str) -> Any:
+            held.set_result((job, token))
+            await self.done.wait()
+            assert self.outcome is not None
+            kind, value = self.outcome
+            if kind == "failed":
+                raise RuntimeError(value)
+            return value
+
+        self.queue = Queue(self.queue_name, {"connection": redis_url})
+        await self.queue.add(name, {"n": 1}, {"attempts": 1})
+        self.worker = Worker(self.queue_name, process, {"connection": redis_url})
+        self.job, self.token = await asyncio.wait_for(held, 20)
+
+    @property
+    def id(self) -> str:
+        return str(self.job.id)
+
+    def log(self, line: str) -> None:
+        """Append a line with the library's own job.log()."""
+        self.run(self.job.log(line))
+
+    def end(self, kind: str, value: Any) -> None:
+        """Let the worker complete the job with a return value, or fail it."""
+        self.outcome = (kind, value)
+        self.loop.call_soon_threadsafe(self.done.set)
+
+    def close(self) -> None:
+        self.run(self.worker.close(force=True))
+        self.run(self.queue.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def bull_job(redis_url: str) -> Iterator[Callable[..., BullJob]]:
+    jobs: list[BullJob] = []
+
+    def make(name: str = "resize") -> BullJob:
+        jobs.append(BullJob(redis_url, name))
+        return jobs[-1]
+
+    yield make
+    for job in jobs:
+        job.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert errors == [], "the page's script threw"
+
+
+def shown_lines(page: Any) -> list[tuple[int, str]]:
+    """Return the page's log lines as (number, text), in order."""
+    rows = page.eval_on_selector_all(
+        "#lines li",
+        "rows => rows.map(row => [row.querySelector('.number').textContent,"
+        " row.querySelector('.text').textContent])",
+    )
+    return [(int(number), text) for number, text in rows]
+
+
+def the_jobs_logs(site: Site, job: BullJob) -> list[tuple[int, str]]:
+    with redis.Redis.from_url(site.redis_url, decode_responses=True) as r:
+        return list(enumerate(r.lrange(f"bull:{job.queue_name}:{job.id}:logs", 0, -1)))
+
+
+def until_shown(page: Any, expected: Callable[[], Any], actual: Callable[[], Any]) -> None:
+    """Wait until the page shows what is expected; fail saying what it showed."""
+    deadline = time.monotonic() + SECONDS
+    while actual() != expected():
+        if time.monotonic() > deadline:
+            assert actual() == expected()
+        page.wait_for_timeout(50)
+
+
+def text_of(page: Any, selector: str) -> str:
+    return page.locator(selector).text_content()
+
+
+def test_the_page_shows_a_bullmq_job_live_until_it_completes(site, page, bull_job):
+    job = bull_job("resize")
+    job.log("info: fetched the image")
+    assert site.post(job.queue_name, job.id, "logs", job.token, b"warn: it is large") == 200
+    progress = json.dumps({"current": 1, "total": 4, "message": "scaling"}).encode()
+    assert site.post(job.queue_name, job.id, "progress", job.token, progress) == 200
+
+    page.goto(site.link(job.queue_name, job.id))
+    page.wait_for_selector("#connection[data-state=live]", timeout=SECONDS * 1000)
+    # The token left the address bar, for a cookie only the job's routes get.
+    assert page.url == site.url(job.queue_name, job.id, "watch")
+    (cookie,) = page.context.cookies()
+    assert (cookie["name"], cookie["httpOnly"], cookie["sameSite"]) == (
+        "bullmq_watch",
+        True,
+        "Strict",
+    )
+    assert cookie["path"] == f"/bullmq/queues/{job.queue_name}/jobs/{job.id}/"
+    assert text_of(page, "h1 .job") == job.id and text_of(page, "#name") == "resize"
+    assert text_of(page, "#status") == "active"
+    until_shown(page, lambda: "25% · scaling", lambda: text_of(page, "#progress-text"))
+    assert page.get_attribute("#bar", "aria-valuenow") == "25"
+    until_shown(page, lambda: the_jobs_logs(site, job), lambda: shown_lines(page))
+    assert page.get_attribute("#L0", "class") == "info"
+    assert page.get_attribute("#L1", "class") == "warn"
+
+    # Live: lines from the service and from job.log(), and progress, as they come.
+    for n in range(5):
+        job.log(f"library line {n}")
+        assert site.post(job.queue_name, job.id, "logs", job.token, f"service line {n}".encode())
+    assert site.post(job.queue_name, job.id, "progress", job.token, b"60") == 200
+    until_shown(page, lambda: "60%", lambda: text_of(page, "#progress-text"))
+    until_shown(page, lambda: the_jobs_logs(site, job), lambda: shown_lines(page))
+
+    job.end("completed", {"thumbnails": 3})
+    page.wait_for_selector("#connection[data-state=ended]", timeout=SECONDS * 1000)
+    assert text_of(page, "#status") == "completed"
+    assert json.loads(text_of(page, "#outcome-body")) == {"thumbnails": 3}
+    assert shown_lines(page) == the_jobs_logs(site, job)
+    assert len(shown_lines(page)) == 12
+
+
+def test_a_failed_job_shows_its_reason(site, page, bull_job):
+    job = bull_job()
+    page.goto(site.link(job.queue_name, job.id))
+    page.wait_for_selector("#connection[data-state=live]", timeout=SECONDS * 1000)
+    job.end("failed", "the disk is full")
+    page.wait_for_selector("#status[data-state=failed]", timeout=SECONDS * 1000)
+    assert text_of(page, "#outcome-title") == "Failed. Reason:"
+    assert text_of(page, "#outcome-body") == "the disk is full"
+    assert text_of(page, "#connection") == "ended"
+
+
+HOSTILE = [
+    '<img src=x onerror="window.ran = 1">',
+    "</script><script>window.ran = 2</script>",
+    '"><svg onload="window.ran = 3">',
+]
+
+
+def test_log_lines_are_text_and_run_nothing(site, page, bull_job):
+    job = bull_job('<b onmouseover="window.ran = 4">name</b>')
+    for line in HOSTILE:
+        assert site.post(job.queue_name, job.id, "logs", job.token, line.encode()) == 200
+    page.goto(site.link(job.queue_name, job.id))
+    until_shown(page, lambda: list(enumerate(HOSTILE)), lambda: shown_lines(page))
+    assert text_of(page, "#name") == '<b onmouseover="window.ran = 4">name</b>'
+    assert page.locator("#lines img, #lines svg, #lines script, #name b").count() == 0
+    assert page.evaluate("window.ran") is None
+
+
+def test_it_reconnects_through_a_reload_and_an_outage_missing_nothing(site, page, bull_job):
+    job = bull_job()
+    page.goto(site.link(job.queue_name, job.id))
+    page.wait_for_selector("#connection[data-state=live]", timeout=SECONDS * 1000)
+    written = 0
+
+    def write(count: int) -> None:
+        nonlocal written
+        for _ in range(count):
+            job.log(f"line {written}")
+            written += 1
+
+    write(3)
+    # The stream's own token (WATCH_TOKEN_SECONDS=1) is long past by the reload.
+    time.sleep(1.5)
+    # A reload: gunicorn's old worker cuts its streams; the browser reconnects itself.
+    os.kill(site.gunicorn.process.pid, signal.SIGHUP)
+    write(3)
+    until_shown(page, lambda: the_jobs_logs(site, job), lambda: shown_lines(page))
+
+    # The service down for seconds: nginx answers 502, and the browser gives up its
+    # EventSource; the page reconnects itself, with backoff, from where it was.
+    site.gunicorn.stop()
+    write(4)
+    wait_until(
+        lambda: page.get_attribute("#connection", "data-state") == "reconnecting",
+        SECONDS,
+        "the page to see the outage",
+    )
+    time.sleep(2)
+    site.gunicorn.start()
+    write(2)
+    until_shown(page, lambda: the_jobs_logs(site, job), lambda: shown_lines(page))
+    page.wait_for_selector("#connection[data-state=live]", timeout=SECONDS * 1000)
+    assert [number for number, _ in shown_lines(page)] == list(range(12))
+
+
+def test_a_hidden_tab_closes_its_stream_and_resumes_exactly(site, page, bull_job):
+    job = bull_job()
+    job.log("before")
+    page.goto(site.link(job.queue_name, job.id))
+    until_shown(page, lambda: the_jobs_logs(site, job), lambda: shown_lines(page))
+    set_hidden(page, True)
+    assert text_of(page, "#connection") == "paused"
+    for n in range(20):
+        job.log(f"while hidden {n}")
+    job.run(job.job.updateProgress(70))
+    page.wait_for_timeout(500)
+    assert len(shown_lines(page)) == 1  # nothing came while hidden: the stream was closed
+    set_hidden(page, False)
+    until_shown(page, lambda: the_jobs_logs(site, job), lambda: shown_lines(page))
+    until_shown(page, lambda: "70%", lambda: text_of(page, "#progress-text"))
+
+
+def set_hidden(page: Any, hidden: bool) -> None:
+    """Make the page see its tab hidden or shown, as a browser tells it."""
+    page.evaluate(
+        """hidden => {
+            Object.defineProperty(document, "hidden", {value: hidden, configurable: true});
+            Object.defineProperty(document, "visibilityState",
+                {value: hidden ? "hidden" : "visible", configurable: true});
+            document.dispatchEvent(new Event("visibilitychange"));
+        }""",
+        hidden,
+    )
+
+
+@pytest.mark.parametrize("which", ["expired", "foreign"])
+def test_a_link_that_does_not_open_the_job_says_so(site, page, bull_job, which):
+    job = bull_job()
+    if which == "expired":
+        token = watch_token(SECRET, job.queue_name, job.id, int(time.time()) - 1)
+    else:
+        token = watch_token(SECRET, job.queue_name, "another job", int(time.time()) + 60)
+    page.goto(f"{site.url(job.queue_name, job.id, 'watch')}#token={token}")
+    page.wait_for_selector("#problem:not([hidden])", timeout=SECONDS * 1000)
+    assert text_of(page, "#problem") == "This link is not valid, or has expired: ask for a new one."
+    assert text_of(page, "#connection") == "ended"
+    assert page.context.cookies() == []
+
+
+def test_reading_tools_filter_follow_copy_anchor_and_download(site, page, bull_job):
+    job = bull_job()
+    for n in range(300):
+        job.log(f"{'error' if n % 100 == 7 else 'info'}: step {n}")
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.goto(site.link(job.queue_name, job.id))
+    until_shown(page, lambda: the_jobs_logs(site, job), lambda: shown_lines(page))
+    # Following: the newest line is in view.
+    assert page.evaluate("(l => l.scrollHeight - l.scrollTop - l.clientHeight)(lines)") < 8
+    # Scrolled up, it stops following; new lines do not move the reader.
+    page.evaluate("lines.scrollTop = 0; lines.dispatchEvent(new Event('scroll'))")
+    assert text_of(page, "#follow") == "Follow"
+    job.log("info: newest")
+    until_shown(page, lambda: 301, lambda: len(shown_lines(page)))
+    assert page.evaluate("lines.scrollTop") == 0
+    page.click("#follow")
+    assert text_of(page, "#follow") == "Following"
+
+    page.fill("#filter", "ERROR:")
+    visible = page.eval_on_selector_all(
+        "#lines li:not([hidden]) .text", "rows => rows.map(row => row.textContent)"
+    )
+    assert visible == ["error: step 7", "error: step 107", "error: step 207"]
+    page.fill("#filter", "")
+
+    page.hover("#L107")
+    page.click("#L107 .copy")
+    assert page.evaluate("navigator.clipboard.readText()") == "error: step 107"
+
+    # A line's anchor survives a reload (by the cookie: the link's token is gone).
+    page.click("#L107 .number")
+    page.reload()
+    until_shown(page, lambda: the_jobs_logs(site, job), lambda: shown_lines(page))
+    assert page.url.endswith("/watch#L107")
+    assert "target" in page.get_attribute("#L107", "class")
+
+    with page.expect_download() as download:
+        page.click("#download")
+    text = Path(download.value.path()).read_text()
+    assert text == "".join(f"{line}\n" for _, line in the_jobs_logs(site, job))
+
+
+def test_it_reads_on_a_phone_in_the_dark(site, browser, bull_job):
+    job = bull_job()
+    job.log("a line long enough to wrap on a narrow screen " * 4)
+    backgrounds = {}
+    for scheme in ("light", "dark"):
+        context = browser.new_context(
+            viewport={"width": 375, "height": 700}, color_scheme=scheme, is_mobile=True
+        )
+        page = context.new_page()
+        page.goto(site.link(job.queue_name, job.id))
+        page.wait_for_selector("#L0", timeout=SECONDS * 1000)
+        backgrounds[scheme] = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        # Nothing wider than the screen: no sideways scrolling.
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        context.close()
+    assert backgrounds == {"light": "rgb(255, 255, 255)", "dark": "rgb(13, 17, 23)"}
