@@ -379,18 +379,23 @@ def test_a_link_that_does_not_open_the_job_says_so(site, page, bull_job, which):
 
 def test_reading_tools_filter_follow_copy_anchor_and_download(site, page, bull_job):
     job = bull_job()
-    for n in range(300):
-        job.log(f"{'error' if n % 100 == 7 else 'info'}: step {n}")
+    # More lines than the page opens with (1,000): it shows the newest, and says so.
+    job.run(job.job.log("info: step 0"))
+    with redis.Redis.from_url(site.redis_url) as r:
+        lines = [f"{'error' if n % 100 == 7 else 'info'}: step {n}" for n in range(1, 1500)]
+        r.rpush(f"bull:{job.queue_name}:{job.id}:logs", *lines)
+    newest = lambda: the_jobs_logs(site, job)[-1000:]  # noqa: E731
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     page.goto(site.link(job.queue_name, job.id))
-    until_shown(page, lambda: the_jobs_logs(site, job), lambda: shown_lines(page))
+    until_shown(page, newest, lambda: shown_lines(page))
+    assert text_of(page, "#earlier").startswith("500 earlier lines are not shown")
     # Following: the newest line is in view.
     assert page.evaluate("(l => l.scrollHeight - l.scrollTop - l.clientHeight)(lines)") < 8
     # Scrolled up, it stops following; new lines do not move the reader.
     page.evaluate("lines.scrollTop = 0; lines.dispatchEvent(new Event('scroll'))")
     assert text_of(page, "#follow") == "Follow"
     job.log("info: newest")
-    until_shown(page, lambda: 301, lambda: len(shown_lines(page)))
+    until_shown(page, lambda: the_jobs_logs(site, job)[500:], lambda: shown_lines(page))
     assert page.evaluate("lines.scrollTop") == 0
     page.click("#follow")
     assert text_of(page, "#follow") == "Following"
@@ -399,19 +404,20 @@ def test_reading_tools_filter_follow_copy_anchor_and_download(site, page, bull_j
     visible = page.eval_on_selector_all(
         "#lines li:not([hidden]) .text", "rows => rows.map(row => row.textContent)"
     )
-    assert visible == ["error: step 7", "error: step 107", "error: step 207"]
+    assert visible == [f"error: step {n}" for n in range(507, 1500, 100)]
+    assert len(visible) == 10
     page.fill("#filter", "")
 
-    page.hover("#L107")
-    page.click("#L107 .copy")
-    assert page.evaluate("navigator.clipboard.readText()") == "error: step 107"
+    page.hover("#L1107")
+    page.click("#L1107 .copy")
+    assert page.evaluate("navigator.clipboard.readText()") == "error: step 1107"
 
     # A line's anchor survives a reload (by the cookie: the link's token is gone).
-    page.click("#L107 .number")
+    page.click("#L1107 .number")
     page.reload()
-    until_shown(page, lambda: the_jobs_logs(site, job), lambda: shown_lines(page))
-    assert page.url.endswith("/watch#L107")
-    assert "target" in page.get_attribute("#L107", "class")
+    until_shown(page, newest, lambda: shown_lines(page))
+    assert page.url.endswith("/watch#L1107")
+    assert "target" in page.get_attribute("#L1107", "class")
 
     with page.expect_download() as download:
         page.click("#download")
