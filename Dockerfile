@@ -43,4 +43,4 @@ EXPOSE 8080
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD ["python3", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
-CMD ["gunicorn", "-c", "gunicorn.conf.py"]
+CMD ["python3", "serve.py"]

@@ -178,8 +178,9 @@ def answers(request: Callable[[], Any], *errors: type[BaseException]) -> Any:
         return None
 
 
-# The command that serves the app: gunicorn with the production config.
-GUNICORN = (sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py")
+# The command that serves the app, as the README starts it: serve.py, which checks the
+# server's settings and becomes gunicorn with the production config.
+GUNICORN = (sys.executable, "serve.py")
 
 
 # Redis 7 and Valkey wait 5 s before a replica's first (diskless) sync; a master here

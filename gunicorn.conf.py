@@ -1,4 +1,5 @@
-"""gunicorn settings for the service: `gunicorn -c gunicorn.conf.py` and nothing else.
+"""gunicorn settings for the service: `gunicorn -c gunicorn.conf.py` and nothing else,
+which `python serve.py` runs once it has checked the settings below.
 
 Environment, parsed by settings.py like the service's own: BIND (host:port or
 unix:/path, several comma separated; overrides PORT), PORT (default 8080, on

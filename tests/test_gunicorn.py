@@ -122,6 +122,8 @@ def test_a_bad_server_setting_stops_start_up_with_one_line(variable, value, boun
     ("variable", "value", "line"),
     [
         ("WORKER_CLASS", "foo", "WORKER_CLASS='foo' must be gevent or gthread or sync"),
+        # gunicorn parses this one itself as it is imported: serve.py reads it first.
+        ("WEB_CONCURRENCY", "zero", "WEB_CONCURRENCY='zero' must be a whole number from 1 to 256"),
         ("LOG_FORMAT", "xml", "LOG_FORMAT='xml' must be plain or json"),
         ("REQUEST_TIMEOUT", "0", "REQUEST_TIMEOUT='0' must be a number of seconds above 0 "
          "and at most 300"),
