@@ -1,5 +1,5 @@
 """The access log: one line per request, escaped so that a line is always one line, as
-plain text or JSON (LOG_FORMAT=json); and the formatter of JSON lines.
+plain text or JSON (LOG_FORMAT=json); and the formatters of plain and JSON lines.
 """
 
 from __future__ import annotations
@@ -121,6 +121,24 @@ class AccessLog:
             )
             if self.metrics:
                 count_request(environ, method, status, seconds, response_bytes)
+
+
+class PlainLogFormatter(logging.Formatter):
+    """logging's Formatter, writing each second's time once rather than on every line
+    (a request's access line is written in microseconds); for date formats to the
+    second, as LOG_FORMAT=plain's."""
+
+    def __init__(self, fmt: str, datefmt: str) -> None:
+        super().__init__(fmt, datefmt)
+        self._second = -1
+        self._written = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._written = time.strftime(self.datefmt or "", self.converter(second))
+            self._second = second
+        return self._written
 
 
 class JsonLogFormatter(logging.Formatter):

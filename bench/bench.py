@@ -5,7 +5,10 @@ out real active jobs, and drives each route with wrk over keep-alive connections
 Alternating with it, the same wrk runs against gunicorn serving a bare WSGI callable
 (bench/bare.py) under several worker classes, and a Flask route that does no more
 (bench/flask_bare.py) under the project's, and redis-benchmark runs the service's own
-Lua scripts: what the service could reach if it cost nothing. Then the progress
+Lua scripts: what the service could reach if it cost nothing. Then the two yardsticks
+beside each route, in alternating runs, best of two: that Flask route (the floor of
+any Flask service), and the obvious hand-written version of the route
+(bench/obvious.py), both under the project's gunicorn.conf.py. Then the progress
 route again, in turns with a copy of the service run with METRICS=0, for what counting
 each request costs; 1,000 streams of events on one worker, and as many as it holds by
 default, for their memory and the delay from a write to its event; and POST progress
@@ -82,6 +85,18 @@ BARE_WORKERS = {
 }
 # The same work through Flask: the ceiling of any Flask service on this stack.
 FLASK_BARE = "bare: Flask route, gevent (project config)"
+YARDSTICK_RUNS = 2  # alternating runs of each route and its yardsticks; the best counts
+# The targets against the yardsticks, at 32 connections.
+OVER_OBVIOUS = 1.3
+OVER_FLOOR = 0.65
+
+
+@dataclass(frozen=True)
+class Yardsticks:
+    route: str
+    service: Run
+    floor: Run  # the Flask route that does nothing, with the route's method and body
+    obvious: Run  # bench/obvious.py's version of the route
 
 
 @dataclass(frozen=True)
@@ -242,6 +257,31 @@ def start(server: Gunicorn) -> Gunicorn:
     server.start()
     server.wait_for_workers(WORKERS)
     return server
+
+
+def floor_request(route: Route) -> Route:
+    """Return the Flask floor's request for a route: its method, body and token."""
+    path = "/" if route.method == "POST" else "/healthz"
+    return replace(route, name=FLASK_BARE, path=path)
+
+
+def yardsticks(service: Gunicorn, floor: Gunicorn, obvious: Gunicorn) -> list[Yardsticks]:
+    """Drive each route, the floor and the obvious version in turn, YARDSTICK_RUNS
+    times at 32 connections; keep each one's best run."""
+    found = []
+    for route in ROUTES:
+        best: dict[str, Run] = {}
+        for _ in range(YARDSTICK_RUNS):
+            for name, server, request in (
+                ("service", service, route),
+                ("floor", floor, floor_request(route)),
+                ("obvious", obvious, route),
+            ):
+                run = wrk(server.bind, request, CONNECTIONS[-1])
+                if name not in best or run.rate > best[name].rate:
+                    best[name] = run
+        found.append(Yardsticks(route.name, best["service"], best["floor"], best["obvious"]))
+    return found
 
 
 def cluster_rows(workdir: Path, best: float) -> list[Row]:
@@ -474,7 +514,14 @@ def main() -> int:
         flask_bare = Gunicorn(
             workdir / "flask", {}, bind=f"127.0.0.1:{free_port()}", args=("bench.flask_bare:app",)
         )
-        servers = [service, no_metrics, *bare.values(), flask_bare]
+        (workdir / "obvious").mkdir()
+        obvious = Gunicorn(
+            workdir / "obvious",
+            {"REDIS_URL": redis_server.url, "AUTH_TOKENS": API_TOKEN},
+            bind=f"127.0.0.1:{free_port()}",
+            args=("bench.obvious:app",),
+        )
+        servers = [service, no_metrics, *bare.values(), flask_bare, obvious]
         try:
             for server in servers:
                 start(server)
@@ -494,6 +541,7 @@ def main() -> int:
                     row = measure(service, route, connections, client)
                     row.ceiling_share = row.run.rate / best
                     rows.append(row)
+            against = yardsticks(service, flask_bare, obvious)
             metrics = metrics_cost(service, no_metrics, client)
             memory = rss_mb(service.worker_pids())
         finally:
@@ -506,7 +554,7 @@ def main() -> int:
     flooded = flood_report(workdir)
     shutil.rmtree(workdir, ignore_errors=True)
 
-    report = render(rows, memory, scripts, streams, flooded, metrics)
+    report = render(rows, against, memory, scripts, streams, flooded, metrics)
     print(report)
     (ROOT / "bench" / "results.md").write_text(report)
     return 0
@@ -514,6 +562,7 @@ def main() -> int:
 
 def render(
     rows: list[Row],
+    against: list[Yardsticks],
     memory: list[float],
     scripts: dict[str, tuple[float, float]],
     streams: list[StreamReport],
@@ -581,6 +630,39 @@ def render(
         f"{flask.run.p99_ms:.1f} ms: what any Flask service costs here before its own work. "
         f"The routes reach {min(shares):.2f} to {max(shares):.2f} of it.",
     ]
+    lines += [
+        "",
+        f"Beside the yardsticks, at {CONNECTIONS[-1]} connections, runs alternating, the best "
+        f"of {YARDSTICK_RUNS}: the Flask floor (the Flask route above, asked with the route's "
+        "method and body) and the obvious version (bench/obvious.py: plain Flask views "
+        "calling redis-py, as a user would write them by hand), all under the project's "
+        "gunicorn.conf.py. Requests/s, p99 in brackets:",
+        "",
+        "| route | service | Flask floor | obvious | ÷ floor | ÷ obvious |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for mark in against:
+        service, floor, obvious = mark.service, mark.floor, mark.obvious
+        lines.append(
+            f"| {mark.route} | {service.rate:,.0f} ({service.p99_ms:.1f} ms) "
+            f"| {floor.rate:,.0f} ({floor.p99_ms:.1f} ms) "
+            f"| {obvious.rate:,.0f} ({obvious.p99_ms:.1f} ms) "
+            f"| {service.rate / floor.rate:.2f} | {service.rate / obvious.rate:.2f} |"
+        )
+    lines += [
+        "",
+        f"| route | ≥ {OVER_OBVIOUS} times obvious | ≥ {OVER_FLOOR} times floor | p99 ≤ floor's |",
+        "|---|---|---|---|",
+    ]
+    for mark in against:
+        service, floor, obvious = mark.service, mark.floor, mark.obvious
+        marks = (
+            (service.rate >= OVER_OBVIOUS * obvious.rate, f"{service.rate / obvious.rate:.2f}"),
+            (service.rate >= OVER_FLOOR * floor.rate, f"{service.rate / floor.rate:.2f}"),
+            (service.p99_ms <= floor.p99_ms, f"{service.p99_ms:.1f} ms, {floor.p99_ms:.1f} ms"),
+        )
+        cells = " | ".join(f"{'met' if ok else 'missed'} ({value})" for ok, value in marks)
+        lines.append(f"| {mark.route} | {cells} |")
     with_metrics, without = metrics
     extra = with_metrics - without
     lines += [
