@@ -95,6 +95,7 @@ health = Blueprint("health", __name__)
 docs = Blueprint("docs", __name__)
 
 PLAIN = {"Content-Type": "text/plain; charset=utf-8"}
+JSON = "application/json"
 # Where watch_or_api_token_required leaves a request's watch token, and when it expires.
 WATCH_TOKEN = "bullmq_http.watch_token"  # noqa: S105
 # The cookie a watch page exchanges its link's token for (POST .../watch/session).
@@ -206,18 +207,18 @@ def check_queue_name(endpoint: str | None, values: dict[str, Any] | None) -> Non
 
 @jobs.post("/queues/<queue>/jobs/<path:job_id>/progress")
 @with_job_token
-def set_progress(queue: str, job_id: str, token: bytes) -> tuple[str, dict[str, str]]:
+def set_progress(queue: str, job_id: str, token: bytes) -> Response:
     """Set the progress of the job the caller holds."""
     service().store.write_progress(queue, job_id, token, progress_json(request_body()))
-    return "OK", PLAIN
+    return ok()
 
 
 @jobs.post("/queues/<queue>/jobs/<path:job_id>/logs")
 @with_job_token
-def add_log(queue: str, job_id: str, token: bytes) -> tuple[str, dict[str, str]]:
+def add_log(queue: str, job_id: str, token: bytes) -> Response:
     """Append one line to the logs of the job the caller holds."""
     service().store.append_log(queue, job_id, token, log_line(request_body()))
-    return "OK", PLAIN
+    return ok()
 
 
 @jobs.get("/queues/<queue>/jobs/<path:job_id>/logs")
@@ -428,20 +429,20 @@ def mint_watch_token(queue: str, job_id: str) -> Response:
 
 
 @health.get("/healthz")
-def healthz() -> tuple[str, dict[str, str]]:
+def healthz() -> Response:
     """Answer that the process is alive, touching nothing else."""
-    return "OK", PLAIN
+    return ok()
 
 
 @health.get("/readyz")
-def readyz() -> tuple[str, dict[str, str]]:
+def readyz() -> Response:
     """Answer whether Redis answers, and the job watcher does its work."""
     parts = service()
     parts.store.ping()
     trouble = parts.watcher.trouble()
     if trouble is not None:
         abort(503, trouble)
-    return "OK", PLAIN
+    return ok()
 
 
 @health.get("/metrics")
@@ -585,11 +586,15 @@ def job_cookie_path(queue: str, job_id: str) -> str:
     return request.script_root + quote(base, safe="/%!$&'()*+=:@~")
 
 
+def ok() -> Response:
+    """Answer 200 with the text OK."""
+    return current_app.response_class(b"OK", content_type=PLAIN["Content-Type"])
+
+
 def json_answer(value: Any) -> Response:
     """Answer 200 with a value as compact JSON, text as it is (not \\u-escaped)."""
     return current_app.response_class(
-        json.dumps(value, ensure_ascii=False, separators=(",", ":")),
-        mimetype="application/json",
+        json.dumps(value, ensure_ascii=False, separators=(",", ":")), content_type=JSON
     )
 
 

@@ -46,7 +46,9 @@ def loggable(text: str) -> str:
 
 def loggable_wsgi(text: str) -> str:
     """Return a WSGI string (bytes the client sent, as latin-1) as one log field."""
-    return loggable(text.encode("latin-1").decode("utf-8", "surrogateescape"))
+    if not text.isascii():  # ASCII is the same text in latin-1 and UTF-8
+        text = text.encode("latin-1").decode("utf-8", "surrogateescape")
+    return loggable(text)
 
 
 def redacted(query: str) -> str:
