@@ -556,8 +556,15 @@ def main() -> int:
 
     report = render(rows, against, memory, scripts, streams, flooded, metrics)
     print(report)
-    (ROOT / "bench" / "results.md").write_text(report)
+    results = ROOT / "bench" / "results.md"
+    # The record of levers, written by hand below the figures, stays from run to run.
+    kept = results.read_text() if results.exists() else ""
+    levers = kept[kept.index(LEVERS) :] if LEVERS in kept else ""
+    results.write_text(f"{report}\n{levers}" if levers else report)
     return 0
+
+
+LEVERS = "## Levers"
 
 
 def render(
