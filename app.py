@@ -78,6 +78,7 @@ from settings import (
 )
 from store import CrossSlot, JobStore, NoSuchJob, NotBullmqLayout, NotLockHolder
 from streams import (
+    PAGE,
     RETRY_MS,
     StreamLimits,
     TooManyStreams,
@@ -382,16 +383,13 @@ def job_summary(queue: str, job_id: str, expires: int | None) -> Response:
     return json_answer({**summary, "expires": expires})
 
 
-TEXT_PAGE = 100  # lines read at once for logs.txt
-
-
 @jobs.get("/queues/<queue>/jobs/<path:job_id>/logs.txt")
 @watch_or_api_token_required
 def logs_as_text(queue: str, job_id: str) -> Response:
     """Return all of a job's log lines as text, a line each, oldest first."""
     no_query_parameters_but(("token",))
     job_store = service().store
-    first = job_store.log_page(queue, job_id, 0, TEXT_PAGE)  # 404 for a missing job
+    first = job_store.log_page(queue, job_id, 0, PAGE)  # 404 for a missing job
 
     def lines() -> Iterator[bytes]:
         """The lines a page at a time, each page within MAX_PAGE_BYTES."""
@@ -400,7 +398,7 @@ def logs_as_text(queue: str, job_id: str) -> Response:
             yield b"".join(line + b"\n" for line in page)
             start += len(page)
             try:
-                page = job_store.log_page(queue, job_id, start, TEXT_PAGE)
+                page = job_store.log_page(queue, job_id, start, PAGE)
             except LookupError:
                 return  # removed meanwhile: what was there is sent
 
