@@ -709,6 +709,18 @@ def main() -> int:
             shutil.rmtree(server.directory, ignore_errors=True)
 
 
+# What Chromium needs to run headless here, as root, on a machine with no network.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
 def screenshot(path: Path) -> None:
     """Draw the watch page of a demo job, part way through, into a PNG file: the
     README's picture. Chromium is Debian's, driven by Playwright."""
@@ -729,8 +741,7 @@ def screenshot(path: Path) -> None:
             link += watch_link_token(env, queue, job_id)
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(
-                    executable_path=shutil.which("chromium") or "chromium",
-                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+                    executable_path=shutil.which("chromium") or "chromium", args=CHROMIUM_ARGS
                 )
                 page = browser.new_page(viewport={"width": 960, "height": 640})
                 page.goto(link)

@@ -112,7 +112,7 @@ def base_image(podman: Podman, directory: Path) -> str:
     """Return a base image holding Debian's Python 3 and venv, made once per machine."""
     suite = codename()
     tag = f"localhost/bullmq-http-test-base:{suite}"
-    if podman("image", "exists", tag, check=False) == "" and not podman("image", "ls", "-q", tag):
+    if not podman("image", "ls", "--quiet", tag):
         debootstrap = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
         if not os.access(debootstrap, os.X_OK):
             unavailable("debootstrap is not installed (make test installs it where apt-get can)")

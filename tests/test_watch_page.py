@@ -23,7 +23,7 @@ import redis
 from bullmq import Job, Queue, Worker
 from playwright.sync_api import sync_playwright
 
-from dev import Gunicorn, free_port, wait_until
+from dev import CHROMIUM_ARGS, Gunicorn, free_port, wait_until
 from tests.helpers import API_TOKEN, unavailable
 from tests.nginx_front import nginx_binary, start_nginx
 from tokens import watch_token
@@ -31,16 +31,6 @@ from tokens import watch_token
 pytestmark = pytest.mark.once
 
 SECRET = "the page tests' secret"
-# What Chromium needs to run headless here, as root, on a machine with no network.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SECONDS = 15.0  # the longest a page may take to show what happened
 
 
@@ -65,6 +55,7 @@ class Site:
     def __init__(self, directory: Path, redis_url: str) -> None:
         self.port = 0
         self.redis_url = redis_url
+        self.data = redis.Redis.from_url(redis_url, decode_responses=True)
         self.gunicorn = Gunicorn(
             directory,
             {
@@ -115,6 +106,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[S
             nginx.wait(timeout=10)
             assert nginx.stderr is not None
             nginx.stderr.close()
+            site.data.close()
 
 
 class BullJob:
@@ -208,8 +200,8 @@ def shown_lines(page: Any) -> list[tuple[int, str]]:
 
 
 def the_jobs_logs(site: Site, job: BullJob) -> list[tuple[int, str]]:
-    with redis.Redis.from_url(site.redis_url, decode_responses=True) as r:
-        return list(enumerate(r.lrange(f"bull:{job.queue_name}:{job.id}:logs", 0, -1)))
+    lines: list[str] = site.data.lrange(f"bull:{job.queue_name}:{job.id}:logs", 0, -1)  # type: ignore[assignment]
+    return list(enumerate(lines))
 
 
 def until_shown(page: Any, expected: Callable[[], Any], actual: Callable[[], Any]) -> None:
@@ -381,9 +373,8 @@ def test_reading_tools_filter_follow_copy_anchor_and_download(site, page, bull_j
     job = bull_job()
     # More lines than the page opens with (1,000): it shows the newest, and says so.
     job.run(job.job.log("info: step 0"))
-    with redis.Redis.from_url(site.redis_url) as r:
-        lines = [f"{'error' if n % 100 == 7 else 'info'}: step {n}" for n in range(1, 1500)]
-        r.rpush(f"bull:{job.queue_name}:{job.id}:logs", *lines)
+    lines = [f"{'error' if n % 100 == 7 else 'info'}: step {n}" for n in range(1, 1500)]
+    site.data.rpush(f"bull:{job.queue_name}:{job.id}:logs", *lines)
     newest = lambda: the_jobs_logs(site, job)[-1000:]  # noqa: E731
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     page.goto(site.link(job.queue_name, job.id))
