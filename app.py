@@ -244,7 +244,7 @@ def read_progress(queue: str, job_id: str) -> Response:
     """Return a job's progress as stored, or 0 when it was never set, as BullMQ reads it."""
     no_query_parameters_but(())
     progress = service().store.stored_progress(queue, job_id)
-    return Response(b"0" if progress is None else progress, mimetype="application/json")
+    return Response(b"0" if progress is None else progress, content_type=JSON)
 
 
 @jobs.get("/queues/<queue>/jobs/<path:job_id>/events")
