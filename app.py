@@ -198,8 +198,8 @@ def check_watch_token(token: str, queue: str, job_id: str) -> int:
 def check_queue_name(endpoint: str | None, values: dict[str, Any] | None) -> None:
     """Refuse queue names that BullMQ would refuse, before any other work."""
     queue = (values or {}).get("queue", "")
-    low = current_app.config["MIN_QUEUE_NAME_LENGTH"]
-    high = current_app.config["MAX_QUEUE_NAME_LENGTH"]
+    config = current_app.config
+    low, high = config["MIN_QUEUE_NAME_LENGTH"], config["MAX_QUEUE_NAME_LENGTH"]
     if not low <= len(queue) <= high:
         abort(400, f"the queue name must be {low} to {high} characters long")
     if ":" in queue:
@@ -507,10 +507,11 @@ def request_body() -> bytes:
     # Without a length, only a server that ends the stream with the body (gunicorn and
     # werkzeug say so in wsgi.input_terminated) can be read to its end; werkzeug's own
     # limited stream would cut a chunked body at the limit and let the rest pass unseen.
-    if declared is None and not request.environ.get("wsgi.input_terminated"):
+    environ = request.environ
+    if declared is None and not environ.get("wsgi.input_terminated"):
         return b""
     try:
-        body = request.environ["wsgi.input"].read(limit + 1 if declared is None else declared)
+        body = environ["wsgi.input"].read(limit + 1 if declared is None else declared)
     except TimeoutError:
         abort(408, "the body did not arrive in time (REQUEST_TIMEOUT): send it at once")
     except ValueError as error:  # the server could not parse it: a malformed chunk
@@ -586,14 +587,16 @@ def job_cookie_path(queue: str, job_id: str) -> str:
 
 def ok() -> Response:
     """Answer 200 with the text OK."""
-    return current_app.response_class(b"OK", content_type=PLAIN["Content-Type"])
+    return Response(b"OK", content_type=PLAIN["Content-Type"])
+
+
+# Made once: json.dumps with options builds a new encoder on every call.
+compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def json_answer(value: Any) -> Response:
     """Answer 200 with a value as compact JSON, text as it is (not \\u-escaped)."""
-    return current_app.response_class(
-        json.dumps(value, ensure_ascii=False, separators=(",", ":")), content_type=JSON
-    )
+    return Response(compact_json(value), content_type=JSON)
 
 
 # ------------------------------------------------------------------------ parts
