@@ -1,8 +1,11 @@
 """Requests the service refuses before touching a job: names, routes, methods, sizes."""
 
 import io
+import itertools
 
 import pytest
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map
 
 from tests.helpers import API_TOKEN, JOB_TOKEN, bearer, snapshot
 
@@ -59,6 +62,52 @@ def test_unknown_route_is_a_404(client, path):
     assert response.status_code == 404
     assert response.mimetype == "text/plain"
     assert b"<" not in response.data  # plain text, not an HTML page
+
+
+def test_routes_match_as_werkzeug_matches_them(app):
+    """The shortcut for job routes finds the rule and values werkzeug's matcher finds,
+    or fails as it fails, for every path and method."""
+    plain = Map([rule.empty() for rule in app.url_map.iter_rules()])
+    tails = [
+        "progress",
+        "logs",
+        "events",
+        "watch",
+        "logs.txt",
+        "watch.css",
+        "watch/session",
+        "events/token",
+        "token",
+        "session",
+        "other",
+        "logs/",
+        "",
+    ]
+    job_ids = ["1", "a/b", "a//b", "/1", "", "jobs", "x/logs", "a\nb", "\n", "a/events"]
+    paths = [
+        f"/queues/{queue}/jobs/{job_id}/{tail}"
+        for queue, job_id, tail in itertools.product(["orders", ""], job_ids, tails)
+    ]
+    paths += [
+        "/queues/orders/jobs",
+        "/queues/orders/job/1/logs",
+        "/queues/o/r/jobs/1/logs",
+        "/queues//orders/jobs/1/logs",
+        "/queues/orders//jobs/1/logs",
+        "/healthz",
+        "/queues/orders/jobs/1/logs\n",
+    ]
+
+    def outcome(url_map, path, method):
+        try:
+            rule, values = url_map.bind("localhost").match(path, method, return_rule=True)
+        except HTTPException as error:
+            redirect = getattr(error, "new_url", None)
+            return type(error), getattr(error, "valid_methods", None), redirect
+        return rule.endpoint, values
+
+    for path, method in itertools.product(paths, ["GET", "HEAD", "POST", "PUT", "OPTIONS"]):
+        assert outcome(app.url_map, path, method) == outcome(plain, path, method), (path, method)
 
 
 @pytest.mark.parametrize(
