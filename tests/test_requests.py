@@ -102,8 +102,8 @@ def test_routes_match_as_werkzeug_matches_them(app):
         try:
             rule, values = url_map.bind("localhost").match(path, method, return_rule=True)
         except HTTPException as error:
-            redirect = getattr(error, "new_url", None)
-            return type(error), getattr(error, "valid_methods", None), redirect
+            allowed = sorted(getattr(error, "valid_methods", None) or [])  # from a set
+            return type(error), allowed, getattr(error, "new_url", None)
         return rule.endpoint, values
 
     for path, method in itertools.product(paths, ["GET", "HEAD", "POST", "PUT", "OPTIONS"]):
