@@ -28,10 +28,10 @@ Every route's read or write is one script on the job's keys in BullMQ's own layo
 and nothing else; it reads top-down: blueprints, token decorators and views; the
 request parsing they call; the service's parts; the error handlers; and create_app,
 which wires them together on a Flask whose URL map finds job routes by their last
-segment. What is not about HTTP lives beside it: store.py (the job
-store and its Lua), streams.py (the live events), redis_link.py (connections),
-settings.py, tokens.py (API and watch tokens), js_json.py (JSON as JavaScript writes
-it), logs.py (the access log) and metrics.py.
+segment. What is not about HTTP lives beside it: store.py (the job store and its Lua),
+streams.py (the live events), redis_link.py (connections), settings.py, tokens.py (API
+and watch tokens), js_json.py (JSON as JavaScript writes it), logs.py (the access log)
+and metrics.py.
 """
 
 from __future__ import annotations
