@@ -276,7 +276,11 @@ def job_events(queue: str, job_id: str) -> Response:
         give_back = parts.stream_limits.take("watch", token)
     try:
         state = parts.store.job_state(queue, job_id)
-        events = event_stream(parts.store, parts.watcher, queue, job_id, state, tail, resume, until)
+        # gunicorn hands over the client's socket: a stream sees its client hang up.
+        client = request.environ.get("gunicorn.socket")
+        events = event_stream(
+            parts.store, parts.watcher, queue, job_id, state, tail, resume, until, client
+        )
         response = Response(
             metrics.counted_stream(events),
             mimetype="text/event-stream",

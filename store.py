@@ -19,7 +19,7 @@ from redis.crc import key_slot
 
 from metrics import script_outcome
 from redis_link import RedisCommands
-from streams import JobState, StreamId, stream_id, text
+from streams import JobState, StreamId, TooManyBytes, stream_id, text
 
 
 class NotLockHolder(Exception):
@@ -201,11 +201,47 @@ return {progress or "", progress and 1 or 0, finished, outcome,
         redis.call("HGET", KEYS[1], "name") or "", redis.call("EXISTS", KEYS[6])}
 """
 
+JOB_EVENTS = """
+--[[
+  Return one job's entries in a page of its queue's event stream: Redis reads the
+  page, and sends only that job's entries, within a budget of bytes, so that resuming
+  a stream costs the same whatever the other jobs' values hold.
+
+  KEYS[1] event stream     <prefix>:<queue>:events
+
+  ARGV[1] the position to read after, as an exclusive XRANGE start: "(<ms>-<seq>"
+  ARGV[2] the most entries of the stream to read
+  ARGV[3] job id
+  ARGV[4] the most bytes of the job's entries' values to return
+
+  Returns {the id of the last entry read, or "" for none, {the job's entries}}
+          -4 the job's entries hold more than ARGV[4] bytes
+]]
+local entries = redis.call("XRANGE", KEYS[1], ARGV[1], "+", "COUNT", ARGV[2])
+local found, room = {}, tonumber(ARGV[4])
+for _, entry in ipairs(entries) do
+  local fields = entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == "jobId" then
+      if fields[i + 1] == ARGV[3] then
+        for j = 2, #fields, 2 do room = room - #fields[j] end
+        if room < 0 then return -4 end
+        found[#found + 1] = entry
+      end
+      break
+    end
+  end
+end
+local last = entries[#entries]
+return {last and last[1] or "", found}
+"""
+
 # Script return codes, turned into NotLockHolder, NoSuchJob and NotBullmqLayout in
 # JobStore._run.
 NOT_LOCK_HOLDER = -1
 NO_SUCH_JOB = -2
 NOT_BULLMQ_LAYOUT = -3  # with the index of the key, in KEYS, that is not
+TOO_MANY_BYTES = -4
 
 
 class Script:
@@ -234,6 +270,7 @@ class JobStore:
     read_logs_script = Script("read_logs", READ_LOGS, "read")
     read_progress_script = Script("read_progress", READ_PROGRESS, "read")
     job_state_script = Script("job_state", JOB_STATE, "read")
+    job_events_script = Script("job_events", JOB_EVENTS, "read")
 
     def __init__(
         self,
@@ -347,17 +384,17 @@ class JobStore:
             locked=bool(locked),
         )
 
-    def events_after(
-        self, queue: str, after: StreamId, count: int
-    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """Return up to `count` entries of a queue's event stream after a position."""
-        start = f"({after[0]}-{after[1]}"
-        key = self.key(queue, "events")
-        entries = self.redis.execute_command("XRANGE", key, start, "+", "COUNT", count)
-        # A cluster's client has parsed each entry's fields into a dict already.
-        return [
-            (entry_id, fields if isinstance(fields, dict) else pairs(fields))
-            for entry_id, fields in entries
+    def job_events_after(
+        self, queue: str, job_id: str, after: StreamId, count: int, max_bytes: int
+    ) -> tuple[StreamId | None, list[tuple[bytes, dict[bytes, bytes]]]]:
+        """Return the position of the last of up to `count` entries of a queue's event
+        stream after a position (None if there are none), and the job's entries among
+        them; raise TooManyBytes if the job's entries hold more than max_bytes."""
+        keys = (self.key(queue, "events"),)
+        args = (f"({after[0]}-{after[1]}", count, job_id, max_bytes)
+        last, entries = self._run(self.job_events_script, queue, job_id, keys, args)
+        return (stream_id(last) if last else None), [
+            (entry_id, pairs(fields)) for entry_id, fields in entries
         ]
 
     def log_page(self, queue: str, job_id: str, start: int, count: int) -> list[bytes]:
@@ -385,6 +422,9 @@ class JobStore:
             raise script_error(error, script) from error
         if isinstance(result, list) and result[:1] == [NOT_BULLMQ_LAYOUT]:
             raise NotBullmqLayout(keys[result[1] - 1])
+        if result == TOO_MANY_BYTES:
+            script_outcome(script.name, "too_many_bytes").inc()
+            raise TooManyBytes
         if result == NOT_LOCK_HOLDER:
             script_outcome(script.name, "not_lock_holder").inc()
             raise NotLockHolder

@@ -24,6 +24,8 @@ import json
 import logging
 import queue
 import re
+import select
+import socket
 import threading
 import time
 import weakref
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis
+from gevent import monkey
 from redis.cluster import RedisCluster
 from redis.typing import KeyT, StreamIdT
 
@@ -42,11 +45,17 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.25  # the longest a new log line waits to be seen
 HEARTBEAT_SECONDS = 15.0  # a comment this often keeps proxies from closing idle streams
 RETRY_MS = 2000  # how soon browsers reconnect
-INBOX = 1000  # events a stream may fall behind before it is ended (the client resumes)
+# How far a stream may fall behind before it is ended (the client resumes from its
+# cursor): in events, and in bytes of their data, so that a reader that stops reading
+# while large progress values pour in holds at most this much of the worker's memory.
+INBOX = 1000
+INBOX_BYTES = 1024 * 1024
 PAGE = 100  # entries of an event stream, or log lines, read at once
-# The most entries of a queue's event stream that resuming one stream reads: a cursor
-# further behind gets the job's current progress instead, as a trimmed stream does.
+# The most entries of a queue's event stream that resuming one stream reads, and the
+# most bytes of the job's own entries it takes from them: a cursor further behind gets
+# the job's current progress instead, as a trimmed stream does.
 REPLAY_ENTRIES = 1000
+REPLAY_BYTES = 1024 * 1024
 
 StreamId = tuple[int, int]
 START: StreamId = (0, 0)
@@ -123,9 +132,13 @@ class JobReader(Protocol):
         """Raise LookupError for a job that is not there."""
         ...
 
-    def events_after(
-        self, queue: str, after: StreamId, count: int
-    ) -> list[tuple[bytes, dict[bytes, bytes]]]: ...
+    def job_events_after(
+        self, queue: str, job_id: str, after: StreamId, count: int, max_bytes: int
+    ) -> tuple[StreamId | None, list[tuple[bytes, dict[bytes, bytes]]]]:
+        """Return the position of the last of up to `count` entries after `after` (None
+        for none), and the job's entries among them; raise TooManyBytes
+        when those hold more than max_bytes."""
+        ...
 
     def log_page(self, queue: str, job_id: str, start: int, count: int) -> list[bytes]:
         """Return up to `count` of the job's lines from index `start`, as many whole
@@ -154,13 +167,15 @@ FINAL = {"completed": "returnvalue", "failed": "failedReason"}
 
 
 def final_data(kind: str, outcome: str | None) -> str:
-    """Return a completed or failed event's data."""
+    """Return a completed or failed event's data. A return value that cannot be read
+    as JSON (not JSON, or nested deeper than Python reads) is carried as the text it
+    was stored as: whatever a job returned, its stream ends as it should."""
     if kind == "completed":
         try:
-            value = json.loads(outcome or "null")
-        except ValueError:
-            value = outcome  # not JSON: as it was stored
-        return json.dumps({"returnvalue": value}, ensure_ascii=False)
+            return json.dumps({"returnvalue": json.loads(outcome or "null")}, ensure_ascii=False)
+        except (ValueError, RecursionError) as error:
+            log.warning("a return value carried as text, not read as JSON: %s", error)
+            return json.dumps({"returnvalue": outcome}, ensure_ascii=False)
     return json.dumps({"failedReason": outcome or ""}, ensure_ascii=False)
 
 
@@ -171,12 +186,31 @@ UNREADABLE = "a key of the job's queue is not in BullMQ's layout"
 
 @dataclass(eq=False)
 class Subscription:
-    """One open stream's place in the watcher."""
+    """One open stream's place in the watcher: the events handed on that the stream has
+    not sent yet, at most INBOX of them and INBOX_BYTES of their data."""
 
     queue_name: str
     job_id: str
     inbox: queue.Queue[Event] = field(default_factory=lambda: queue.Queue(INBOX))
+    inbox_bytes: int = 0
+    counting: threading.Lock = field(default_factory=threading.Lock)
     ended: str | None = None  # BEHIND or UNREADABLE: the watcher no longer serves it
+
+    def put(self, event: Event) -> None:
+        """Hand the stream an event, or end it when it is too far behind."""
+        with self.counting:
+            if self.inbox_bytes + len(event.data) > INBOX_BYTES or self.inbox.full():
+                self.ended = BEHIND
+                return
+            self.inbox_bytes += len(event.data)
+        self.inbox.put_nowait(event)  # only the watcher's thread puts: there is room
+
+    def get(self, timeout: float) -> Event:
+        """Return the next event handed on; raise queue.Empty after `timeout` seconds."""
+        event = self.inbox.get(timeout=timeout)
+        with self.counting:
+            self.inbox_bytes -= len(event.data)
+        return event
 
 
 @dataclass
@@ -304,6 +338,8 @@ class Watcher:
         """Wait up to block_ms for new events in any watched queue; hand them on."""
         with self.lock:
             queues = dict(self.queues)
+        if not queues:  # the last stream closed since the loop looked
+            return
         ids: dict[KeyT, StreamIdT] = {
             self.key(name, "events"): f"{at[0]}-{at[1]}" for name, at in queues.items()
         }
@@ -387,28 +423,29 @@ class Watcher:
         return {self.key(name, "events").encode(): name for name in queues}
 
     def deliver_events(self, replies: Any, names: dict[bytes, str]) -> None:
-        """Hand on what XREAD gave, and move past it."""
+        """Hand on what XREAD gave, and move past it. An entry of a job that no stream
+        watches is passed over unread: its values are any client's, and only a
+        watched job's are worth the cost of reading."""
         for key, entries in replies:
             name = names[key]
+            if not entries:
+                continue
+            with self.lock:
+                watched = {job_id for queue_name, job_id in self.jobs if queue_name == name}
             for entry_id, fields in entries:
-                event = stream_event(entry_id, fields)
-                if event is not None:
-                    self.deliver(name, text(fields.get(b"jobId", b"")), event)
-            if entries:
-                with self.lock:
-                    if name in self.queues:
-                        self.queues[name] = max(self.queues[name], stream_id(entries[-1][0]))
+                job_id = text(fields.get(b"jobId", b""))
+                if job_id in watched and (event := stream_event(entry_id, fields)) is not None:
+                    self.deliver(name, job_id, event)
+            with self.lock:
+                if name in self.queues:
+                    self.queues[name] = max(self.queues[name], stream_id(entries[-1][0]))
 
     def deliver(self, queue_name: str, job_id: str, event: Event) -> None:
-        """Put an event in the inbox of every stream watching the job."""
+        """Hand an event to every stream watching the job."""
         with self.lock:
             job = self.jobs.get((queue_name, job_id))
-            subscriptions = list(job.subscriptions) if job else []
-        for subscription in subscriptions:
-            try:
-                subscription.inbox.put_nowait(event)
-            except queue.Full:
-                subscription.ended = BEHIND
+            for subscription in job.subscriptions if job else ():
+                subscription.put(event)
 
     def stop(self) -> None:
         """End every open stream within a second (the process is stopping)."""
@@ -522,31 +559,43 @@ def comment(line: str) -> bytes:
     return f": {line}\n\n".encode()
 
 
+class TooManyBytes(Exception):
+    """What a read of Redis would return holds more bytes than it may."""
+
+
 class ReplayTooLong(Exception):
-    """The events to replay lie further than REPLAY_ENTRIES entries of the stream."""
+    """The events to replay lie further than REPLAY_ENTRIES entries of the stream, or
+    the job's own hold more than REPLAY_BYTES."""
 
 
 def replay(
     reader: JobReader, queue_name: str, job_id: str, after: StreamId, until: StreamId
 ) -> Iterator[Event]:
     """Yield the job's events in its queue's stream after `after`, up to `until`; raise
-    ReplayTooLong after REPLAY_ENTRIES entries short of `until`."""
-    budget = REPLAY_ENTRIES
+    ReplayTooLong after REPLAY_ENTRIES entries short of `until`, or REPLAY_BYTES of the
+    job's own. Redis passes the other jobs' entries over: only the job's are sent."""
+    entries_left, bytes_left = REPLAY_ENTRIES, REPLAY_BYTES
     while after < until:
-        if budget <= 0:
+        if entries_left <= 0:
             raise ReplayTooLong
-        entries = reader.events_after(queue_name, after, min(PAGE, budget))
-        if not entries:
+        try:
+            last, entries = reader.job_events_after(
+                queue_name, job_id, after, min(PAGE, entries_left), bytes_left
+            )
+        except TooManyBytes:
+            raise ReplayTooLong from None
+        if last is None:
             return
-        budget -= len(entries)
+        entries_left -= min(PAGE, entries_left)
         for entry_id, fields in entries:
-            after = stream_id(entry_id)
-            if after > until:
+            position = stream_id(entry_id)
+            if position > until:
                 return
-            if text(fields.get(b"jobId", b"")) == job_id:
-                event = stream_event(entry_id, fields)
-                if event is not None:
-                    yield event
+            bytes_left -= sum(map(len, fields.values()))
+            event = stream_event(entry_id, fields)
+            if event is not None:
+                yield event
+        after = last
 
 
 def lines(
@@ -571,10 +620,12 @@ def event_stream(
     tail: int,
     resume: tuple[StreamId, int] | None,
     until: float | None = None,
+    client: socket.socket | None = None,
 ) -> Iterator[bytes]:
     """Yield a job's events as text/event-stream: what it holds (or, resuming, what the
     client missed), then what happens to it, until it finishes or is removed, or, given
-    `until` (a time.monotonic()), until then."""
+    `until` (a time.monotonic()), until then; given the client's socket, until the
+    client hangs up."""
     subscription, watched_position, watched_logs = watcher.subscribe(
         queue_name, job_id, state.stream_top, state.log_count
     )
@@ -619,7 +670,7 @@ def event_stream(
             return
         # Events the watcher handed on before this stream subscribed.
         events = replay(reader, queue_name, job_id, cursor.position, watched_position)
-        yield from follow(reader, watcher, subscription, cursor, events, until)
+        yield from follow(reader, watcher, subscription, cursor, events, until, client)
     except LookupError:
         # Removed while the stream caught up.
         yield cursor.announce(Event("removed", cursor.position, json.dumps({"jobId": job_id})))
@@ -641,9 +692,12 @@ def follow(
     cursor: Cursor,
     events: Iterator[Event],
     until: float | None,
+    client: socket.socket | None = None,
 ) -> Iterator[bytes]:
     """Yield the events given, then those the watcher hands on, until the job finishes
-    or is removed, the process stops, the client falls too far behind, or `until`."""
+    or is removed, the process stops, the client falls too far behind or hangs up, or
+    `until`. A client that hangs up is seen within a second, not at the next write: its
+    place under the stream limits is free for its next stream at once."""
     beat = time.monotonic()
     while not watcher.stopping.is_set() and subscription.ended is None:
         event = next(events, None)
@@ -653,8 +707,10 @@ def follow(
                 yield comment("the watch token expired: open the stream with a new one")
                 return
             try:
-                event = subscription.inbox.get(timeout=min(1.0, until - now) if until else 1.0)
+                event = subscription.get(timeout=min(1.0, until - now) if until else 1.0)
             except queue.Empty:
+                if client is not None and hung_up(client):
+                    return
                 if time.monotonic() - beat >= HEARTBEAT_SECONDS:
                     beat = time.monotonic()
                     yield comment("keep-alive")
@@ -685,3 +741,18 @@ def follow(
         if (sent := cursor.send(event)) is not None:
             yield sent
         return
+
+
+# The system's own poll: gevent's patched select module has none, and a poll that
+# waits for nothing needs no greenlet.
+poll = monkey.get_original("select", "poll")
+
+
+def hung_up(client: socket.socket) -> bool:
+    """Say whether the client has closed its end of the connection (or reset it)."""
+    try:
+        poller = poll()
+        poller.register(client.fileno(), select.POLLRDHUP)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True  # closed under us: gone all the same

@@ -6,6 +6,7 @@ whatever Redis holds.
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import re
 import signal
@@ -251,6 +252,83 @@ def test_resuming_from_0_0_reads_a_bounded_part_of_a_long_event_stream(make_app,
     assert sent < 1.5 * streams.REPLAY_ENTRIES * 1100
 
 
+def test_resuming_amid_large_values_of_other_jobs_costs_redis_a_bounded_number_of_bytes(
+    make_app, job, r, opened
+):
+    """Any job token writes progress of up to 64 KiB: a resume must not read every
+    job's values to find its own job's."""
+    job()
+    large = "x" * 64 * 1024
+    pipe = r.pipeline(transaction=False)
+    for n in range(300):  # about 20 MB of other jobs' events
+        pipe.xadd("bull:orders:events", {"event": "progress", "jobId": f"other{n}", "data": large})
+    pipe.execute()
+    client = make_app().test_client()
+    client.post("/queues/orders/jobs/1/progress", data=b"77", headers=bearer(JOB_TOKEN))
+    sent_before = r.info("stats")["total_net_output_bytes"]
+    status, stream = opened(client, **api(**{"Last-Event-ID": "0-0/0"}))
+    assert status == 200
+    first = stream.next()
+    sent = r.info("stats")["total_net_output_bytes"] - sent_before
+    assert (first.event, first.data) == ("progress", "77")
+    assert sent < 100_000  # the job's own entry and state, none of the others' values
+
+
+def test_resuming_past_more_than_replay_bytes_of_the_jobs_own_gets_its_current_progress(
+    make_app, job, r, opened
+):
+    job()
+    client = make_app().test_client()
+    top = r.xadd("bull:orders:events", {"event": "progress", "jobId": "other", "data": "1"})
+    large = "7" * 60_000
+    for n in range(40):  # 2.4 MB of the job's own progress
+        progress = json.dumps(f"{n} {large}")
+        answer = client.post(
+            "/queues/orders/jobs/1/progress", data=progress, headers=bearer(JOB_TOKEN)
+        )
+        assert answer.status_code == 200
+    sent_before = r.info("stats")["total_net_output_bytes"]
+    status, stream = opened(client, **api(**{"Last-Event-ID": f"{top}/0"}))
+    assert status == 200
+    first = stream.next()
+    sent = r.info("stats")["total_net_output_bytes"] - sent_before
+    assert (first.event, first.data) == ("progress", progress)
+    assert stream.reader.comments == ["too much happened since Last-Event-ID: the current progress"]
+    assert sent < streams.REPLAY_BYTES + 200_000
+
+
+def test_a_stream_that_stops_reading_holds_at_most_inbox_bytes_then_resumes(
+    make_app, job, r, opened
+):
+    job()
+    app = make_app()
+    client = app.test_client()
+    progress = client.post("/queues/orders/jobs/1/progress", data="1", headers=bearer(JOB_TOKEN))
+    assert progress.status_code == 200
+    response = client.get(EVENTS, headers=api(), buffered=False)
+    assert response.status_code == 200
+    body = EventStream(StreamedBody(response))
+    first = next(iter(body))  # the stream is open; now it reads no more
+    watcher = app.extensions["bullmq_http"].watcher
+    (subscription,) = watcher.jobs["orders", "1"].subscriptions
+    large = "5" * 60_000
+    for n in range(40):  # 2.4 MB of progress while the stream reads nothing
+        progress = json.dumps(f"{n} {large}")
+        answer = client.post(
+            "/queues/orders/jobs/1/progress", data=progress, headers=bearer(JOB_TOKEN)
+        )
+        assert answer.status_code == 200
+    wait_until(lambda: subscription.ended == streams.BEHIND, 10, "the stream to be ended")
+    assert subscription.inbox_bytes <= streams.INBOX_BYTES
+    # The stream ends, and resumed from its cursor it gets the job's progress now.
+    assert list(body) == []
+    response.close()
+    status, resumed = opened(client, **api(**{"Last-Event-ID": first.id}))
+    assert status == 200
+    current = resumed.next()
+    assert (current.event, current.data) == ("progress", progress)
+
+
 def test_resuming_at_line_0_reads_pages_within_max_page_bytes(
     make_app, job, r, opened, monkeypatch
 ):
@@ -296,6 +374,51 @@ def test_bytes_that_are_not_utf8_in_any_queue_leave_every_stream_alive(
         ("progress", "8"),
     ]
     assert client.get("/readyz").status_code == 200
+
+
+def test_a_return_value_nested_too_deep_to_parse_stops_no_stream(make_app, job, r, opened):
+    """BullMQ stores any processor's return value; one nested deeper than Python's JSON
+    reader goes must stop neither the reader nor any stream, of its queue or another's,
+    nor fail /readyz."""
+    job()
+    job(job_id="deep")
+    job(queue="other")
+    client = make_app().test_client()
+    _, orders = opened(client, **api())
+    _, deep = opened(client, "/queues/orders/jobs/deep/events", **api())
+    _, other = opened(client, "/queues/other/jobs/1/events", **api())
+    nested = "[" * 5000 + "]" * 5000
+    for job_id in ("unwatched", "deep"):
+        r.zadd("bull:orders:completed", {job_id: 1})
+        r.hset(f"bull:orders:{job_id}", "returnvalue", nested)
+        r.xadd("bull:orders:events", {"event": "completed", "jobId": job_id, "returnvalue": nested})
+    client.post("/queues/orders/jobs/1/progress", data=b"3", headers=bearer(JOB_TOKEN))
+    client.post("/queues/other/jobs/1/progress", data=b"4", headers=bearer(JOB_TOKEN))
+    assert [(e.event, e.data) for e in (orders.next(), other.next())] == [
+        ("progress", "3"),
+        ("progress", "4"),
+    ]
+    (end,) = deep.until_end()
+    assert (end.event, json.loads(end.data)) == ("completed", {"returnvalue": nested})
+    assert client.get("/readyz").status_code == 200
+    # The deep value's stream opened after the job ended tells the same.
+    _, again = opened(client, "/queues/orders/jobs/deep/events", **api())
+    assert [(e.event, json.loads(e.data)) for e in again.until_end()] == [
+        ("completed", {"returnvalue": nested})
+    ]
+
+
+def test_the_reader_with_no_queue_left_to_read_reads_nothing(make_app, redis_url):
+    """The last stream may close between the reader's look at its queues and its read:
+    a read of no queue at all must be no error."""
+    watcher = make_app().extensions["bullmq_http"].watcher
+    client = redis.Redis.from_url(redis_url)
+    try:
+        watcher.read_events(client)
+        watcher.poll(client, events=True)
+    finally:
+        client.close()
+    assert watcher.failure is None and watcher.queues == {}
 
 
 def test_a_queue_key_of_another_type_ends_that_queues_streams_only(make_app, job, r, opened):
@@ -541,3 +664,31 @@ def test_sigterm_ends_a_stream_whose_client_stopped_reading_within_seconds(serve
     finally:
         close()
         server.stop()
+
+
+@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
+def test_a_stream_whose_client_hung_up_frees_its_place_within_seconds(serve, job, worker_class):
+    """A reader that reloads or switches tabs opens its next stream at once, not after
+    the heartbeat that would find the old one gone."""
+    job()
+    server = serve(WORKER_CLASS=worker_class, MAX_STREAMS_PER_TOKEN="1")
+
+    async def scenario() -> list[int]:
+        reader, writer = await connect(server)
+        writer.write(request(f"{EVENTS}?tail=0"))
+        assert (await answer(reader))[0] == 200
+        writer.close()  # the client leaves; nothing is written to its stream after
+        statuses = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            reader, writer = await connect(server)
+            writer.write(request(f"{EVENTS}?tail=0"))
+            statuses.append((await answer(reader))[0])
+            writer.close()
+            if statuses[-1] == 200:
+                break
+            await asyncio.sleep(0.25)
+        return statuses
+
+    statuses = asyncio.run(scenario())
+    assert statuses[-1] == 200 and set(statuses[:-1]) <= {429}
