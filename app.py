@@ -56,6 +56,7 @@ from flask import (
     Response,
     abort,
     current_app,
+    g,
     render_template,
     request,
     send_from_directory,
@@ -90,7 +91,7 @@ from streams import (
     parse_cursor,
     text,
 )
-from tokens import ApiTokens, BadWatchToken, watch_token, watch_token_expires
+from tokens import ApiTokens, BadWatchToken, WatchToken, check_watch_token, watch_token
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,6 @@ docs = Blueprint("docs", __name__)
 
 PLAIN = {"Content-Type": "text/plain; charset=utf-8"}
 JSON = "application/json"
-# Where watch_or_api_token_required leaves a request's watch token, and when it expires.
-WATCH_TOKEN = "bullmq_http.watch_token"  # noqa: S105
 # The cookie a watch page exchanges its link's token for (POST .../watch/session).
 WATCH_COOKIE = "bullmq_watch"
 
@@ -159,9 +158,8 @@ def watch_or_api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
         if token is None:
             check_api_token(kwargs.get("queue"))
         else:
-            expires = check_watch_token(token, kwargs["queue"], kwargs["job_id"])
+            g.watch_token = valid_watch_token(token, kwargs["queue"], kwargs["job_id"])
             request.environ[TOKEN_NAME] = "watch-token"  # for the access log
-            request.environ[WATCH_TOKEN] = token, expires
         return view(**kwargs)
 
     return wrapper
@@ -177,19 +175,20 @@ def check_api_token(queue: str | None) -> None:
             abort(401, "this server has no API token configured (AUTH_TOKENS)")
         abort(401, "the API token is not valid")
     request.environ[TOKEN_NAME] = token.name  # for the access log
+    g.api_token = token
     if queue is not None and not token.reads(queue):
         abort(403, f"this token may not read queue {queue!r}")
 
 
-def check_watch_token(token: str, queue: str, job_id: str) -> int:
-    """Stop with 401 unless the token is an unexpired watch token of this job; return
-    when it expires (Unix time)."""
+def valid_watch_token(token: str, queue: str, job_id: str) -> WatchToken:
+    """Return the token, if it is an unexpired watch token of this job; else stop with
+    401."""
     secret = current_app.config["WATCH_TOKEN_SECRET"]
     if not secret:
         abort(401, "watch tokens are off on this server (WATCH_TOKEN_SECRET)")
     longest = current_app.config["WATCH_TOKEN_MAX_SECONDS"]
     try:
-        return watch_token_expires(secret, token, queue, job_id, longest)
+        return check_watch_token(secret, token, queue, job_id, longest)
     except BadWatchToken as error:
         abort(401, str(error))
 
@@ -265,15 +264,16 @@ def job_events(queue: str, job_id: str) -> Response:
         if resume is None:
             abort(400, "Last-Event-ID must be the id of an event this service sent")
     parts = service()
-    watch = request.environ.get(WATCH_TOKEN)
+    watch: WatchToken | None = g.get("watch_token")
     if watch is None:
         until = None
-        give_back = parts.stream_limits.take("api", request.environ[TOKEN_NAME])
+        give_back = parts.stream_limits.take(("api", g.api_token.identity))
     else:
-        token, expires = watch
-        # A stream opened with a watch token ends when the token expires.
-        until = time.monotonic() + (expires - time.time())
-        give_back = parts.stream_limits.take("watch", token)
+        # A stream opened with a watch token ends when the token expires, and counts
+        # against the API token that minted it as well as against itself.
+        until = time.monotonic() + (watch.expires - time.time())
+        minter = () if watch.minter is None else (("api", watch.minter),)
+        give_back = parts.stream_limits.take(("watch", watch.token), *minter)
     try:
         state = parts.store.job_state(queue, job_id)
         # gunicorn hands over the client's socket: a stream sees its client hang up.
@@ -359,7 +359,7 @@ def start_watching(queue: str, job_id: str) -> Response:
     watched_job does."""
     no_query_parameters_but(())
     token = request_body().decode("ascii", "replace").strip()
-    expires = check_watch_token(token, queue, job_id)
+    expires = valid_watch_token(token, queue, job_id).expires
     response = job_summary(queue, job_id, expires)
     response.set_cookie(
         WATCH_COOKIE,
@@ -379,8 +379,8 @@ def watched_job(queue: str, job_id: str) -> Response:
     """Return the job a page watches: its name and state, and when its watch token
     expires (null for an API token)."""
     no_query_parameters_but(("token",))
-    watch = request.environ.get(WATCH_TOKEN)
-    return job_summary(queue, job_id, None if watch is None else watch[1])
+    watch: WatchToken | None = g.get("watch_token")
+    return job_summary(queue, job_id, None if watch is None else watch.expires)
 
 
 def job_summary(queue: str, job_id: str, expires: int | None) -> Response:
@@ -430,7 +430,8 @@ def mint_watch_token(queue: str, job_id: str) -> Response:
     default = min(current_app.config["WATCH_TOKEN_SECONDS"], longest)
     seconds = query_number("seconds", default, whole_number(1, longest))
     expires = int(time.time()) + seconds
-    return json_answer({"token": watch_token(secret, queue, job_id, expires), "expires": expires})
+    token = watch_token(secret, queue, job_id, expires, minter=g.api_token.identity)
+    return json_answer({"token": token, "expires": expires})
 
 
 @health.get("/healthz")
@@ -692,6 +693,8 @@ def too_many_streams(error: TooManyStreams) -> Response:
     at its own: at once, before the stream costs anything."""
     if error.kind is not None:
         who, setting = STREAM_CREDENTIALS[error.kind]
+        if error.kind == "api" and g.get("watch_token") is not None:
+            who = "the API token that minted this watch token"
         message = (
             f"{who} holds its most open streams of events here ({setting}={error.limit}): "
             "close one, then retry"

@@ -485,7 +485,7 @@ class TooManyStreams(Exception):
 
 class StreamLimits:
     """How many streams of events this process holds, in all and per credential (an API
-    token's name, or a watch token), within the limits its settings set."""
+    token's identity, or a watch token), within the limits its settings set."""
 
     def __init__(self, most: int, per_api_token: int, per_watch_token: int) -> None:
         self.most = most
@@ -494,18 +494,19 @@ class StreamLimits:
         self.held: dict[tuple[str, str], int] = {}
         self.lock = threading.Lock()
 
-    def take(self, kind: str, credential: str) -> Callable[[], None]:
-        """Count one more stream of a credential of `kind` ("api" or "watch"), or raise
-        TooManyStreams; return the function that gives it back, once."""
-        key = (kind, credential)
+    def take(self, *credentials: tuple[str, str]) -> Callable[[], None]:
+        """Count one more stream against each credential given, (kind, identity) with
+        kind "api" or "watch", or raise TooManyStreams naming the first at its limit;
+        return the function that gives it back, once."""
         with self.lock:
             if self.open >= self.most:
                 raise TooManyStreams(None, self.most)
-            held = self.held.get(key, 0)
-            if held >= self.per_kind[kind]:
-                raise TooManyStreams(kind, self.per_kind[kind])
+            for kind, identity in credentials:
+                if self.held.get((kind, identity), 0) >= self.per_kind[kind]:
+                    raise TooManyStreams(kind, self.per_kind[kind])
             self.open += 1
-            self.held[key] = held + 1
+            for credential in credentials:
+                self.held[credential] = self.held.get(credential, 0) + 1
         given_back = False
 
         def give_back() -> None:
@@ -515,9 +516,10 @@ class StreamLimits:
                     return
                 given_back = True
                 self.open -= 1
-                self.held[key] -= 1
-                if not self.held[key]:
-                    del self.held[key]
+                for credential in credentials:
+                    self.held[credential] -= 1
+                    if not self.held[credential]:
+                        del self.held[credential]
 
         return give_back
 

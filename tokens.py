@@ -65,6 +65,13 @@ class Token:
     digest: bytes
     queues: re.Pattern[str]
 
+    @functools.cached_property
+    def identity(self) -> str:
+        """Return what the token is counted as by the stream limits, and named as in
+        the watch tokens it mints: the same whatever its name, and nothing of the secret
+        (a hash of its digest)."""
+        return hashlib.sha256(b"bullmq-http identity\0" + self.digest).hexdigest()[:32]
+
     def reads(self, queue: str) -> bool:
         """Say whether the token may read this queue."""
         return self.queues.fullmatch(queue) is not None
@@ -237,32 +244,58 @@ class ApiTokens:
         self.seen = seen
 
 
-def watch_token(secret: str, queue: str, job_id: str, expires: int) -> str:
+def watch_token(
+    secret: str, queue: str, job_id: str, expires: int, minter: str | None = None
+) -> str:
     """Return the watch token of one job's events, good until `expires` (Unix seconds).
 
     It is `<expires>.<signature>`, the signature the hex HMAC-SHA256, under the secret,
     of the JSON array ["bullmq-http watch", queue, job id, expires] written as
     JavaScript's JSON.stringify writes it: no queue name or job id, whatever it holds (a
     newline, a quote), can pass for another's, and any backend can sign one (README).
+    A token this service mints names the API token that minted it (its identity), whose
+    limits its streams count against too: `<expires>.<minter>.<signature>`, the minter
+    the array's fifth element.
     """
-    message = json.dumps(
-        ["bullmq-http watch", queue, job_id, expires], ensure_ascii=False, separators=(",", ":")
-    )
+    fields: list[str | int] = ["bullmq-http watch", queue, job_id, expires]
+    if minter is not None:
+        fields.append(minter)
+    message = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
     signature = hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
-    return f"{expires}.{signature}"
+    return f"{expires}.{signature}" if minter is None else f"{expires}.{minter}.{signature}"
 
 
 class BadWatchToken(ValueError):
     """A watch token that does not open a job's events now; its message says why."""
 
 
-def watch_token_expires(secret: str, token: str, queue: str, job_id: str, longest: int) -> int:
-    """Return when a watch token of this job expires (Unix time), or raise BadWatchToken
-    unless it is one, unexpired, and lives no longer than `longest` seconds from now."""
-    expires, _, _ = token.partition(".")
-    if not (token.isascii() and expires.isdigit() and len(expires) <= 12):
+@dataclass(frozen=True)
+class WatchToken:
+    """A valid watch token: itself, when it expires (Unix time), and the identity of the
+    API token that minted it (None for one signed elsewhere)."""
+
+    token: str
+    expires: int
+    minter: str | None
+
+
+MINTER = re.compile(r"[0-9a-f]{32}")
+
+
+def check_watch_token(secret: str, token: str, queue: str, job_id: str, longest: int) -> WatchToken:
+    """Return a watch token of this job, or raise BadWatchToken unless it is one,
+    unexpired, and lives no longer than `longest` seconds from now."""
+    expires, *middle = token.split(".")[:-1] or [""]
+    if not (
+        token.isascii()
+        and expires.isdigit()
+        and len(expires) <= 12
+        and len(middle) <= 1
+        and all(MINTER.fullmatch(minter) for minter in middle)
+    ):
         raise BadWatchToken("the watch token is not valid for this job")
-    expected = watch_token(secret, queue, job_id, int(expires))
+    minter = middle[0] if middle else None
+    expected = watch_token(secret, queue, job_id, int(expires), minter)
     if not hmac.compare_digest(token.encode(), expected.encode()):
         raise BadWatchToken("the watch token is not valid for this job")
     now = time.time()
@@ -272,4 +305,4 @@ def watch_token_expires(secret: str, token: str, queue: str, job_id: str, longes
         raise BadWatchToken(
             f"the watch token lives longer than WATCH_TOKEN_MAX_SECONDS={longest} allows"
         )
-    return int(expires)
+    return WatchToken(token, int(expires), minter)

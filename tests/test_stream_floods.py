@@ -151,6 +151,48 @@ def test_a_watch_token_opened_in_many_tabs_holds_only_its_share(make_app, job, o
     assert opened(client, EVENTS)[0] == 429
 
 
+def test_watch_tokens_an_api_token_mints_hold_no_more_streams_than_it_may(make_app, job, opened):
+    """Each minted token has its own share, but all of them together count against the
+    API token that minted them: minting more tokens opens no more streams."""
+    job()
+    app = make_app(
+        AUTH_TOKENS=[API_TOKEN, "another-token"],
+        WATCH_TOKEN_SECRET=SECRET,
+        MAX_STREAMS_PER_TOKEN=3,
+        MAX_STREAMS_PER_WATCH_TOKEN=10,
+    )
+    client = app.test_client()
+    minted = [
+        client.post("/queues/orders/jobs/1/events/token", headers=api()).json["token"]
+        for _ in range(5)
+    ]
+    statuses = [opened(client, f"{EVENTS}?token={token}")[0] for token in minted]
+    assert statuses == [200, 200, 200, 429, 429]
+    _, refused = opened(client, f"{EVENTS}?token={minted[4]}")
+    assert refused.text == (
+        "the API token that minted this watch token holds its most open streams of events "
+        "here (MAX_STREAMS_PER_TOKEN=3): close one, then retry"
+    )
+    assert opened(client, **api())[0] == 429  # the minter's own share is spent too
+    assert opened(client, Authorization="Bearer another-token")[0] == 200
+    # A link signed offline counts against itself alone.
+    link = watch_token(SECRET, "orders", "1", int(time.time()) + 300)
+    assert opened(client, f"{EVENTS}?token={link}")[0] == 200
+
+
+def test_a_minted_watch_tokens_minter_cannot_be_changed(make_app, job):
+    job()
+    client = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()
+    token = client.post("/queues/orders/jobs/1/events/token", headers=api()).json["token"]
+    expires, _, signature = token.split(".")
+    for forged in (f"{expires}.{signature}", f"{expires}.{'0' * 32}.{signature}"):
+        response = client.get(f"{EVENTS}?token={forged}")
+        assert (response.status_code, response.text) == (
+            401,
+            "the watch token is not valid for this job",
+        )
+
+
 def test_a_stream_opened_with_a_watch_token_ends_when_it_expires(make_app, job, opened):
     job()
     client = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()
