@@ -413,7 +413,12 @@ def logs_as_text(queue: str, job_id: str) -> Response:
     return current_app.response_class(
         lines(),
         mimetype="text/plain",
-        headers={"Content-Disposition": f"attachment; filename*=UTF-8''{filename}"},
+        headers={
+            "Content-Disposition": f"attachment; filename*=UTF-8''{filename}",
+            # Never run as a script, nor read by a page of another origin (<script src>).
+            "X-Content-Type-Options": "nosniff",
+            "Cross-Origin-Resource-Policy": "same-origin",
+        },
     )
 
 

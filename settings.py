@@ -257,6 +257,9 @@ def default_max_streams(config: Mapping[str, Any]) -> int:
 
 # Secrets that may come from a file (a container's mounted secret) instead.
 SECRET_FILES = ("REDIS_PASSWORD", "WATCH_TOKEN_SECRET")
+# A watch secret signs every link: one shorter than this can be found from a link by
+# trying secrets offline.
+MIN_SECRET_BYTES = 32
 
 
 def read_secret_files(config: MutableMapping[str, Any]) -> None:
@@ -284,6 +287,13 @@ def check_settings(config: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"MIN_QUEUE_NAME_LENGTH={config['MIN_QUEUE_NAME_LENGTH']} is above "
             f"MAX_QUEUE_NAME_LENGTH={config['MAX_QUEUE_NAME_LENGTH']}"
+        )
+    secret = config["WATCH_TOKEN_SECRET"]
+    if secret is not None and len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"WATCH_TOKEN_SECRET is {len(secret.encode())} bytes: it must be at least "
+            f"{MIN_SECRET_BYTES} (openssl rand -hex 32), as any link lets a short one be "
+            "guessed offline"
         )
     if config["REDIS_CLUSTER"] and config["REDIS_SENTINELS"]:
         raise ConfigError("REDIS_CLUSTER and REDIS_SENTINELS are set: choose one")

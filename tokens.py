@@ -1,8 +1,10 @@
 """Tokens: API tokens, who may read which queues, from AUTH_TOKENS and AUTH_TOKENS_FILE;
 and watch tokens, which open one job's events (watch_token).
 
-The token file holds one token a line (`#` starts a comment). A line is either a bare
-token, which reads every queue (the older format), or three fields:
+The token file holds one token a line; a line whose first field starts with `#` is a
+comment (a long one-word comment is warned of: it reads like a token), and a byte
+order mark before the first line is dropped. A line is either a bare token, which
+reads every queue (the older format), or three fields:
 
     # name        token                                         queues
     dashboard     sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08  *
@@ -32,6 +34,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -47,6 +50,8 @@ CHECK_SECONDS = 1.0
 READ_WAIT_SECONDS = 0.05
 
 HASHED = re.compile(r"sha256:([0-9a-fA-F]{64})")
+# A comment line of one word this long reads like a token someone meant to add.
+LIKE_A_TOKEN = 16
 
 # Starts a thread of the operating system's own, even where gevent has patched the
 # threading module: a greenlet reading a large file would hold up the worker's requests.
@@ -140,7 +145,16 @@ def parse_file(path: str, text: str) -> list[Token]:
     tokens = []
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
-        if not fields or fields[0].startswith("#"):
+        if not fields:
+            continue
+        if fields[0].startswith("#"):
+            if len(fields) == 1 and len(fields[0]) >= LIKE_A_TOKEN:
+                log.warning(
+                    "AUTH_TOKENS_FILE=%r line %d is a comment (it starts with #), not a "
+                    "token: a token in this file cannot start with #",
+                    path,
+                    number,
+                )
             continue
         where = f"AUTH_TOKENS_FILE={path!r} line {number}"
         if len(fields) == 1:
@@ -163,10 +177,16 @@ def parse_file(path: str, text: str) -> list[Token]:
 
 
 def read_file(path: str) -> tuple[str, os.stat_result]:
-    """Return a file's text and the stat it was read at; raise TokenFileError."""
+    """Return a file's text (less a byte order mark a Windows editor may have put before
+    the first token) and the stat it was read at; raise TokenFileError. Only a regular
+    file is read: a FIFO or a device would hold up start-up, or the reload, for ever."""
     try:
-        with open(path, encoding="utf-8") as file:
+        # Opened without waiting: opening a FIFO would wait for a writer.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(descriptor, encoding="utf-8-sig") as file:
             status = os.fstat(file.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise TokenFileError(f"AUTH_TOKENS_FILE={path!r} is not a regular file")
             return file.read(), status
     except (OSError, UnicodeDecodeError) as error:
         raise TokenFileError(f"AUTH_TOKENS_FILE={path!r} cannot be read ({error})") from None

@@ -150,7 +150,7 @@ def test_a_watch_token_never_reaches_the_access_log_however_it_is_spelt(
     make_app, job, access, query, logged
 ):
     job()
-    client = make_app(WATCH_TOKEN_SECRET="a secret").test_client()
+    client = make_app(WATCH_TOKEN_SECRET="a secret of thirty-two bytes or more").test_client()
     response = client.get(f"/queues/orders/jobs/1/events?{query}")
     assert (response.status_code, response.text) == (
         401,

@@ -160,6 +160,32 @@ def test_a_malformed_file_stops_start_up_with_one_line(tmp_path, monkeypatch, te
         assert message.startswith(f"AUTH_TOKENS_FILE={str(path)!r} line ")
 
 
+def test_a_byte_order_mark_before_the_first_token_is_dropped(make_app, tmp_path, r, job):
+    """Windows editors save UTF-8 with a BOM: the first token must work all the same."""
+    job(queue="emails")
+    path = tmp_path / "tokens"
+    path.write_bytes("\ufefffirst-token\nsecond second-token *\n".encode())
+    client = make_app(AUTH_TOKENS=[], AUTH_TOKENS_FILE=str(path)).test_client()
+    assert read(client, "emails", "first-token").status_code == 200
+    assert read(client, "emails", "second-token").status_code == 200
+
+
+def test_a_token_written_after_a_hash_is_a_comment_and_is_warned_of(
+    make_app, tmp_path, r, job, caplog
+):
+    job(queue="emails")
+    path = tmp_path / "tokens"
+    path.write_text("# name token queues\n#c0mm3nted-0ut-t0ken-a8f3\nkept kept-token *\n")
+    with caplog.at_level(logging.WARNING, logger="tokens"):
+        client = make_app(AUTH_TOKENS=[], AUTH_TOKENS_FILE=str(path)).test_client()
+    assert read(client, "emails", "#c0mm3nted-0ut-t0ken-a8f3").status_code == 401
+    assert read(client, "emails", "kept-token").status_code == 200
+    assert [record.getMessage() for record in caplog.records if record.name == "tokens"] == [
+        f"AUTH_TOKENS_FILE={str(path)!r} line 2 is a comment (it starts with #), not a token: "
+        "a token in this file cannot start with #"
+    ]
+
+
 def test_a_token_in_the_file_and_the_environment_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "tokens"
     path.write_text("shared-token\n")
@@ -199,6 +225,7 @@ def test_a_changed_file_is_used_without_a_restart(scoped, r, job, token_file, ch
         None,  # gone
         "",  # empty: the first instant of a rewrite in place
         "steady steady-token *\ncut cut-tok",  # cut short inside its last line
+        "fifo",  # a FIFO: opening it would wait for a writer, for ever
     ],
 )
 def test_a_bad_file_keeps_the_last_good_set_and_says_so_once(
@@ -207,6 +234,9 @@ def test_a_bad_file_keeps_the_last_good_set_and_says_so_once(
     job(queue="emails")
     if bad is None:
         token_file.unlink()
+    elif bad == "fifo":
+        token_file.unlink()
+        os.mkfifo(token_file)
     else:
         replace(token_file, bad)
 

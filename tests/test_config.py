@@ -1,6 +1,7 @@
 """Settings: defaults, then environment variables, then the factory's overrides."""
 
 import logging
+import os
 
 import pytest
 
@@ -101,13 +102,36 @@ def test_an_unreadable_token_file_stops_the_factory(monkeypatch):
 
 
 def test_secrets_come_from_mounted_files(tmp_path, monkeypatch):
-    (tmp_path / "watch").write_text("s3cret with spaces \n")
+    (tmp_path / "watch").write_text("a s3cret with spaces, of 32 bytes or more \n")
     (tmp_path / "redis").write_text("pa55\r\n")
     monkeypatch.setenv("WATCH_TOKEN_SECRET_FILE", str(tmp_path / "watch"))
     monkeypatch.setenv("REDIS_PASSWORD_FILE", str(tmp_path / "redis"))
     app = create_app()
-    assert app.config["WATCH_TOKEN_SECRET"] == "s3cret with spaces "
+    assert app.config["WATCH_TOKEN_SECRET"] == "a s3cret with spaces, of 32 bytes or more "
     assert app.config["REDIS_PASSWORD"] == "pa55"
+
+
+@pytest.mark.parametrize("secret", ["a", "x" * 31, "é" * 15])
+def test_a_watch_secret_shorter_than_32_bytes_stops_the_factory(monkeypatch, secret):
+    """Any link carries a signature: a short secret can be found from one offline, and
+    then opens every job."""
+    monkeypatch.setenv("WATCH_TOKEN_SECRET", secret)
+    with pytest.raises(ConfigError) as raised:
+        create_app()
+    size = len(secret.encode())
+    assert str(raised.value) == (
+        f"WATCH_TOKEN_SECRET is {size} bytes: it must be at least 32 (openssl rand -hex 32), "
+        "as any link lets a short one be guessed offline"
+    )
+
+
+def test_a_fifo_as_the_token_file_stops_the_factory_at_once(tmp_path, monkeypatch):
+    fifo = tmp_path / "tokens"
+    os.mkfifo(fifo)
+    monkeypatch.setenv("AUTH_TOKENS_FILE", str(fifo))
+    with pytest.raises(ConfigError) as raised:
+        create_app()
+    assert str(raised.value) == f"AUTH_TOKENS_FILE={str(fifo)!r} is not a regular file"
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,7 @@ from streams import parse_cursor
 from tests.helpers import API_TOKEN, JOB_TOKEN, ROOT, StreamedBody, bearer, unavailable
 from tokens import watch_token
 
-SECRET = "a secret the instances share"
+SECRET = "a secret the instances share, 32 bytes or more"
 
 
 # ------------------------------------------------------------------ GET progress
@@ -490,7 +490,7 @@ def test_a_watch_token_works_on_every_instance_sharing_the_secret(make_app, job,
     event = next(iter(EventStream(StreamedBody(response))))  # the job's state comes at once
     assert (event.event, event.data) == ("progress", "3")
     response.close()
-    stranger = make_app(WATCH_TOKEN_SECRET="another secret").test_client()
+    stranger = make_app(WATCH_TOKEN_SECRET="another secret, also 32 bytes or more").test_client()
     response = stranger.get(f"/queues/orders/jobs/1/events?token={token}")
     assert (response.status_code, response.text) == (
         401, "the watch token is not valid for this job"
@@ -842,6 +842,9 @@ def test_logs_as_text_pages_through_every_line(make_app, job, r):
     response = client.get("/queues/orders/jobs/1/logs.txt", headers=bearer(API_TOKEN))
     assert response.status_code == 200
     assert response.text == "".join(f"{line}\n" for line in lines)
+    # A page on another origin must not run a job's line as a script, or read it.
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Cross-Origin-Resource-Policy"] == "same-origin"
     missing = client.get("/queues/orders/jobs/9/logs.txt", headers=bearer(API_TOKEN))
     assert (missing.status_code, missing.text) == (404, "job '9' not found in queue 'orders'")
 

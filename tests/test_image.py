@@ -36,7 +36,7 @@ pytestmark = pytest.mark.once
 
 IMAGE = "localhost/bullmq-http:test"
 UID = "10001"
-SECRET = "the image tests' watch secret"
+SECRET = "the image tests' watch secret, 32 bytes"
 
 
 class Podman:

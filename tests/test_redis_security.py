@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ACL_FILE = ROOT / "deploy" / "redis-acl.conf"
 USER, PASSWORD = "bullmq-http", "service-secret"
 BULLMQ_USER, BULLMQ_PASSWORD = "bullmq", "bullmq-secret"
-SECRET = "watch-token-secret"
+SECRET = "watch-token-secret-of-32-bytes-or-more"
 
 
 def acl_rules(without: str = "") -> list[str]:

@@ -28,7 +28,7 @@ from store import JobStore
 from tests.helpers import API_TOKEN, JOB_TOKEN, StreamedBody, bearer
 from tokens import watch_token
 
-SECRET = "a secret the instances share"
+SECRET = "a secret the instances share, 32 bytes or more"
 EVENTS = "/queues/orders/jobs/1/events"
 
 

@@ -30,7 +30,7 @@ from tokens import watch_token
 
 pytestmark = pytest.mark.once
 
-SECRET = "the page tests' secret"
+SECRET = "the page tests' secret, 32 bytes or more"
 SECONDS = 15.0  # the longest a page may take to show what happened
 
 
