@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import redis
 import yaml
@@ -154,7 +154,7 @@ def watch_or_api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(**kwargs: Any) -> Any:
         token = request.args.get("token")
         if token is None and "Authorization" not in request.headers:
-            token = request.cookies.get(WATCH_COOKIE)
+            token = job_cookie(kwargs["queue"], kwargs["job_id"])
         if token is None:
             check_api_token(kwargs.get("queue"))
         else:
@@ -178,6 +178,22 @@ def check_api_token(queue: str | None) -> None:
     g.api_token = token
     if queue is not None and not token.reads(queue):
         abort(403, f"this token may not read queue {queue!r}")
+
+
+def job_cookie(queue: str, job_id: str) -> str | None:
+    """Return the watch cookie the browser sent for this job: of several (another job's
+    whose Path is a prefix of this job's comes too, as a cut Path is), the first that
+    opens this job, else the first."""
+    cookies = request.cookies.getlist(WATCH_COOKIE)
+    secret = current_app.config["WATCH_TOKEN_SECRET"]
+    longest = current_app.config["WATCH_TOKEN_MAX_SECONDS"]
+    if len(cookies) > 1 and secret:
+        for cookie in cookies:
+            try:
+                return check_watch_token(secret, cookie, queue, job_id, longest).token
+            except BadWatchToken:
+                continue
+    return cookies[0] if cookies else None
 
 
 def valid_watch_token(token: str, queue: str, job_id: str) -> WatchToken:
@@ -587,15 +603,27 @@ def log_line(body: bytes) -> str:
 
 
 def job_cookie_path(queue: str, job_id: str) -> str:
-    """Return the path a job's watch cookie is sent for: the job's routes as the client
-    wrote them (behind a proxy, under its prefix), so that its browser sends it back."""
-    raw = request.environ.get("RAW_URI")  # gunicorn's: the path as the client sent it
-    if raw:
-        base = raw.partition("?")[0].removesuffix("watch/session")
+    """Return the path a job's watch cookie is sent for: the job's routes as the page
+    says its browser addresses them (X-Watch-Path), else as the client wrote them
+    (behind a proxy that re-encodes paths, not as the browser does: nginx's proxy_pass
+    does), up to the last slash before any character a cookie's Path cannot hold."""
+    said = request.headers.get("X-Watch-Path", "")
+    if said and unquote(said).endswith(f"/queues/{queue}/jobs/{job_id}/"):
+        base = said
+    elif raw := request.environ.get("RAW_URI"):  # gunicorn's: the path as sent
+        base = request.script_root + raw.partition("?")[0].removesuffix("watch/session")
     else:
-        base = f"/queues/{quote(queue, safe='')}/jobs/{quote(job_id, safe='')}/"
-    # Nothing that could end the cookie's path and start another attribute.
-    return request.script_root + quote(base, safe="/%!$&'()*+=:@~")
+        base = (
+            f"{request.script_root}/queues/{quote(queue, safe='')}/jobs/{quote(job_id, safe='')}/"
+        )
+    # A ';' or a control character would end the Path, or start another attribute; the
+    # browser sends a cookie to every path its Path is a prefix of.
+    cut = COOKIE_PATH_END.search(base)
+    return base if cut is None else base[: base.rindex("/", 0, cut.start()) + 1]
+
+
+# What a cookie's Path cannot hold (RFC 6265: no control characters, no ';').
+COOKIE_PATH_END = re.compile(r"[\x00-\x20;\x7f-\uffff]")
 
 
 def ok() -> Response:

@@ -250,7 +250,14 @@
     let response;
     try {
       response = token
-        ? await fetch(url, { method: "POST", body: token, credentials: "same-origin" })
+        ? await fetch(url, {
+            method: "POST",
+            body: token,
+            credentials: "same-origin",
+            // The path as this browser writes it, which a proxy may have re-encoded: the
+            // cookie is scoped to it, so that the browser sends it back.
+            headers: { "X-Watch-Path": base },
+          })
         : await fetch(url, { credentials: "same-origin", cache: "no-store" });
     } catch {
       return later(session); // the service is out of reach: try again

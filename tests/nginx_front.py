@@ -23,6 +23,7 @@ def site_config(socket: Path, port: int, directory: Path) -> str:
         ("server unix:/run/bullmq-http/gunicorn.sock", f"server unix:{socket}"),
         ("listen 80;", f"listen 127.0.0.1:{port};"),
         ("/var/log/nginx/bullmq-http.log", str(directory / "access.log")),
+        ("/var/log/nginx/bullmq-http.error.log", str(directory / "bullmq-error.log")),
     ]:
         assert text.count(old) == 1, f"deploy/nginx.conf no longer has {old!r}"
         text = text.replace(old, new)

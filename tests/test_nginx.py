@@ -213,6 +213,32 @@ def test_nginx_logs_no_watch_token(stack, job):
     assert "SECRET" not in logged
 
 
+def test_nginx_error_log_holds_no_watch_token_when_the_upstream_fails(nginx, tmp_path, redis_url):
+    """nginx writes the request line, query and all, with every upstream error: the
+    recipe keeps those out of every error log it writes."""
+    socket = tmp_path / "gunicorn.sock"
+    env = {"REDIS_URL": redis_url, "AUTH_TOKENS": API_TOKEN, "WEB_CONCURRENCY": "1"}
+    (tmp_path / "app").mkdir()
+    port = free_port()
+    with Gunicorn(tmp_path / "app", env, bind=f"unix:{socket}"):
+        process = start_nginx(nginx, tmp_path, socket, port)
+    try:  # gunicorn is gone: each request is a 502, an upstream error to nginx
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for route in ("events?token=1.SECRET-ONE", "logs.txt?token=1.SECRET-TWO"):
+            conn.request("GET", f"/bullmq/queues/orders/jobs/1/{route}")
+            response = conn.getresponse()
+            assert (response.status, response.read()[:0]) == (502, b"")
+        conn.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        assert process.stderr is not None
+        process.stderr.close()
+    logged = [path.read_text() for path in tmp_path.glob("*.log")]
+    assert any('"GET /bullmq/queues/orders/jobs/1/events HTTP/1.1" 502' in log for log in logged)
+    assert not any("SECRET" in log for log in logged)
+
+
 def test_an_nginx_reload_ends_within_its_timeout_with_streams_open(stack, job):
     s, _ = stack
     children = Path(f"/proc/{s.nginx}/task/{s.nginx}/children")

@@ -17,13 +17,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import redis
 from bullmq import Job, Queue, Worker
 from playwright.sync_api import sync_playwright
 
-from dev import CHROMIUM_ARGS, Gunicorn, free_port, wait_until
+from dev import CHROMIUM_ARGS, Gunicorn, add_active_job, free_port, wait_until
 from tests.helpers import API_TOKEN, unavailable
 from tests.nginx_front import nginx_binary, start_nginx
 from tokens import watch_token
@@ -367,6 +368,27 @@ def test_a_link_that_does_not_open_the_job_says_so(site, page, bull_job, which):
     assert text_of(page, "#problem") == "This link is not valid, or has expired: ask for a new one."
     assert text_of(page, "#connection") == "ended"
     assert page.context.cookies() == []
+
+
+@pytest.mark.parametrize(
+    "job_id",
+    ["repeat:8f2a1c:1732870000000", "user@example.com", "a(1)", "a/b", "x;y", "[z]", "ünï 1"],
+)
+def test_a_link_works_for_every_job_id_bullmq_makes_behind_the_proxy(site, page, job_id):
+    """nginx re-encodes the path it passes on: the cookie must be scoped to the path as
+    the browser writes it, or the browser never sends it back."""
+    add_active_job(site.data, "links", job_id, "a-job-token")
+    site.data.rpush(f"bull:links:{job_id}:logs", f"info: the line of {job_id}")
+    token = watch_token(SECRET, "links", job_id, int(time.time()) + 3600)
+    watch = site.url("links", quote(job_id, safe=""), "watch")
+    page.goto(f"{watch}#token={token}")
+    page.wait_for_selector("#connection[data-state=live]", timeout=SECONDS * 1000)
+    until_shown(page, lambda: [(0, f"info: the line of {job_id}")], lambda: shown_lines(page))
+    # Reloaded, the page has its cookie alone: the link's token left the address bar.
+    page.reload()
+    page.wait_for_selector("#connection[data-state=live]", timeout=SECONDS * 1000)
+    until_shown(page, lambda: [(0, f"info: the line of {job_id}")], lambda: shown_lines(page))
+    assert text_of(page, "#problem") == ""
 
 
 def test_reading_tools_filter_follow_copy_anchor_and_download(site, page, bull_job):
