@@ -608,7 +608,7 @@ def job_cookie_path(queue: str, job_id: str) -> str:
     (behind a proxy that re-encodes paths, not as the browser does: nginx's proxy_pass
     does), up to the last slash before any character a cookie's Path cannot hold."""
     said = request.headers.get("X-Watch-Path", "")
-    if said and unquote(said).endswith(f"/queues/{queue}/jobs/{job_id}/"):
+    if said.startswith("/") and unquote(said).endswith(f"/queues/{queue}/jobs/{job_id}/"):
         base = said
     elif raw := request.environ.get("RAW_URI"):  # gunicorn's: the path as sent
         base = request.script_root + raw.partition("?")[0].removesuffix("watch/session")

@@ -849,6 +849,27 @@ def test_logs_as_text_pages_through_every_line(make_app, job, r):
     assert (missing.status_code, missing.text) == (404, "job '9' not found in queue 'orders'")
 
 
+@pytest.mark.parametrize(
+    ("said", "path"),
+    [
+        ("/bullmq/queues/orders/jobs/a%3Bb/", "/bullmq/queues/orders/jobs/a%3Bb/"),
+        ("/bullmq/queues/orders/jobs/a;b/", "/bullmq/queues/orders/jobs/"),
+        (";/queues/orders/jobs/a;b/", "/queues/orders/jobs/a%3Bb/"),  # not a path: unused
+        ("/elsewhere/", "/queues/orders/jobs/a%3Bb/"),  # not this job's: unused
+        ("/queues/orders/jobs/a;b/\x01x", "/queues/orders/jobs/a%3Bb/"),
+    ],
+)
+def test_the_cookie_path_is_the_one_the_page_says_when_it_names_the_job(make_app, job, said, path):
+    job(job_id="a;b")
+    client = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()
+    token = watch_token(SECRET, "orders", "a;b", int(time.time()) + 60)
+    response = client.post(
+        "/queues/orders/jobs/a%3Bb/watch/session", data=token, headers={"X-Watch-Path": said}
+    )
+    assert response.status_code == 200
+    assert f"; Path={path}" in response.headers["Set-Cookie"]
+
+
 def test_the_cookie_path_is_the_jobs_path_as_the_client_wrote_it(service, job_id):
     """Under gunicorn the path is the one the browser asked for, which it matches the
     cookie against: escapes as it wrote them."""
