@@ -274,11 +274,13 @@ def test_a_cursor_ahead_of_the_stream_gets_the_current_state_and_what_follows(
     ]
 
 
-def test_resuming_from_0_0_reads_a_bounded_part_of_a_long_event_stream(make_app, job, r, opened):
-    job()
-    filler = "x" * 1000
+def resume_from_0_0_amid(make_app, r, opened, entries: int, size: int) -> tuple[Any, Any, int]:
+    """Fill the queue's event stream with `entries` of other jobs' progress of `size`
+    bytes, set job 1's progress to 77, and resume its stream from 0-0/0; return the
+    first event, the stream, and the bytes Redis sent meanwhile."""
+    filler = "x" * size
     pipe = r.pipeline(transaction=False)
-    for n in range(20_000):  # about 20 MB of other jobs' events
+    for n in range(entries):
         pipe.xadd("bull:orders:events", {"event": "progress", "jobId": f"other{n}", "data": filler})
     pipe.execute()
     client = make_app().test_client()
@@ -287,7 +289,13 @@ def test_resuming_from_0_0_reads_a_bounded_part_of_a_long_event_stream(make_app,
     status, stream = opened(client, **api(**{"Last-Event-ID": "0-0/0"}))
     assert status == 200
     first = stream.next()
-    sent = r.info("stats")["total_net_output_bytes"] - sent_before
+    return first, stream, r.info("stats")["total_net_output_bytes"] - sent_before
+
+
+def test_resuming_from_0_0_reads_a_bounded_part_of_a_long_event_stream(make_app, job, r, opened):
+    job()
+    # About 20 MB of other jobs' events.
+    first, stream, sent = resume_from_0_0_amid(make_app, r, opened, 20_000, 1000)
     assert (first.event, first.data) == ("progress", "77")
     assert stream.reader.comments == ["too much happened since Last-Event-ID: the current progress"]
     # At most REPLAY_ENTRIES entries of about 1 KB, and the job's own state.
@@ -300,18 +308,8 @@ def test_resuming_amid_large_values_of_other_jobs_costs_redis_a_bounded_number_o
     """Any job token writes progress of up to 64 KiB: a resume must not read every
     job's values to find its own job's."""
     job()
-    large = "x" * 64 * 1024
-    pipe = r.pipeline(transaction=False)
-    for n in range(300):  # about 20 MB of other jobs' events
-        pipe.xadd("bull:orders:events", {"event": "progress", "jobId": f"other{n}", "data": large})
-    pipe.execute()
-    client = make_app().test_client()
-    client.post("/queues/orders/jobs/1/progress", data=b"77", headers=bearer(JOB_TOKEN))
-    sent_before = r.info("stats")["total_net_output_bytes"]
-    status, stream = opened(client, **api(**{"Last-Event-ID": "0-0/0"}))
-    assert status == 200
-    first = stream.next()
-    sent = r.info("stats")["total_net_output_bytes"] - sent_before
+    # About 20 MB of other jobs' events.
+    first, _, sent = resume_from_0_0_amid(make_app, r, opened, 300, 64 * 1024)
     assert (first.event, first.data) == ("progress", "77")
     assert sent < 100_000  # the job's own entry and state, none of the others' values
 
