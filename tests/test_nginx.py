@@ -48,13 +48,17 @@ class Stack:
             conn.close()
 
     def logged_address(self, request_id: str) -> str:
-        """Return the client address the app logged for a request id."""
-        for line in self.gunicorn.log.read_text().splitlines():
-            if f" {request_id} " in line:
-                found = re.search(r'\] (\S+) "', line)
-                assert found, line
-                return found[1]
-        raise AssertionError(f"no access-log line for {request_id}")
+        """Return the client address the app logged for a request id (the line is
+        written once the answer has gone, so wait for it)."""
+
+        def line() -> str | None:
+            lines = self.gunicorn.log.read_text().splitlines()
+            return next((line for line in lines if f" {request_id} " in line), None)
+
+        logged = wait_until(line, 5, f"the access-log line of {request_id}")
+        found = re.search(r'\] (\S+) "', logged)
+        assert found, logged
+        return found[1]
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +211,12 @@ def test_nginx_logs_no_watch_token(stack, job):
     for query in ("token=1.SECRET-ONE", "tok%65n=1.SECRET-TWO&tail=3"):
         status, _, body = s.request("GET", f"/bullmq/queues/orders/jobs/1/events?{query}")
         assert (status, body) == (401, b"watch tokens are off on this server (WATCH_TOKEN_SECRET)")
-    wait_until(lambda: (s.directory / "access.log").exists(), 5, "nginx's access log")
-    logged = (s.directory / "access.log").read_text()
-    assert logged.count('"GET /bullmq/queues/orders/jobs/1/events HTTP/1.1" 401') == 2
+    line = '"GET /bullmq/queues/orders/jobs/1/events HTTP/1.1" 401'
+    log = s.directory / "access.log"
+    # nginx writes a request's line after its answer has gone: wait for both lines
+    wait_until(lambda: log.exists() and log.read_text().count(line) >= 2, 5, "both lines")
+    logged = log.read_text()
+    assert logged.count(line) == 2
     assert "SECRET" not in logged
 
 
