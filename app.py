@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -91,7 +92,16 @@ from streams import (
     parse_cursor,
     text,
 )
-from tokens import ApiTokens, BadWatchToken, WatchToken, check_watch_token, watch_token
+from tokens import (
+    ApiTokens,
+    BadWatchToken,
+    MintingLimit,
+    WatchToken,
+    check_session_token,
+    check_watch_token,
+    session_token,
+    watch_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +162,16 @@ def watch_or_api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(view)
     def wrapper(**kwargs: Any) -> Any:
+        queue, job_id = kwargs["queue"], kwargs["job_id"]
         token = request.args.get("token")
-        if token is None and "Authorization" not in request.headers:
-            token = job_cookie(kwargs["queue"], kwargs["job_id"])
-        if token is None:
-            check_api_token(kwargs.get("queue"))
+        if token is not None:
+            g.watch_token = valid_watch_token(token, queue, job_id)
+        elif "Authorization" not in request.headers and WATCH_COOKIE in request.cookies:
+            g.watch_token = g.watch_session = cookie_session(queue, job_id)
         else:
-            g.watch_token = valid_watch_token(token, kwargs["queue"], kwargs["job_id"])
-            request.environ[TOKEN_NAME] = "watch-token"  # for the access log
+            check_api_token(kwargs.get("queue"))
+            return view(**kwargs)
+        request.environ[TOKEN_NAME] = "watch-token"  # for the access log
         return view(**kwargs)
 
     return wrapper
@@ -180,33 +192,37 @@ def check_api_token(queue: str | None) -> None:
         abort(403, f"this token may not read queue {queue!r}")
 
 
-def job_cookie(queue: str, job_id: str) -> str | None:
-    """Return the watch cookie the browser sent for this job: of several (another job's
-    whose Path is a prefix of this job's comes too, as a cut Path is), the first that
-    opens this job, else the first."""
-    cookies = request.cookies.getlist(WATCH_COOKIE)
-    secret = current_app.config["WATCH_TOKEN_SECRET"]
-    longest = current_app.config["WATCH_TOKEN_MAX_SECONDS"]
-    if len(cookies) > 1 and secret:
-        for cookie in cookies:
-            try:
-                return check_watch_token(secret, cookie, queue, job_id, longest).token
-            except BadWatchToken:
-                continue
-    return cookies[0] if cookies else None
+def cookie_session(queue: str, job_id: str) -> WatchToken:
+    """Return what the page's session cookie grants on this job; of several (another
+    job's whose Path is a prefix of this job's comes too, as a cut Path is), the first
+    that opens this job. Stop with 401 if none does."""
+    secret, longest = watch_secret()
+    refusal = "the watch token is not valid for this job"
+    for cookie in request.cookies.getlist(WATCH_COOKIE):
+        try:
+            return check_session_token(secret, cookie, queue, job_id, longest)
+        except BadWatchToken as error:
+            refusal = str(error)
+    abort(401, refusal)
 
 
 def valid_watch_token(token: str, queue: str, job_id: str) -> WatchToken:
     """Return the token, if it is an unexpired watch token of this job; else stop with
     401."""
-    secret = current_app.config["WATCH_TOKEN_SECRET"]
-    if not secret:
-        abort(401, "watch tokens are off on this server (WATCH_TOKEN_SECRET)")
-    longest = current_app.config["WATCH_TOKEN_MAX_SECONDS"]
+    secret, longest = watch_secret()
     try:
         return check_watch_token(secret, token, queue, job_id, longest)
     except BadWatchToken as error:
         abort(401, str(error))
+
+
+def watch_secret() -> tuple[str, int]:
+    """Return the watch tokens' secret and WATCH_TOKEN_MAX_SECONDS; stop with 401 when
+    watch tokens are off."""
+    secret = current_app.config["WATCH_TOKEN_SECRET"]
+    if not secret:
+        abort(401, "watch tokens are off on this server (WATCH_TOKEN_SECRET)")
+    return secret, current_app.config["WATCH_TOKEN_MAX_SECONDS"]
 
 
 # ------------------------------------------------------------------------ views
@@ -289,7 +305,7 @@ def job_events(queue: str, job_id: str) -> Response:
         # against the API token that minted it as well as against itself.
         until = time.monotonic() + (watch.expires - time.time())
         minter = () if watch.minter is None else (("api", watch.minter),)
-        give_back = parts.stream_limits.take(("watch", watch.token), *minter)
+        give_back = parts.stream_limits.take(("watch", watch.share), *minter)
     try:
         state = parts.store.job_state(queue, job_id)
         # gunicorn hands over the client's socket: a stream sees its client hang up.
@@ -370,17 +386,41 @@ def watch_page_file(queue: str, job_id: str, name: str) -> Response:
 @jobs.post("/queues/<queue>/jobs/<path:job_id>/watch/session")
 def start_watching(queue: str, job_id: str) -> Response:
     """Exchange a watch token (the body: what a page took from its link's #token=) for
-    an HttpOnly cookie that opens this job's events and plain-text logs, for as long as
-    the token is valid, with no token in any URL the page asks for; answer what
-    watched_job does."""
+    a session: an HttpOnly cookie that opens this job's events and plain-text logs with
+    no token in any URL the page asks for; answer what watched_job does."""
     no_query_parameters_but(())
     token = request_body().decode("ascii", "replace").strip()
-    expires = valid_watch_token(token, queue, job_id).expires
-    response = job_summary(queue, job_id, expires)
+    watch = valid_watch_token(token, queue, job_id)
+    return with_session(job_summary(queue, job_id, watch.expires), queue, job_id, watch)
+
+
+@jobs.get("/queues/<queue>/jobs/<path:job_id>/watch/session")
+@watch_or_api_token_required
+def watched_job(queue: str, job_id: str) -> Response:
+    """Return the job a page watches: its name and state, and when its watch token
+    expires (null for an API token); a page's session cookie is renewed."""
+    no_query_parameters_but(("token",))
+    watch: WatchToken | None = g.get("watch_token")
+    summary = job_summary(queue, job_id, None if watch is None else watch.expires)
+    session = g.get("watch_session")
+    if session is None:
+        return json_answer(summary)
+    return with_session(summary, queue, job_id, session)
+
+
+def with_session(summary: dict[str, Any], queue: str, job_id: str, watch: WatchToken) -> Response:
+    """Answer a job's summary with a new session cookie for it, opened with `watch`:
+    it lasts WATCH_SESSION_SECONDS (never past the watch token), and the answer says
+    for how long, so that a page open longer renews it in time."""
+    secret = current_app.config["WATCH_TOKEN_SECRET"]
+    seconds = current_app.config["WATCH_SESSION_SECONDS"]
+    session, ends = session_token(secret, queue, job_id, watch, seconds)
+    lasts = max(1, ends - int(time.time()))
+    response = json_answer({**summary, "session_seconds": lasts})
     response.set_cookie(
         WATCH_COOKIE,
-        token,
-        max_age=max(1, int(expires - time.time())),
+        session,
+        max_age=lasts,
         path=job_cookie_path(queue, job_id),
         secure=request.is_secure,
         httponly=True,
@@ -389,21 +429,11 @@ def start_watching(queue: str, job_id: str) -> Response:
     return response
 
 
-@jobs.get("/queues/<queue>/jobs/<path:job_id>/watch/session")
-@watch_or_api_token_required
-def watched_job(queue: str, job_id: str) -> Response:
-    """Return the job a page watches: its name and state, and when its watch token
-    expires (null for an API token)."""
-    no_query_parameters_but(("token",))
-    watch: WatchToken | None = g.get("watch_token")
-    return job_summary(queue, job_id, None if watch is None else watch.expires)
-
-
-def job_summary(queue: str, job_id: str, expires: int | None) -> Response:
-    """Answer a job's queue, id, name and state, and when a watch token expires."""
+def job_summary(queue: str, job_id: str, expires: int | None) -> dict[str, Any]:
+    """Return a job's queue, id, name and state, and when a watch token expires."""
     state = service().store.job_state(queue, job_id)
     summary = {"queue": queue, "id": job_id, "name": state.name, "state": state.status}
-    return json_answer({**summary, "expires": expires})
+    return {**summary, "expires": expires, "session_seconds": None}
 
 
 @jobs.get("/queues/<queue>/jobs/<path:job_id>/logs.txt")
@@ -450,6 +480,14 @@ def mint_watch_token(queue: str, job_id: str) -> Response:
     longest = current_app.config["WATCH_TOKEN_MAX_SECONDS"]
     default = min(current_app.config["WATCH_TOKEN_SECONDS"], longest)
     seconds = query_number("seconds", default, whole_number(1, longest))
+    wait = service().minting.take(g.api_token.identity)
+    if wait:
+        message = (
+            "this API token has minted its most watch tokens for now "
+            f"(WATCH_TOKENS_PER_MINUTE={current_app.config['WATCH_TOKENS_PER_MINUTE']}): "
+            "retry after Retry-After seconds, or hand out the tokens already minted"
+        )
+        abort(Response(message, 429, {"Retry-After": str(math.ceil(wait)), **PLAIN}))
     expires = int(time.time()) + seconds
     token = watch_token(secret, queue, job_id, expires, minter=g.api_token.identity)
     return json_answer({"token": token, "expires": expires})
@@ -651,6 +689,7 @@ class Service:
     store: JobStore
     watcher: Watcher
     stream_limits: StreamLimits
+    minting: MintingLimit
     openapi: dict[str, Any]  # openapi.yaml, read once
 
     def close(self) -> None:
@@ -863,6 +902,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             per_api_token=app.config["MAX_STREAMS_PER_TOKEN"],
             per_watch_token=app.config["MAX_STREAMS_PER_WATCH_TOKEN"],
         ),
+        minting=MintingLimit(app.config["WATCH_TOKENS_PER_MINUTE"]),
         openapi=yaml.safe_load(OPENAPI.read_text(encoding="utf-8")),
     )
     if app.config["METRICS"]:

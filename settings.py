@@ -188,6 +188,9 @@ SETTINGS: dict[str, Setting] = {
     # The longest a watch token may live, minted or signed elsewhere: a link in a
     # notification must outlast the job it watches.
     "WATCH_TOKEN_MAX_SECONDS": Setting(86_400, whole_number(1, 30 * 86_400)),
+    # How long a page's session cookie lasts before the page renews it.
+    "WATCH_SESSION_SECONDS": Setting(3600, whole_number(1, 86_400)),
+    "WATCH_TOKENS_PER_MINUTE": Setting(600, whole_number(1, 1_000_000)),
     "WATCH_ALLOWED_ORIGINS": Setting(frozenset(), _origins),
     # The origins whose pages may show the watch page in a frame; none unless listed.
     "WATCH_FRAME_ANCESTORS": Setting(frozenset(), _origins),

@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -291,12 +292,14 @@ class BadWatchToken(ValueError):
 
 @dataclass(frozen=True)
 class WatchToken:
-    """A valid watch token: itself, when it expires (Unix time), and the identity of the
-    API token that minted it (None for one signed elsewhere)."""
+    """A valid watch token, or a page's session opened with one: when what it grants
+    ends (Unix time), the identity of the API token that minted it (None for one signed
+    elsewhere), and its share: what its streams count against (a hash of the link's
+    token, the same for the link and for every session opened with it)."""
 
-    token: str
     expires: int
     minter: str | None
+    share: str
 
 
 MINTER = re.compile(r"[0-9a-f]{32}")
@@ -318,11 +321,87 @@ def check_watch_token(secret: str, token: str, queue: str, job_id: str, longest:
     expected = watch_token(secret, queue, job_id, int(expires), minter)
     if not hmac.compare_digest(token.encode(), expected.encode()):
         raise BadWatchToken("the watch token is not valid for this job")
+    check_lifetime(int(expires), longest)
+    share = hashlib.sha256(b"bullmq-http share\0" + token.encode()).hexdigest()[:32]
+    return WatchToken(int(expires), minter, share)
+
+
+def check_lifetime(expires: int, longest: int) -> None:
+    """Raise BadWatchToken if `expires` has passed, or lies more than `longest` seconds
+    ahead."""
     now = time.time()
-    if int(expires) <= now:
+    if expires <= now:
         raise BadWatchToken("the watch token has expired: ask for a new one")
-    if int(expires) > now + longest:
+    if expires > now + longest:
         raise BadWatchToken(
             f"the watch token lives longer than WATCH_TOKEN_MAX_SECONDS={longest} allows"
         )
-    return WatchToken(token, int(expires), minter)
+
+
+def session_token(
+    secret: str, queue: str, job_id: str, watch: WatchToken, seconds: int
+) -> tuple[str, int]:
+    """Return a page's session of one job, opened with a watch token, and when it ends:
+    `seconds` from now, or when the token does if that is sooner.
+
+    It is what the page keeps (its cookie) in place of its link's token: it cannot be
+    turned back into the link, it ends on its own (the page renews it while it is open,
+    never past the link's end), and it grants what the link does, from the same share.
+    `<ends>.<expires>.<share>.<minter or ->.<signature>`, the signature the hex
+    HMAC-SHA256 of the fields, with the queue and job id, as a JSON array.
+    """
+    ends = min(watch.expires, int(time.time()) + seconds)
+    minter = watch.minter or "-"
+    fields = [str(ends), str(watch.expires), watch.share, minter]
+    return ".".join([*fields, session_signature(secret, queue, job_id, fields)]), ends
+
+
+def session_signature(secret: str, queue: str, job_id: str, fields: list[str]) -> str:
+    """Return the signature of a session's fields for one job."""
+    message = json.dumps(["bullmq-http session", queue, job_id, *fields], ensure_ascii=False)
+    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+SESSION = re.compile(r"(\d{1,12})\.(\d{1,12})\.([0-9a-f]{32})\.([0-9a-f]{32}|-)\.([0-9a-f]{64})")
+
+
+def check_session_token(
+    secret: str, session: str, queue: str, job_id: str, longest: int
+) -> WatchToken:
+    """Return what a page's session of this job grants, or raise BadWatchToken unless
+    it is one and neither it nor its link has ended."""
+    match = SESSION.fullmatch(session)
+    if match is None:
+        raise BadWatchToken("the watch token is not valid for this job")
+    ends, expires, share, minter, signature = match.groups()
+    expected = session_signature(secret, queue, job_id, [ends, expires, share, minter])
+    if not hmac.compare_digest(signature.encode(), expected.encode()):
+        raise BadWatchToken("the watch token is not valid for this job")
+    if int(ends) <= time.time():
+        raise BadWatchToken("the page's session has ended: open its link again")
+    check_lifetime(int(expires), longest)
+    return WatchToken(int(expires), None if minter == "-" else minter, share)
+
+
+class MintingLimit:
+    """How many watch tokens each API token may mint per minute on this process: each
+    has a bucket of that many, refilled evenly over the minute."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self.buckets: dict[str, tuple[float, float]] = {}  # identity: (left, when)
+        self.lock = threading.Lock()
+
+    def take(self, identity: str) -> float:
+        """Take one token's minting from the API token's bucket and return 0; or, with
+        the bucket empty, take nothing and return the seconds until it holds one."""
+        rate = self.per_minute / 60
+        with self.lock:
+            now = time.monotonic()
+            left, when = self.buckets.get(identity, (self.per_minute, now))
+            left = min(self.per_minute, left + (now - when) * rate)
+            if left < 1:
+                self.buckets[identity] = (left, now)
+                return (1 - left) / rate
+            self.buckets[identity] = (left - 1, now)
+            return 0.0

@@ -50,6 +50,7 @@
   let ended = false; // the job finished, or the link no longer opens it
   let failures = 0; // reconnects since the stream was last live
   let retryTimer = 0;
+  let sessionTimer = 0; // renews the session cookie
   let following = true; // keep the newest line in view
   let pending = []; // lines that arrived since the last frame drew
   let frame = 0;
@@ -276,10 +277,31 @@
     if (response.status === 404) return giveUp("There is no such job.", "removed");
     if (!response.ok) return later(session);
     const job = await response.json();
+    keepSession(job.session_seconds);
     ui.name.textContent = job.name;
     setStatus(job.state);
     showProblem("");
     connect();
+  }
+
+  // The cookie is a session that ends on its own, not the link's token: renew it
+  // while the page is open (for the stream's reconnects and "Download all"), halfway
+  // through what it has left; the service never renews it past the link's end.
+  function keepSession(seconds) {
+    clearTimeout(sessionTimer);
+    if (seconds) sessionTimer = setTimeout(renewSession, seconds * 500);
+  }
+
+  async function renewSession() {
+    try {
+      const url = `${base}watch/session`;
+      const response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
+      if (response.status === 401 || response.status === 404) return; // over
+      if (response.ok) return keepSession((await response.json()).session_seconds);
+    } catch {
+      // out of reach: try again shortly
+    }
+    keepSession(10);
   }
 
   // ---------------------------------------------------------------- the stream

@@ -723,19 +723,24 @@ def test_a_page_exchanges_its_link_for_a_cookie_that_opens_its_job_only(make_app
     job()
     job(job_id="2")
     r.rpush("bull:orders:1:logs", "first", "second <b>")
-    client = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()
+    client = make_app(WATCH_TOKEN_SECRET=SECRET, WATCH_SESSION_SECONDS=120).test_client()
     expires = int(time.time()) + 600
     token = watch_token(SECRET, "orders", "1", expires)
     response = client.post("/queues/orders/jobs/1/watch/session", data=token)
+    summary = {"queue": "orders", "id": "1", "name": "job", "state": "active"}
     assert (response.status_code, response.json) == (
-        200,
-        {"queue": "orders", "id": "1", "name": "job", "state": "active", "expires": expires},
-    )
+        200, {**summary, "expires": expires, "session_seconds": 120}
+    )  # fmt: skip
     cookie = response.headers["Set-Cookie"]
-    assert cookie.startswith(f"bullmq_watch={token}; ")
+    session = cookie.removeprefix("bullmq_watch=").split(";")[0]
+    # What the page keeps is a session of its own, not the link's token, and it ends
+    # before the link does.
+    assert cookie.startswith("bullmq_watch=") and token not in cookie
+    assert token.split(".")[-1] not in session
     attributes = {part.strip().split("=")[0] for part in cookie.split(";")[1:]}
     assert {"Max-Age", "Path", "HttpOnly", "SameSite"} <= attributes
     assert "Path=/queues/orders/jobs/1/" in cookie and "SameSite=Strict" in cookie
+    assert "; Max-Age=120;" in cookie
     # The cookie opens this job's events and its lines as text, with no token in the URL.
     stream = client.get("/queues/orders/jobs/1/events", buffered=False)
     assert stream.status_code == 200
@@ -747,11 +752,73 @@ def test_a_page_exchanges_its_link_for_a_cookie_that_opens_its_job_only(make_app
     assert text.headers["Content-Disposition"] == "attachment; filename*=UTF-8''orders-1.log"
     # Another job's routes: the browser does not send it there, and it opens nothing.
     assert client.get("/queues/orders/jobs/2/events").status_code == 401
-    client.set_cookie("bullmq_watch", token, path="/queues/orders/jobs/2/")
+    client.set_cookie("bullmq_watch", session, path="/queues/orders/jobs/2/")
     refused = client.get("/queues/orders/jobs/2/logs.txt")
     assert (refused.status_code, refused.text) == (401, "the watch token is not valid for this job")
     # Nor an API route: reading a page of logs takes an API token.
     assert client.get("/queues/orders/jobs/1/logs").status_code == 401
+    # A session is no link (?token=), and a link's token is no session (the cookie).
+    assert client.get(f"/queues/orders/jobs/1/logs.txt?token={session}").status_code == 401
+    fresh = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()
+    fresh.set_cookie("bullmq_watch", token, path="/queues/orders/jobs/1/")
+    assert fresh.get("/queues/orders/jobs/1/logs.txt").status_code == 401
+
+
+def session_of(response) -> tuple[str, int]:
+    """Return the session cookie a response set, and its Max-Age."""
+    cookie = response.headers["Set-Cookie"]
+    found = re.fullmatch(r"bullmq_watch=([^;]+);.* Max-Age=(\d+);.*", cookie)
+    assert found, cookie
+    return found[1], int(found[2])
+
+
+def test_a_pages_session_ends_on_its_own_and_is_renewed_never_past_its_link(make_app, job):
+    job()
+    client = make_app(WATCH_TOKEN_SECRET=SECRET, WATCH_SESSION_SECONDS=2).test_client()
+    link = watch_token(SECRET, "orders", "1", int(time.time()) + 3600)
+    first, lasts = session_of(client.post("/queues/orders/jobs/1/watch/session", data=link))
+    ends = int(first.split(".")[0])
+    assert lasts == 2 and link not in first
+    # Read before it ends, the session is renewed: a new cookie that ends later.
+    wait_until(lambda: int(time.time()) >= ends - 1, 3, "a second to pass")
+    renewed = client.get("/queues/orders/jobs/1/watch/session")
+    assert (renewed.status_code, renewed.json["session_seconds"]) == (200, 2)
+    second, _ = session_of(renewed)
+    assert int(second.split(".")[0]) > ends
+    # Past its end, the session opens nothing, though the link is good for an hour.
+    wait_until(lambda: time.time() > int(second.split(".")[0]), 3, "the session's end")
+    client.set_cookie("bullmq_watch", second, path="/queues/orders/jobs/1/")
+    refused = client.get("/queues/orders/jobs/1/events")
+    assert (refused.status_code, refused.text) == (
+        401, "the page's session has ended: open its link again"
+    )  # fmt: skip
+    # Renewed, a session never outlives its link.
+    client = make_app(WATCH_TOKEN_SECRET=SECRET, WATCH_SESSION_SECONDS=3600).test_client()
+    link = watch_token(SECRET, "orders", "1", int(time.time()) + 30)
+    assert session_of(client.post("/queues/orders/jobs/1/watch/session", data=link))[1] <= 30
+    renewed = client.get("/queues/orders/jobs/1/watch/session")
+    assert 0 < session_of(renewed)[1] <= 30 and renewed.json["session_seconds"] <= 30
+
+
+def test_a_session_altered_by_hand_opens_nothing(make_app, job):
+    job()
+    client = make_app(WATCH_TOKEN_SECRET=SECRET, WATCH_SESSION_SECONDS=60).test_client()
+    link = watch_token(SECRET, "orders", "1", int(time.time()) + 120)
+    session, _ = session_of(client.post("/queues/orders/jobs/1/watch/session", data=link))
+    ends, expires, share, minter, signature = session.split(".")
+    later = str(int(ends) + 86_400)
+    for forged in (
+        f"{later}.{expires}.{share}.{minter}.{signature}",  # a longer session
+        f"{ends}.{int(expires) + 86_400}.{share}.{minter}.{signature}",  # a longer link
+        f"{ends}.{expires}.{'0' * 32}.{minter}.{signature}",  # another share
+        f"{ends}.{expires}.{share}.{'1' * 32}.{signature}",  # another minter
+        session[:-1],
+    ):
+        client.set_cookie("bullmq_watch", forged, path="/queues/orders/jobs/1/")
+        refused = client.get("/queues/orders/jobs/1/watch/session")
+        assert (refused.status_code, refused.text) == (
+            401, "the watch token is not valid for this job"
+        )  # fmt: skip
 
 
 def test_a_page_reads_its_jobs_name_and_state_by_its_cookie(make_app, job, r):

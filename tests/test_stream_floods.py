@@ -180,6 +180,31 @@ def test_watch_tokens_an_api_token_mints_hold_no_more_streams_than_it_may(make_a
     assert opened(client, f"{EVENTS}?token={link}")[0] == 200
 
 
+def test_minting_is_bounded_per_api_token(make_app, job):
+    """Each API token mints at most WATCH_TOKENS_PER_MINUTE tokens a minute here: past
+    it, 429 and when to retry, nothing minted; another API token is not held back."""
+    job()
+    app = make_app(
+        AUTH_TOKENS=[API_TOKEN, "another-token"],
+        WATCH_TOKEN_SECRET=SECRET,
+        WATCH_TOKENS_PER_MINUTE=3,
+    )
+    client = app.test_client()
+    mint = "/queues/orders/jobs/1/events/token"
+    statuses = [client.post(mint, headers=api()).status_code for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    refused = client.post(mint, headers=api())
+    assert (refused.status_code, refused.text) == (
+        429,
+        "this API token has minted its most watch tokens for now "
+        "(WATCH_TOKENS_PER_MINUTE=3): retry after Retry-After seconds, "
+        "or hand out the tokens already minted",
+    )
+    # The bucket refills evenly over the minute: room for one more a third of it on.
+    assert 19 <= int(refused.headers["Retry-After"]) <= 20
+    assert client.post(mint, headers={"Authorization": "Bearer another-token"}).status_code == 200
+
+
 def test_a_minted_watch_tokens_minter_cannot_be_changed(make_app, job):
     job()
     client = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()

@@ -65,6 +65,8 @@ class Site:
                 "WATCH_TOKEN_SECRET": SECRET,
                 # Shorter than any link here: the page must outlive a stream's token.
                 "WATCH_TOKEN_SECONDS": "1",
+                # The page's session cookie lasts 10 s; the page renews it at 5 s.
+                "WATCH_SESSION_SECONDS": "10",
                 "TRUSTED_PROXIES": "1",
                 "WEB_CONCURRENCY": "1",
             },
@@ -225,11 +227,14 @@ def test_the_page_shows_a_bullmq_job_live_until_it_completes(site, page, bull_jo
     progress = json.dumps({"current": 1, "total": 4, "message": "scaling"}).encode()
     assert site.post(job.queue_name, job.id, "progress", job.token, progress) == 200
 
-    page.goto(site.link(job.queue_name, job.id))
+    link = site.link(job.queue_name, job.id)
+    page.goto(link)
     page.wait_for_selector("#connection[data-state=live]", timeout=SECONDS * 1000)
-    # The token left the address bar, for a cookie only the job's routes get.
+    # The token left the address bar, for a cookie only the job's routes get: a session
+    # of the page's own, not the link's token.
     assert page.url == site.url(job.queue_name, job.id, "watch")
     (cookie,) = page.context.cookies()
+    assert link.split("#token=")[1] not in cookie["value"]
     assert (cookie["name"], cookie["httpOnly"], cookie["sameSite"]) == (
         "bullmq_watch",
         True,
@@ -258,6 +263,25 @@ def test_the_page_shows_a_bullmq_job_live_until_it_completes(site, page, bull_jo
     assert json.loads(text_of(page, "#outcome-body")) == {"thumbnails": 3}
     assert shown_lines(page) == the_jobs_logs(site, job)
     assert len(shown_lines(page)) == 12
+
+
+def test_an_open_page_renews_its_session_and_a_reload_uses_it(site, page, bull_job):
+    job = bull_job()
+    page.goto(site.link(job.queue_name, job.id))
+    page.wait_for_selector("#connection[data-state=live]", timeout=SECONDS * 1000)
+    (first,) = page.context.cookies()
+    wait_until(
+        lambda: page.context.cookies()[0]["value"] != first["value"], SECONDS, "a new session"
+    )
+    (renewed,) = page.context.cookies()
+    assert renewed["expires"] > first["expires"]
+    job.log("after the first session")
+    # Past the first session's end, a reload (no token in the address now) opens the
+    # job by the renewed one.
+    wait_until(lambda: time.time() > first["expires"] + 1, SECONDS, "the first session's end")
+    page.reload()
+    page.wait_for_selector("#connection[data-state=live]", timeout=SECONDS * 1000)
+    until_shown(page, lambda: the_jobs_logs(site, job), lambda: shown_lines(page))
 
 
 def test_a_failed_job_shows_its_reason(site, page, bull_job):
