@@ -6,12 +6,12 @@ Workers report on the job they hold, authorized by the job's lock token:
     POST /queues/<queue>/jobs/<job_id>/logs       append one line to the job's logs
 
 Dashboards and operators read, authorized by an API token that may read the queue
-(AUTH_TOKENS, AUTH_TOKENS_FILE; see tokens.py):
+(AUTH_TOKENS, AUTH_TOKENS_FILE; see bullmq_http/tokens.py):
 
     GET  /queues/<queue>/jobs/<job_id>/logs       one page of the job's logs
     GET  /queues/<queue>/jobs/<job_id>/progress   the job's progress
     GET  /queues/<queue>/jobs/<job_id>/events     the job, live: server-sent events
-                                                  (see streams.py), also opened by
+                                                  (bullmq_http/streams.py), opened by
                                                   a watch token (?token=, or cookie)
     GET  /queues/<queue>/jobs/<job_id>/logs.txt   every line as text; a watch token too
     POST /queues/<queue>/jobs/<job_id>/events/token   mint a watch token for a browser
@@ -24,14 +24,11 @@ and probes and tools ask, with no token: GET /healthz, GET /readyz, GET /openapi
 and GET /metrics (Prometheus; every gunicorn worker's figures added up).
 
 Every route's read or write is one script on the job's keys in BullMQ's own layout
-(store.py), so the BullMQ libraries see it all. This module is the service's HTTP face
+(bullmq_http/store.py), so the BullMQ libraries see it all. This module is the service's HTTP face
 and nothing else; it reads top-down: blueprints, token decorators and views; the
 request parsing they call; the service's parts; the error handlers; and create_app,
 which wires them together on a Flask whose URL map finds job routes by their last
-segment. What is not about HTTP lives beside it: store.py (the job store and its Lua),
-streams.py (the live events), redis_link.py (connections), settings.py, tokens.py (API
-and watch tokens), js_json.py (JSON as JavaScript writes it), logs.py (the access log)
-and metrics.py.
+segment. What is not about HTTP lives beside it, in the bullmq_http package.
 """
 
 from __future__ import annotations
@@ -68,11 +65,10 @@ from werkzeug.routing import Map, Rule
 from werkzeug.routing.matcher import StateMachineMatcher
 from werkzeug.wrappers import Response as BaseResponse
 
-import js_json
-import metrics
-from logs import TOKEN_NAME, AccessLog, loggable
-from redis_link import UNAVAILABLE, error_hint, redis_client, watcher_client
-from settings import (
+from bullmq_http import js_json, metrics
+from bullmq_http.access_log import TOKEN_NAME, AccessLog, loggable
+from bullmq_http.redis_link import UNAVAILABLE, error_hint, redis_client, watcher_client
+from bullmq_http.settings import (
     DEFAULTS,
     api_tokens,
     check_settings,
@@ -81,8 +77,8 @@ from settings import (
     settings_from_env,
     whole_number,
 )
-from store import CrossSlot, JobStore, NoSuchJob, NotBullmqLayout, NotLockHolder
-from streams import (
+from bullmq_http.store import CrossSlot, JobStore, NoSuchJob, NotBullmqLayout, NotLockHolder
+from bullmq_http.streams import (
     PAGE,
     RETRY_MS,
     StreamLimits,
@@ -92,7 +88,7 @@ from streams import (
     parse_cursor,
     text,
 )
-from tokens import (
+from bullmq_http.tokens import (
     ApiTokens,
     BadWatchToken,
     MintingLimit,

@@ -32,9 +32,9 @@ from typing import Any, Protocol, Self
 import redis
 from redis.crc import key_slot
 
-from settings import SETTINGS
-from streams import RETRY_MS
-from tokens import watch_token
+from bullmq_http.settings import SETTINGS
+from bullmq_http.streams import RETRY_MS
+from bullmq_http.tokens import watch_token
 
 # What gunicorn.conf.py and gunicorn itself read from the environment, beside the
 # settings of settings.SETTINGS.

@@ -28,7 +28,7 @@ from typing import Any
 
 from gunicorn import glogging
 
-from settings import ConfigError, server_settings
+from bullmq_http.settings import ConfigError, server_settings
 
 try:
     SETTINGS = server_settings(os.environ)
@@ -82,8 +82,8 @@ if worker_class == "gevent":
     # gevent's worker with deadlines: a request must arrive whole within
     # REQUEST_TIMEOUT of its first byte, a client must read what it is sent within
     # SEND_TIMEOUT, and idle clients give way to new ones when a worker is nearly full
-    # (worker.py), so slow clients cannot hold every connection.
-    from worker import DeadlineWorker
+    # (bullmq_http/gunicorn_worker.py), so slow clients cannot hold every connection.
+    from bullmq_http.gunicorn_worker import DeadlineWorker
 
     class Worker(DeadlineWorker):
         request_timeout = SETTINGS["REQUEST_TIMEOUT"]
@@ -91,7 +91,7 @@ if worker_class == "gevent":
 
     worker_class = Worker
 else:
-    from worker import read_body_safely
+    from bullmq_http.gunicorn_worker import read_body_safely
 
     def pre_request(worker: Any, req: Any) -> None:
         """Let the app read each body through worker.BodyReader, as the project's gevent
@@ -153,8 +153,8 @@ _DATES = "[%Y-%m-%d %H:%M:%S %z]"
 def _formatter(plain: str) -> dict[str, str]:
     """Return the formatter LOG_FORMAT asks for: JSON, or lines in the format given."""
     if SETTINGS["LOG_FORMAT"] == "json":
-        return {"()": "logs.JsonLogFormatter"}
-    return {"()": "logs.PlainLogFormatter", "fmt": plain, "datefmt": _DATES}
+        return {"()": "bullmq_http.access_log.JsonLogFormatter"}
+    return {"()": "bullmq_http.access_log.PlainLogFormatter", "fmt": plain, "datefmt": _DATES}
 
 
 def _to(stream: str, formatter: str) -> dict[str, str]:
@@ -187,7 +187,7 @@ def child_exit(server: Any, worker: Any) -> None:
     """Count a worker that exited while the server runs on (it is replaced), and fold
     its metric files into the dead workers' (metrics.py): its counts stay in the sums,
     its live gauges go."""
-    from metrics import WORKER_RESTARTS, fold_dead_worker  # loaded with the app, by now
+    from bullmq_http.metrics import WORKER_RESTARTS, fold_dead_worker  # loaded with the app, by now
 
     if server.LISTENERS:  # emptied when the whole server stops
         WORKER_RESTARTS.inc()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from settings import ConfigError, server_settings
+from bullmq_http.settings import ConfigError, server_settings
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bullmq_http.store import ADD_LOG, SET_PROGRESS  # noqa: E402
 from dev import (  # noqa: E402
     ClusterServers,
     Gunicorn,
@@ -49,7 +50,6 @@ from dev import (  # noqa: E402
     free_port,
     open_raw_stream,
 )
-from store import ADD_LOG, SET_PROGRESS  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 WORKERS = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)

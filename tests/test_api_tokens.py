@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-import tokens
 from app import create_app
+from bullmq_http import tokens
+from bullmq_http.settings import ConfigError
 from dev import Gunicorn, free_port, wait_until
-from settings import ConfigError
 from tests.helpers import bearer, snapshot
 
 DASHBOARD, BILLING, REPORTS = "d4shb0ard-token", "b1ll1ng-s3cret-token", "r3ports-token"
@@ -176,11 +176,13 @@ def test_a_token_written_after_a_hash_is_a_comment_and_is_warned_of(
     job(queue="emails")
     path = tmp_path / "tokens"
     path.write_text("# name token queues\n#c0mm3nted-0ut-t0ken-a8f3\nkept kept-token *\n")
-    with caplog.at_level(logging.WARNING, logger="tokens"):
+    with caplog.at_level(logging.WARNING, logger="bullmq_http.tokens"):
         client = make_app(AUTH_TOKENS=[], AUTH_TOKENS_FILE=str(path)).test_client()
     assert read(client, "emails", "#c0mm3nted-0ut-t0ken-a8f3").status_code == 401
     assert read(client, "emails", "kept-token").status_code == 200
-    assert [record.getMessage() for record in caplog.records if record.name == "tokens"] == [
+    assert [
+        record.getMessage() for record in caplog.records if record.name == "bullmq_http.tokens"
+    ] == [
         f"AUTH_TOKENS_FILE={str(path)!r} line 2 is a comment (it starts with #), not a token: "
         "a token in this file cannot start with #"
     ]
@@ -241,9 +243,11 @@ def test_a_bad_file_keeps_the_last_good_set_and_says_so_once(
         replace(token_file, bad)
 
     def errors() -> list[str]:
-        return [record.getMessage() for record in caplog.records if record.name == "tokens"]
+        return [
+            record.getMessage() for record in caplog.records if record.name == "bullmq_http.tokens"
+        ]
 
-    with caplog.at_level(logging.ERROR, logger="tokens"):
+    with caplog.at_level(logging.ERROR, logger="bullmq_http.tokens"):
         for _ in range(3):
             assert read(scoped, "emails", DASHBOARD).status_code == 200
             assert read(scoped, "emails", BILLING).status_code == 403

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from app import create_app
-from settings import DEFAULTS, ConfigError, settings_from_env
+from bullmq_http.settings import DEFAULTS, ConfigError, settings_from_env
 
 
 def test_defaults_match_the_reference_proxy():

@@ -24,8 +24,11 @@ import redis
 from bullmq import Queue, Worker
 from prometheus_client import REGISTRY
 
-import streams
 from app import create_app
+from bullmq_http import streams
+from bullmq_http.settings import ConfigError
+from bullmq_http.streams import parse_cursor
+from bullmq_http.tokens import watch_token
 from dev import (
     EventStream,
     Gunicorn,
@@ -35,10 +38,7 @@ from dev import (
     open_raw_stream,
     wait_until,
 )
-from settings import ConfigError
-from streams import parse_cursor
 from tests.helpers import API_TOKEN, JOB_TOKEN, ROOT, StreamedBody, bearer, unavailable
-from tokens import watch_token
 
 SECRET = "a secret the instances share, 32 bytes or more"
 

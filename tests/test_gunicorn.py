@@ -10,9 +10,9 @@ import time
 
 import pytest
 
+from bullmq_http.gunicorn_worker import DeadlineWorker
 from dev import GUNICORN, Gunicorn, UnixHTTPConnection, free_port, harness_environ, wait_until
 from tests.helpers import API_TOKEN, JOB_TOKEN, ROOT, bearer
-from worker import DeadlineWorker
 
 THREADS, LINES = 8, 40
 

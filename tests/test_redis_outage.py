@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
+from bullmq_http.store import JobStore
 from dev import RedisServer, add_active_job
-from store import JobStore
 from tests.helpers import API_TOKEN, JOB_TOKEN, bearer
 
 PROGRESS = "/queues/orders/jobs/1/progress"

@@ -27,6 +27,7 @@ from bullmq import Queue, Worker
 from flask import Flask
 
 from app import create_app
+from bullmq_http.settings import ConfigError
 from dev import (
     ClusterServers,
     EventStream,
@@ -39,7 +40,6 @@ from dev import (
     redis_server_binary,
     wait_until,
 )
-from settings import ConfigError
 from tests.helpers import (
     API_TOKEN,
     JOB_TOKEN,

@@ -22,11 +22,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client import REGISTRY
 
-import streams
+from bullmq_http import streams
+from bullmq_http.store import JobStore
+from bullmq_http.tokens import watch_token
 from dev import EventStream, Gunicorn, ServerSentEvent, wait_until
-from store import JobStore
 from tests.helpers import API_TOKEN, JOB_TOKEN, StreamedBody, bearer
-from tokens import watch_token
 
 SECRET = "a secret the instances share, 32 bytes or more"
 EVENTS = "/queues/orders/jobs/1/events"

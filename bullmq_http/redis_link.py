@@ -24,7 +24,7 @@ from redis.connection import ConnectionInterface
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from settings import redis_tls
+from .settings import redis_tls
 
 # Redis trouble: the caller may retry, and the connections recover by themselves.
 UNAVAILABLE = (

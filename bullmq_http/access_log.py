@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import unquote_plus
 
-from metrics import count_request
+from .metrics import count_request
 
 access_log = logging.getLogger("bullmq_http.access")
 

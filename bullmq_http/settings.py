@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from tokens import ApiTokens, TokenFileError
+from .tokens import ApiTokens, TokenFileError
 
 log = logging.getLogger(__name__)
 

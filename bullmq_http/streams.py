@@ -38,7 +38,7 @@ from gevent import monkey
 from redis.cluster import RedisCluster
 from redis.typing import KeyT, StreamIdT
 
-from metrics import WATCHER_ERRORS
+from .metrics import WATCHER_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Any
 import redis
 from redis.crc import key_slot
 
-from metrics import script_outcome
-from redis_link import RedisCommands
-from streams import JobState, StreamId, TooManyBytes, stream_id, text
+from .metrics import script_outcome
+from .redis_link import RedisCommands
+from .streams import JobState, StreamId, TooManyBytes, stream_id, text
 
 
 class NotLockHolder(Exception):

@@ -47,7 +47,7 @@ from gunicorn import util
 from gunicorn.http.errors import ParseException
 from gunicorn.workers.ggevent import GeventWorker
 
-import streams
+from . import streams
 
 # Past this share of worker_connections, a new connection closes the longest-idle one,
 # if it has been idle this long: a burst of new connections must not close its own.
