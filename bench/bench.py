@@ -38,18 +38,9 @@ from pathlib import Path
 
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bullmq_http.store import ADD_LOG, SET_PROGRESS  # noqa: E402
-from dev import (  # noqa: E402
-    ClusterServers,
-    Gunicorn,
-    RedisServer,
-    add_active_job,
-    free_port,
-    open_raw_stream,
-)
+from bullmq_http.store import ADD_LOG, SET_PROGRESS
+from harness.clients import add_active_job, open_raw_stream
+from harness.servers import ROOT, ClusterServers, Gunicorn, RedisServer, free_port
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 WORKERS = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)

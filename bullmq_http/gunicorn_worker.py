@@ -47,8 +47,6 @@ from gunicorn import util
 from gunicorn.http.errors import ParseException
 from gunicorn.workers.ggevent import GeventWorker
 
-from . import streams
-
 # Past this share of worker_connections, a new connection closes the longest-idle one,
 # if it has been idle this long: a burst of new connections must not close its own.
 CROWDED = 0.9
@@ -266,6 +264,11 @@ class DeadlineWorker(GeventWorker):
     request_timeout = 10.0  # seconds; gunicorn.conf.py sets it from REQUEST_TIMEOUT
     send_timeout = 10.0  # seconds; gunicorn.conf.py sets it from SEND_TIMEOUT
 
+    @staticmethod
+    def end_streams() -> None:
+        """End the app's open streams of events within a second; gunicorn.conf.py sets
+        it to the app's own (this worker knows nothing of the app)."""
+
     def init_process(self) -> None:
         # Idle connections, the longest idle first, and since when.
         self.idle: dict[Client, float] = {}
@@ -281,7 +284,7 @@ class DeadlineWorker(GeventWorker):
         # resume elsewhere with Last-Event-ID.
         super().handle_exit(sig, frame)
         self.close_idle_for_stop()
-        streams.stop_all()
+        self.end_streams()
         gevent.spawn_later(STREAMS_STOP_SECONDS, self.cut_streams)
 
     def close_idle_for_stop(self) -> None:

@@ -65,9 +65,10 @@ WORKER_RESTARTS = Counter(
     "bullmq_http_worker_restarts",
     "gunicorn workers that exited and were replaced, whatever the reason.",
 )
-WATCHER_ERRORS = Counter(
+# Named when the event reader was called the watcher; alert rules know it by that name.
+READER_ERRORS = Counter(
     "bullmq_http_watcher_errors",
-    "Unexpected errors of the job watcher, each logged with its traceback; it starts "
+    "Unexpected errors of the event reader, each logged with its traceback; it starts "
     "again after a pause.",
 )
 # Where note_route leaves the matched route's template; a request no route matched (404,

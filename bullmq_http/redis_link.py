@@ -2,7 +2,7 @@
 where the settings say so.
 
 redis_client makes the connections every request shares (a bounded pool, waiting for a
-free connection up to REDIS_TIMEOUT); watcher_client the job watcher's own one.
+free connection up to REDIS_TIMEOUT); event_reader_client the event reader's own one.
 UNAVAILABLE says which of redis-py's errors mean Redis cannot serve now (a request
 answers 503 and may be retried), and error_hint what to fix where that is a setting.
 """
@@ -202,8 +202,8 @@ def redis_client(config: Mapping[str, Any]) -> RedisCommands:
     return Connections(pool, config["REDIS_MAX_CONNECTIONS"], config["REDIS_TIMEOUT"])
 
 
-def watcher_client(config: Mapping[str, Any]) -> redis.Redis | RedisCluster:
-    """Make the job watcher's own client: one connection (one per node of a cluster)."""
+def event_reader_client(config: Mapping[str, Any]) -> redis.Redis | RedisCluster:
+    """Make the event reader's own client: one connection (one per node of a cluster)."""
     client = redis_client({**config, "REDIS_MAX_CONNECTIONS": 1})
     if isinstance(client, Connections):
         return redis.Redis.from_pool(client.connection_pool)  # closed with the client

@@ -17,9 +17,9 @@ from typing import Any
 import redis
 from redis.crc import key_slot
 
+from .layout import JobState, StreamId, TooManyBytes, key, stream_id, text
 from .metrics import script_outcome
 from .redis_link import RedisCommands
-from .streams import JobState, StreamId, TooManyBytes, stream_id, text
 
 
 class NotLockHolder(Exception):
@@ -315,7 +315,7 @@ class JobStore:
 
     def key(self, queue: str, *parts: str) -> str:
         """Return BullMQ's key for a queue, or for one of its jobs and a suffix."""
-        return ":".join((self.prefix, queue, *parts))
+        return key(self.prefix, queue, *parts)
 
     def write_progress(self, queue: str, job_id: str, token: bytes, progress: bytes) -> None:
         """Store a job's progress and publish a progress event."""

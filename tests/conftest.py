@@ -13,14 +13,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from app import create_app
-from dev import (
-    Gunicorn,
-    RedisServer,
-    add_active_job,
-    free_port,
-    harness_environ,
-    redis_server_version,
-)
+from harness.clients import add_active_job
+from harness.servers import Gunicorn, RedisServer, free_port, harness_environ, redis_server_version
 from tests.helpers import API_TOKEN, JOB_TOKEN
 
 

@@ -14,7 +14,7 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from dev import EventStream, ServerSentEvent
+from harness.clients import EventStream, ServerSentEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 API_TOKEN = "test-api-token"

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from dev import answers, dying_with_this_process, wait_until
+from harness.servers import answers, dying_with_this_process, wait_until
 from tests.helpers import ROOT, unavailable
 
 EXAMPLE = ROOT / "deploy" / "nginx.conf"

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from dev import wait_until
+from harness.servers import wait_until
 from tests.helpers import API_TOKEN, JOB_TOKEN, bearer
 
 LINE = re.compile(r'(\S+) "(\S+) (\S+)" (\d{3}) (\d+\.\d\d)ms (\S+) (\S+)')

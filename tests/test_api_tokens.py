@@ -16,7 +16,7 @@ import pytest
 from app import create_app
 from bullmq_http import tokens
 from bullmq_http.settings import ConfigError
-from dev import Gunicorn, free_port, wait_until
+from harness.servers import Gunicorn, free_port, wait_until
 from tests.helpers import bearer, snapshot
 
 DASHBOARD, BILLING, REPORTS = "d4shb0ard-token", "b1ll1ng-s3cret-token", "r3ports-token"

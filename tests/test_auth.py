@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from dev import wait_until
+from harness.servers import wait_until
 from tests.helpers import API_TOKEN, JOB_TOKEN, bearer, snapshot
 
 WRITES = ["/queues/orders/jobs/1/progress", "/queues/orders/jobs/1/logs"]

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dev import Gunicorn, free_port
+from harness.servers import Gunicorn, free_port
 from tests.helpers import JOB_TOKEN, snapshot
 
 DEADLINE = 1.0  # REQUEST_TIMEOUT of the server under test, in seconds

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from dev import Gunicorn
+from harness.servers import Gunicorn
 from tests.helpers import JOB_TOKEN
 
 T = TypeVar("T")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dev import free_port, harness_environ, wait_until
+from harness.servers import free_port, harness_environ, wait_until
 from tests.helpers import ROOT
 
 
@@ -28,7 +28,7 @@ def test_make_run_serves_the_readme_and_stops_everything(tmp_path, stop, group):
     log = tmp_path / "out"
     with log.open("w") as output:
         stack = subprocess.Popen(
-            [sys.executable, "dev.py"],
+            [sys.executable, "-m", "harness.run"],
             cwd=ROOT,
             env=env,
             stdout=output,
@@ -85,7 +85,7 @@ HOLDING = """
 import time
 from pathlib import Path
 
-from dev import Gunicorn, RedisServer
+from harness.servers import Gunicorn, RedisServer
 
 
 def test_hold(tmp_path):

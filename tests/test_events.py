@@ -25,19 +25,12 @@ from bullmq import Queue, Worker
 from prometheus_client import REGISTRY
 
 from app import create_app
-from bullmq_http import streams
+from bullmq_http import event_stream
+from bullmq_http.event_stream import parse_cursor
 from bullmq_http.settings import ConfigError
-from bullmq_http.streams import parse_cursor
 from bullmq_http.tokens import watch_token
-from dev import (
-    EventStream,
-    Gunicorn,
-    RedisServer,
-    ServerSentEvent,
-    add_active_job,
-    open_raw_stream,
-    wait_until,
-)
+from harness.clients import EventStream, ServerSentEvent, add_active_job, open_raw_stream
+from harness.servers import Gunicorn, RedisServer, wait_until
 from tests.helpers import API_TOKEN, JOB_TOKEN, ROOT, StreamedBody, bearer, unavailable
 
 SECRET = "a secret the instances share, 32 bytes or more"
@@ -342,13 +335,13 @@ def test_a_job_removed_while_watched_ends_the_stream(service, job_id):
     assert kinds(events) == [("removed", json.dumps({"jobId": job_id}))]
 
 
-def test_the_watcher_survives_its_connection_being_killed(service, job_id):
+def test_the_event_reader_survives_its_connection_being_killed(service, job_id):
     path = f"/queues/orders/jobs/{job_id}"
     with service.events(f"{path}/events") as stream:
         events, _ = read_in_background(stream)
         time.sleep(0.5)
         service.data.client_kill_filter(_type="normal", skipme=True)
-        time.sleep(1.5)  # the watcher notices, and reconnects
+        time.sleep(1.5)  # the event reader notices, and reconnects
         assert service.post(f"{path}/progress", b'"after"') == 200
         wait_until(lambda: events, 10, "the event")
     assert kinds(events) == [("progress", '"after"')]
@@ -427,7 +420,7 @@ def test_bullmq_writes_arrive_and_the_end_is_bullmqs(service):
 
 def test_idle_streams_get_heartbeats_and_are_counted_while_open(make_app, job, monkeypatch):
     job()
-    monkeypatch.setattr(streams, "HEARTBEAT_SECONDS", 0.2)
+    monkeypatch.setattr(event_stream, "HEARTBEAT_SECONDS", 0.2)
     client = make_app().test_client()
     before = REGISTRY.get_sample_value("bullmq_http_open_event_streams")
     response = client.get("/queues/orders/jobs/1/events", headers=bearer(API_TOKEN), buffered=False)
@@ -558,7 +551,7 @@ def test_a_thousand_subscribers_share_a_bounded_number_of_connections(tmp_path):
             answers, clients = asyncio.run(crowd())
         data.close()
     assert answers == [b"HTTP/1.1 200 OK event: progress\ndata: 99"] * subscribers
-    # The pool (at most REDIS_MAX_CONNECTIONS) and the watcher's one: never one each.
+    # The pool (at most REDIS_MAX_CONNECTIONS) and the event reader's one: never one each.
     assert clients <= 10 + 1
 
 

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app import OPENAPI
-from dev import Gunicorn, add_active_job, free_port
+from harness.clients import add_active_job
+from harness.servers import Gunicorn, free_port
 from tests.helpers import API_TOKEN, JOB_TOKEN, bearer, snapshot
 
 # The stream of an active job's events stays open while the job runs: its own tests

@@ -11,7 +11,14 @@ import time
 import pytest
 
 from bullmq_http.gunicorn_worker import DeadlineWorker
-from dev import GUNICORN, Gunicorn, UnixHTTPConnection, free_port, harness_environ, wait_until
+from harness.servers import (
+    GUNICORN,
+    Gunicorn,
+    UnixHTTPConnection,
+    free_port,
+    harness_environ,
+    wait_until,
+)
 from tests.helpers import API_TOKEN, JOB_TOKEN, ROOT, bearer
 
 THREADS, LINES = 8, 40

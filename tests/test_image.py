@@ -29,7 +29,8 @@ from typing import Any
 import pytest
 import redis
 
-from dev import EventStream, RedisServer, add_active_job, answers, free_port, wait_until
+from harness.clients import EventStream, add_active_job
+from harness.servers import RedisServer, answers, free_port, wait_until
 from tests.helpers import API_TOKEN, JOB_TOKEN, ROOT, unavailable
 
 pytestmark = pytest.mark.once
@@ -270,9 +271,10 @@ def test_the_image_holds_the_service_and_nothing_else(podman, image):
             " [shutil.which(c) for c in ('gcc', 'cc', 'git', 'pip')]]))",
         ).splitlines()[-1]
     )  # fmt: skip
-    service = {p.name for p in ROOT.glob("*.py") if p.name != "dev.py"}
+    service = {p.name for p in ROOT.glob("*.py")}
     expected = {
         *service,
+        "bullmq_http",
         "LICENSE",
         "openapi.yaml",
         "requirements.txt",

@@ -17,7 +17,8 @@ import redis
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from dev import Gunicorn, RedisServer, add_active_job, wait_until
+from harness.clients import add_active_job
+from harness.servers import Gunicorn, RedisServer, wait_until
 from tests.helpers import API_TOKEN, JOB_TOKEN, bearer
 
 PROGRESS = "/queues/<queue>/jobs/<path:job_id>/progress"

@@ -14,14 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from dev import (
-    EventStream,
-    Gunicorn,
-    RedisServer,
-    add_active_job,
-    free_port,
-    wait_until,
-)
+from harness.clients import EventStream, add_active_job
+from harness.servers import Gunicorn, RedisServer, free_port, wait_until
 from tests.helpers import API_TOKEN, JOB_TOKEN, bearer
 from tests.nginx_front import nginx_binary, start_nginx
 

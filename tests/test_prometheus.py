@@ -14,14 +14,8 @@ from typing import Any
 import pytest
 import redis
 
-from dev import (
-    Gunicorn,
-    RedisServer,
-    add_active_job,
-    dying_with_this_process,
-    free_port,
-    wait_until,
-)
+from harness.clients import add_active_job
+from harness.servers import Gunicorn, RedisServer, dying_with_this_process, free_port, wait_until
 from tests.helpers import JOB_TOKEN, ROOT, unavailable
 
 README = ROOT / "README.md"

@@ -11,7 +11,8 @@ import pytest
 import redis
 
 from bullmq_http.store import JobStore
-from dev import RedisServer, add_active_job
+from harness.clients import add_active_job
+from harness.servers import RedisServer
 from tests.helpers import API_TOKEN, JOB_TOKEN, bearer
 
 PROGRESS = "/queues/orders/jobs/1/progress"

@@ -28,14 +28,13 @@ from flask import Flask
 
 from app import create_app
 from bullmq_http.settings import ConfigError
-from dev import (
+from harness.clients import EventStream, add_active_job
+from harness.servers import (
     ClusterServers,
-    EventStream,
     Gunicorn,
     RedisServer,
     Sentinels,
     TlsFiles,
-    add_active_job,
     free_port,
     redis_server_binary,
     wait_until,
@@ -226,7 +225,7 @@ def exercise_every_route(app: Flask, data: redis.Redis, queue: str = "orders") -
     assert minted.status_code == 200
     watch_token = (minted.json or {})["token"]
 
-    # A stream: its opening state, then the watcher's blocking read and its poll.
+    # A stream: its opening state, then the event reader's blocking read and its poll.
     response = client.get(f"{job}/events?tail=1&token={watch_token}", buffered=False)
     assert response.status_code == 200
     response.close()
@@ -617,7 +616,7 @@ def test_bullmq_and_the_service_share_a_tls_server_each_as_its_own_user(
         )
         conn.close()
 
-        # A dashboard watches another job: the watcher's blocking read, under gevent.
+        # A dashboard watches another job: the event reader's blocking read, under gevent.
         add_active_job(data, name, "live", JOB_TOKEN)
         assert server.send("POST", f"/queues/{name}/jobs/live/progress", b"10", JOB_TOKEN) == 200
         conn = server.connect()

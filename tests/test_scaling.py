@@ -11,7 +11,8 @@ import redis
 from redis.crc import key_slot
 from redis.sentinel import Sentinel
 
-from dev import ClusterServers, Sentinels, add_active_job, wait_until
+from harness.clients import add_active_job
+from harness.servers import ClusterServers, Sentinels, wait_until
 from tests.helpers import API_TOKEN, JOB_TOKEN, bearer, next_event, open_events
 
 
@@ -104,7 +105,7 @@ def test_closing_the_app_closes_its_connections_to_every_node(cluster_app, clust
         url = f"/queues/{queue}/jobs/1/progress"
         assert client.post(url, data=b"1", headers=bearer(JOB_TOKEN)).status_code == 200
     events = open_events(client, f"/queues/{queues[0]}/jobs/1/events")
-    assert next_event(events).data == "1"  # the watcher reads the cluster too
+    assert next_event(events).data == "1"  # the event reader reads the cluster too
     opened = tcp_clients(cluster.masters) - before
     assert {n for n, _ in opened} == {0, 1, 2}  # the app's, on every master
     app.extensions["bullmq_http"].close()
@@ -218,7 +219,7 @@ def sentinel_data(sentinels, sentinel):
     client.close()
 
 
-# `sentinels` comes first: its servers stop after the app's watcher, not under it.
+# `sentinels` comes first: its servers stop after the app's event reader, not under it.
 def test_a_sentinel_failover_answers_503_then_200_and_loses_nothing(
     sentinels, make_app, sentinel, sentinel_data
 ):
@@ -274,7 +275,7 @@ def test_closing_the_app_closes_its_connections_to_the_sentinels(
     url = "/queues/orders/jobs/1/progress"
     assert client.post(url, data=b"1", headers=bearer(JOB_TOKEN)).status_code == 200
     events = open_events(client, "/queues/orders/jobs/1/events")
-    assert next_event(events).data == "1"  # the watcher finds the master too
+    assert next_event(events).data == "1"  # the event reader finds the master too
     opened = tcp_clients(servers) - before
     reached = {n for n, _ in opened}
     # The app's, on the master and on the sentinel that told it where the master is.

@@ -1,5 +1,5 @@
 """Streams of events under floods and faults: limits per worker and per credential,
-deadlines, bounded replay, hostile tokens and cursors, and a watcher that survives
+deadlines, bounded replay, hostile tokens and cursors, and an event reader that survives
 whatever Redis holds.
 """
 
@@ -22,10 +22,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client import REGISTRY
 
-from bullmq_http import streams
+from bullmq_http import event_reader, event_stream
 from bullmq_http.store import JobStore
 from bullmq_http.tokens import watch_token
-from dev import EventStream, Gunicorn, ServerSentEvent, wait_until
+from harness.clients import EventStream, ServerSentEvent
+from harness.servers import Gunicorn, wait_until
 from tests.helpers import API_TOKEN, JOB_TOKEN, StreamedBody, bearer
 
 SECRET = "a secret the instances share, 32 bytes or more"
@@ -74,7 +75,7 @@ class OpenStream:
 def opened() -> Iterator[Callable[..., tuple[int, Any]]]:
     """Yield a function that opens a stream through a test client; it returns the
     status and, for a 200, the OpenStream, else the response. After the test, every
-    stream is ended (its app's watcher stopped) and closed."""
+    stream is ended (its app's event reader stopped) and closed."""
     apps: set[Flask] = set()
     opened_: list[OpenStream] = []
 
@@ -88,7 +89,7 @@ def opened() -> Iterator[Callable[..., tuple[int, Any]]]:
 
     yield open_
     for app in apps:
-        app.extensions["bullmq_http"].watcher.stop()
+        app.extensions["bullmq_http"].event_reader.stop()
     for stream in opened_:
         stream.close()
 
@@ -324,7 +325,7 @@ def test_resuming_from_0_0_reads_a_bounded_part_of_a_long_event_stream(make_app,
     assert (first.event, first.data) == ("progress", "77")
     assert stream.reader.comments == ["too much happened since Last-Event-ID: the current progress"]
     # At most REPLAY_ENTRIES entries of about 1 KB, and the job's own state.
-    assert sent < 1.5 * streams.REPLAY_ENTRIES * 1100
+    assert sent < 1.5 * event_stream.REPLAY_ENTRIES * 1100
 
 
 def test_resuming_amid_large_values_of_other_jobs_costs_redis_a_bounded_number_of_bytes(
@@ -359,7 +360,7 @@ def test_resuming_past_more_than_replay_bytes_of_the_jobs_own_gets_its_current_p
     sent = r.info("stats")["total_net_output_bytes"] - sent_before
     assert (first.event, first.data) == ("progress", progress)
     assert stream.reader.comments == ["too much happened since Last-Event-ID: the current progress"]
-    assert sent < streams.REPLAY_BYTES + 200_000
+    assert sent < event_stream.REPLAY_BYTES + 200_000
 
 
 def test_a_stream_that_stops_reading_holds_at_most_inbox_bytes_then_resumes(
@@ -374,8 +375,8 @@ def test_a_stream_that_stops_reading_holds_at_most_inbox_bytes_then_resumes(
     assert response.status_code == 200
     body = EventStream(StreamedBody(response))
     first = next(iter(body))  # the stream is open; now it reads no more
-    watcher = app.extensions["bullmq_http"].watcher
-    (subscription,) = watcher.jobs["orders", "1"].subscriptions
+    reader = app.extensions["bullmq_http"].event_reader
+    (subscription,) = reader.jobs["orders", "1"].subscriptions
     large = "5" * 60_000
     for n in range(40):  # 2.4 MB of progress while the stream reads nothing
         progress = json.dumps(f"{n} {large}")
@@ -383,8 +384,8 @@ def test_a_stream_that_stops_reading_holds_at_most_inbox_bytes_then_resumes(
             "/queues/orders/jobs/1/progress", data=progress, headers=bearer(JOB_TOKEN)
         )
         assert answer.status_code == 200
-    wait_until(lambda: subscription.ended == streams.BEHIND, 10, "the stream to be ended")
-    assert subscription.inbox_bytes <= streams.INBOX_BYTES
+    wait_until(lambda: subscription.ended == event_reader.BEHIND, 10, "the stream to be ended")
+    assert subscription.inbox_bytes <= event_reader.INBOX_BYTES
     # The stream ends, and resumed from its cursor it gets the job's progress now.
     assert list(body) == []
     response.close()
@@ -418,7 +419,7 @@ def test_resuming_at_line_0_reads_pages_within_max_page_bytes(
     assert pages and max(pages) <= 250_000
 
 
-# ------------------------------------------------------------- the watcher
+# ------------------------------------------------------------- the event reader
 
 
 def test_bytes_that_are_not_utf8_in_any_queue_leave_every_stream_alive(
@@ -476,14 +477,14 @@ def test_a_return_value_nested_too_deep_to_parse_stops_no_stream(make_app, job, 
 def test_the_reader_with_no_queue_left_to_read_reads_nothing(make_app, redis_url):
     """The last stream may close between the reader's look at its queues and its read:
     a read of no queue at all must be no error."""
-    watcher = make_app().extensions["bullmq_http"].watcher
+    reader = make_app().extensions["bullmq_http"].event_reader
     client = redis.Redis.from_url(redis_url)
     try:
-        watcher.read_events(client)
-        watcher.poll(client, events=True)
+        reader.read_events(client)
+        reader.poll(client, events=True)
     finally:
         client.close()
-    assert watcher.failure is None and watcher.queues == {}
+    assert reader.failure is None and reader.queues == {}
 
 
 def test_a_queue_key_of_another_type_ends_that_queues_streams_only(make_app, job, r, opened):
@@ -501,30 +502,32 @@ def test_a_queue_key_of_another_type_ends_that_queues_streams_only(make_app, job
     assert client.get("/readyz").status_code == 200
 
 
-def test_a_failing_watcher_is_logged_counted_reported_and_starts_again(
+def test_a_failing_event_reader_is_logged_counted_reported_and_starts_again(
     make_app, job, opened, monkeypatch, caplog
 ):
     job()
     app: Flask = make_app()
     client = app.test_client()
-    read_events = streams.Watcher.read_events
+    read_events = event_reader.EventReader.read_events
     broken = threading.Event()
     broken.set()
 
     def read_or_fail(self, redis_client):
         if broken.is_set():
-            raise RuntimeError("a fault of the watcher's own")
+            raise RuntimeError("a fault of the event reader's own")
         return read_events(self, redis_client)
 
-    monkeypatch.setattr(streams.Watcher, "read_events", read_or_fail)
+    monkeypatch.setattr(event_reader.EventReader, "read_events", read_or_fail)
     errors_before = REGISTRY.get_sample_value("bullmq_http_watcher_errors_total") or 0
     _, stream = opened(client, **api())
     ready = wait_until(lambda: (r := client.get("/readyz")).status_code == 503 and r, 10, "503")
-    assert ready.text == "the job watcher is failing: RuntimeError: a fault of the watcher's own"
+    assert (
+        ready.text == "the event reader is failing: RuntimeError: a fault of the event reader's own"
+    )
     assert REGISTRY.get_sample_value("bullmq_http_watcher_errors_total") > errors_before
-    assert "the job watcher failed; it starts again in" in caplog.text
+    assert "the event reader failed; it starts again in" in caplog.text
     broken.clear()
-    wait_until(lambda: client.get("/readyz").status_code == 200, 20, "the watcher to recover")
+    wait_until(lambda: client.get("/readyz").status_code == 200, 20, "the event reader to recover")
     client.post("/queues/orders/jobs/1/progress", data=b"4", headers=bearer(JOB_TOKEN))
     event = stream.next(timeout=20)
     assert (event.event, event.data) == ("progress", "4")

@@ -25,7 +25,9 @@ from bullmq import Job, Queue, Worker
 from playwright.sync_api import sync_playwright
 
 from bullmq_http.tokens import watch_token
-from dev import CHROMIUM_ARGS, Gunicorn, add_active_job, free_port, wait_until
+from harness.clients import add_active_job
+from harness.screenshot import CHROMIUM_ARGS
+from harness.servers import Gunicorn, free_port, wait_until
 from tests.helpers import API_TOKEN, unavailable
 from tests.nginx_front import nginx_binary, start_nginx
 

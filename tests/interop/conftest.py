@@ -11,7 +11,7 @@ import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
-from dev import ClusterServers, Gunicorn, free_port
+from harness.servers import ClusterServers, Gunicorn, free_port
 from tests.helpers import API_TOKEN, unavailable
 
 HERE = Path(__file__).resolve().parent

@@ -1,40 +1,32 @@
-"""The harness: real servers for the tests, the benchmark and `make run`.
-
-RedisServer, ClusterServers and Sentinels start real Redis (or Valkey) servers on
-loopback, REDIS_SERVER choosing the binary, serving TLS when given TlsFiles; Gunicorn
-serves the app with its production config; add_active_job lays out a job as a BullMQ
-worker holds it; wait_until is the one way to wait for any of them. `python dev.py`
-(what `make run` runs) serves the app under gunicorn, without REDIS_URL with a
-throwaway Redis server holding a demo job, and prints curl lines to try;
-`python dev.py screenshot FILE` (`make screenshot`) draws the watch page into FILE.
+"""Real servers on loopback for the tests, the benchmark and `make run`, each dying with
+the process that started it: RedisServer, ClusterServers and Sentinels (REDIS_SERVER
+picks the binary; TLS when given TlsFiles) and Gunicorn, which serves the app with its
+production config; wait_until is the one way to wait for any of them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import http.client
-import json
 import os
-import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 import redis
 from redis.crc import key_slot
 
 from bullmq_http.settings import SETTINGS
-from bullmq_http.streams import RETRY_MS
-from bullmq_http.tokens import watch_token
+
+# The project's top level, where serve.py and gunicorn.conf.py are.
+ROOT = Path(__file__).resolve().parent.parent
 
 # What gunicorn.conf.py and gunicorn itself read from the environment, beside the
 # settings of settings.SETTINGS.
@@ -127,11 +119,12 @@ class Server(Started):
     process: subprocess.Popen[bytes] | None = None
     stop_timeout = 10.0
 
-    def exited(self) -> bool:
-        """Return False while the server runs; raise RuntimeError once it has exited."""
+    def answering(self, request: Callable[[], Any], *errors: type[BaseException]) -> Any:
+        """Return what request() returns, or None where it raises one of `errors`; raise
+        RuntimeError once the server has exited, so that a wait for it ends at once."""
         if self.process is None or self.process.poll() is not None:
             raise RuntimeError(f"{type(self).__name__} exited")
-        return False
+        return answers(request, *errors)
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, so gracefully) and wait for it to exit; one still
@@ -263,7 +256,7 @@ class RedisServer(Server):
         )  # fmt: skip
         with self.admin() as client:
             wait_until(
-                lambda: self.exited() or answers(client.ping, redis.exceptions.ConnectionError),
+                lambda: self.answering(client.ping, redis.exceptions.ConnectionError),
                 timeout,
                 f"redis-server to start in {self.directory}",
             )
@@ -405,117 +398,6 @@ def wait_for_replica(master: redis.Redis, timeout: float) -> None:
     )
 
 
-def add_active_job(
-    r: redis.Redis | redis.RedisCluster,
-    queue: str,
-    job_id: str,
-    token: str,
-    *,
-    opts: Mapping[str, Any] | None = None,
-    lock_ms: int | None = 30_000,
-    prefix: str = "bull",
-    name: str = "job",
-) -> str:
-    """Lay out a job as a BullMQ worker holds it: hash, active list, and a lock that
-    expires in lock_ms (None: never); return the job's key."""
-    key = f"{prefix}:{queue}:{job_id}"
-    now = int(time.time() * 1000)
-    r.hset(
-        key,
-        mapping={
-            "name": name,
-            "data": json.dumps({"n": 1}),
-            "opts": json.dumps({"attempts": 1, **(opts or {})}),
-            "timestamp": now,
-            "delay": 0,
-            "priority": 0,
-            "processedOn": now,
-            "ats": 1,
-        },
-    )
-    r.lpush(f"{prefix}:{queue}:active", job_id)
-    r.set(f"{key}:lock", token, px=lock_ms)
-    return key
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """An HTTP/1.1 keep-alive connection over a unix socket."""
-
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
-
-
-@dataclass(frozen=True)
-class ServerSentEvent:
-    """One event of a text/event-stream, as a browser's EventSource hands it on."""
-
-    id: str
-    event: str
-    data: str
-
-
-class Lines(Protocol):
-    """A response body read line by line: an http.client.HTTPResponse, say."""
-
-    def readline(self) -> bytes: ...
-
-
-class EventStream:
-    """A reader of a text/event-stream response, parsing it as EventSource does."""
-
-    def __init__(self, response: Lines) -> None:
-        self.response = response
-        self.last_event_id = ""
-        self.retry_ms: int | None = None
-        self.comments: list[str] = []
-
-    def __iter__(self) -> Iterator[ServerSentEvent]:
-        """Yield each event as it arrives; end when the server ends the stream."""
-        event, data = "message", list[str]()
-        while line := self.response.readline():
-            text = line.decode().rstrip("\r\n")
-            if not text:
-                if data:
-                    yield ServerSentEvent(self.last_event_id, event, "\n".join(data))
-                event, data = "message", []
-                continue
-            name, _, value = text.partition(":")
-            value = value.removeprefix(" ")
-            if not name:
-                self.comments.append(value)
-            elif name == "id":
-                self.last_event_id = value
-            elif name == "event":
-                event = value
-            elif name == "data":
-                data.append(value)
-            elif name == "retry" and value.isdigit():
-                self.retry_ms = int(value)
-
-
-async def open_raw_stream(
-    server: Gunicorn, path: str, token: str
-) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
-    """Open a stream of events on a bare connection, as one of many clients at once;
-    return the response's head, up to the stream's first field, and the connection."""
-    if server.bind.startswith("unix:"):
-        reader, writer = await asyncio.open_unix_connection(server.bind.removeprefix("unix:"))
-    else:
-        host, port = server.bind.rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: bullmq-http\r\nAuthorization: Bearer {token}\r\n\r\n"
-        .encode()
-    )  # fmt: skip
-    return await reader.readuntil(f"retry: {RETRY_MS}\n\n".encode()), reader, writer
-
-
 def free_port() -> int:
     """Return a TCP port on loopback that nothing listens on right now."""
     with socket.socket() as probe:
@@ -536,6 +418,19 @@ def cluster_port(taken: set[int]) -> int:
             except OSError:
                 continue
         return port
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An HTTP/1.1 keep-alive connection over a unix socket."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
 
 
 class Gunicorn(Server):
@@ -573,14 +468,14 @@ class Gunicorn(Server):
         with self.log.open("wb") as output:
             self.process = subprocess.Popen(
                 dying_with_this_process([*GUNICORN, *self.args]),
-                cwd=Path(__file__).resolve().parent,
+                cwd=ROOT,
                 env={**harness_environ(), **self.env, "BIND": self.bind},
                 stdout=output,
                 stderr=subprocess.STDOUT,
             )
         try:
             wait_until(
-                lambda: self.exited() or answers(self.healthy, OSError),
+                lambda: self.answering(self.healthy, OSError),
                 timeout,
                 "gunicorn to start",
             )
@@ -618,157 +513,3 @@ class Gunicorn(Server):
         assert self.process is not None
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         return [int(pid) for pid in children.read_text().split()]
-
-
-def address() -> tuple[str, str]:
-    """Return (base URL, extra curl options) for where gunicorn.conf.py binds."""
-    binds = os.environ.get("BIND") or f"127.0.0.1:{os.environ.get('PORT', '8080')}"
-    bind = binds.split(",")[0].strip()
-    if bind.startswith("unix:"):
-        return "http://localhost", f"--unix-socket {bind.removeprefix('unix:')} "
-    # A server listening on every interface is reached on loopback.
-    return f"http://{bind.replace('0.0.0.0', '127.0.0.1')}", ""  # noqa: S104
-
-
-def seed_demo_job(url: str) -> tuple[str, str, str]:
-    """Lay out one active BullMQ job, the README's orders/42, as a worker would hold it;
-    return its queue, id and job token."""
-    queue, job_id, token = "orders", "42", f"{secrets.token_hex(16)}:1"
-    with redis.Redis.from_url(url) as client:
-        add_active_job(client, queue, job_id, token, name="demo", lock_ms=None)
-    return queue, job_id, token
-
-
-def watch_link_token(env: Mapping[str, str], queue: str, job_id: str) -> str:
-    """Return a watch token of the job for an hour, signed as a backend signs one."""
-    return watch_token(env["WATCH_TOKEN_SECRET"], queue, job_id, int(time.time()) + 3600)
-
-
-class Stop(Exception):
-    """A signal that stops `make run`: SIGTERM or SIGHUP (SIGINT is KeyboardInterrupt)."""
-
-
-def stop(signum: int, frame: object) -> None:
-    raise Stop(signum)
-
-
-def throwaway_redis(env: dict[str, str]) -> RedisServer:
-    """Start a Redis server holding the README's job, point env at it, and print what
-    to paste for the README's examples, and curl lines that work as printed."""
-    server = RedisServer().start()
-    env["REDIS_URL"] = server.url
-    env.setdefault("AUTH_TOKENS", secrets.token_urlsafe(24))
-    env.setdefault("WATCH_TOKEN_SECRET", secrets.token_urlsafe(32))
-    queue, job_id, job_token = seed_demo_job(server.url)
-    base, curl = address()
-    api = env["AUTH_TOKENS"].split(",")[0]
-    job_url = f"{base}/queues/{queue}/jobs/{job_id}"
-    job_auth, api_auth = (
-        f"-H 'Authorization: Bearer {job_token}'",
-        f"-H 'Authorization: Bearer {api}'",
-    )
-    print(
-        f"Throwaway Redis at {server.url}, with an active job, {queue}/{job_id}.\n"
-        f"For the README's examples, in another shell:\n"
-        f"  export JOB_TOKEN='{job_token}'\n"
-        f"  export API_TOKEN='{api}'\n"
-        f"Or try:\n"
-        f"  curl {curl}{job_auth} -d 42 {job_url}/progress\n"
-        f"  curl {curl}{job_auth} -d 'hello' {job_url}/logs\n"
-        f"  curl {curl}{api_auth} '{job_url}/logs?start=0&length=10'\n"
-        f"And watch the job in a browser, for an hour:\n"
-        f"  {job_url}/watch#token={watch_link_token(env, queue, job_id)}\n"
-        f"Ctrl-C stops both.",
-        flush=True,
-    )
-    return server
-
-
-def main() -> int:
-    """Serve the app under gunicorn; without REDIS_URL, with a throwaway Redis too.
-    Stop both, leaving nothing behind, on SIGINT, SIGTERM or SIGHUP."""
-    env = dict(os.environ)
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, stop)
-    server = None
-    try:
-        if not env.get("REDIS_URL"):
-            server = throwaway_redis(env)
-        # In a session of its own: Ctrl-C reaches gunicorn's master once, from here, and
-        # it stops its workers; they are not signalled twice. It dies with this process.
-        command = dying_with_this_process(GUNICORN)
-        gunicorn = subprocess.Popen(command, env=env, start_new_session=True)
-        try:
-            return gunicorn.wait()
-        except (KeyboardInterrupt, Stop):
-            gunicorn.send_signal(signal.SIGINT)
-            return gunicorn.wait()
-    finally:
-        if server:
-            server.stop()
-            shutil.rmtree(server.directory, ignore_errors=True)
-
-
-# What Chromium needs to run headless here, as root, on a machine with no network.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def screenshot(path: Path) -> None:
-    """Draw the watch page of a demo job, part way through, into a PNG file: the
-    README's picture. Chromium is Debian's, driven by Playwright."""
-    from playwright.sync_api import sync_playwright  # a development dependency
-
-    directory = Path(tempfile.mkdtemp(prefix="bullmq-http-screenshot-"))
-    secret = secrets.token_urlsafe(32)
-    with RedisServer(directory / "redis") as redis_server:
-        queue, job_id, _ = seed_demo_job(redis_server.url)
-        with redis.Redis.from_url(redis_server.url) as r:
-            key = f"bull:{queue}:{job_id}"
-            r.hset(key, "name", "resize-images")
-            r.hset(key, "progress", json.dumps({"current": 7, "total": 12, "message": "resizing"}))
-            r.rpush(f"{key}:logs", *DEMO_LINES)
-        env = {"REDIS_URL": redis_server.url, "WATCH_TOKEN_SECRET": secret, "WEB_CONCURRENCY": "1"}
-        with Gunicorn(directory, env, bind=f"127.0.0.1:{free_port()}") as server:
-            link = f"http://{server.bind}/queues/{queue}/jobs/{job_id}/watch#token="
-            link += watch_link_token(env, queue, job_id)
-            with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(
-                    executable_path=shutil.which("chromium") or "chromium", args=CHROMIUM_ARGS
-                )
-                page = browser.new_page(viewport={"width": 960, "height": 640})
-                page.goto(link)
-                page.wait_for_selector("#connection[data-state=live]")
-                page.wait_for_selector(f"#L{len(DEMO_LINES) - 1}")
-                page.screenshot(path=str(path))
-                browser.close()
-    shutil.rmtree(directory, ignore_errors=True)
-    print(f"wrote {path}")
-
-
-DEMO_LINES = [
-    "info: fetched 12 images from s3://uploads/2026-12-01/",
-    "resizing beach.jpg to 1600x1200",
-    "resizing dunes.jpg to 1600x1200",
-    "warn: harbour.jpg has no EXIF orientation; assuming landscape",
-    "resizing harbour.jpg to 1600x1200",
-    "resizing lighthouse.jpg to 1600x1200",
-    "resizing market.jpg to 1600x1200",
-    "error: pier.jpg is truncated (read 812 KiB of 2.1 MiB); retrying once",
-    "resizing pier.jpg to 1600x1200",
-    "info: 7 of 12 done",
-]
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["screenshot"] and len(sys.argv) == 3:
-        screenshot(Path(sys.argv[2]))
-        sys.exit(0)
-    sys.exit(main())

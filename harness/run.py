@@ -1,0 +1,113 @@
+"""`make run`: serve the app under gunicorn; without REDIS_URL, with a throwaway Redis
+server holding a demo job, and print curl lines and a watch link that work as printed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+
+import redis
+
+from bullmq_http.tokens import watch_token
+from harness.clients import add_active_job
+from harness.servers import GUNICORN, ROOT, RedisServer, dying_with_this_process
+
+
+def address() -> tuple[str, str]:
+    """Return (base URL, extra curl options) for where gunicorn.conf.py binds."""
+    binds = os.environ.get("BIND") or f"127.0.0.1:{os.environ.get('PORT', '8080')}"
+    bind = binds.split(",")[0].strip()
+    if bind.startswith("unix:"):
+        return "http://localhost", f"--unix-socket {bind.removeprefix('unix:')} "
+    # A server listening on every interface is reached on loopback.
+    return f"http://{bind.replace('0.0.0.0', '127.0.0.1')}", ""  # noqa: S104
+
+
+def seed_demo_job(url: str) -> tuple[str, str, str]:
+    """Lay out one active BullMQ job, the README's orders/42, as a worker would hold it;
+    return its queue, id and job token."""
+    queue, job_id, token = "orders", "42", f"{secrets.token_hex(16)}:1"
+    with redis.Redis.from_url(url) as client:
+        add_active_job(client, queue, job_id, token, name="demo", lock_ms=None)
+    return queue, job_id, token
+
+
+def watch_link_token(env: Mapping[str, str], queue: str, job_id: str) -> str:
+    """Return a watch token of the job for an hour, signed as a backend signs one."""
+    return watch_token(env["WATCH_TOKEN_SECRET"], queue, job_id, int(time.time()) + 3600)
+
+
+class Stop(Exception):
+    """A signal that stops `make run`: SIGTERM or SIGHUP (SIGINT is KeyboardInterrupt)."""
+
+
+def stop(signum: int, frame: object) -> None:
+    raise Stop(signum)
+
+
+def throwaway_redis(env: dict[str, str]) -> RedisServer:
+    """Start a Redis server holding the README's job, point env at it, and print what
+    to paste for the README's examples, and curl lines that work as printed."""
+    server = RedisServer().start()
+    env["REDIS_URL"] = server.url
+    env.setdefault("AUTH_TOKENS", secrets.token_urlsafe(24))
+    env.setdefault("WATCH_TOKEN_SECRET", secrets.token_urlsafe(32))
+    queue, job_id, job_token = seed_demo_job(server.url)
+    base, curl = address()
+    api = env["AUTH_TOKENS"].split(",")[0]
+    job_url = f"{base}/queues/{queue}/jobs/{job_id}"
+    job_auth, api_auth = (
+        f"-H 'Authorization: Bearer {job_token}'",
+        f"-H 'Authorization: Bearer {api}'",
+    )
+    print(
+        f"Throwaway Redis at {server.url}, with an active job, {queue}/{job_id}.\n"
+        f"For the README's examples, in another shell:\n"
+        f"  export JOB_TOKEN='{job_token}'\n"
+        f"  export API_TOKEN='{api}'\n"
+        f"Or try:\n"
+        f"  curl {curl}{job_auth} -d 42 {job_url}/progress\n"
+        f"  curl {curl}{job_auth} -d 'hello' {job_url}/logs\n"
+        f"  curl {curl}{api_auth} '{job_url}/logs?start=0&length=10'\n"
+        f"And watch the job in a browser, for an hour:\n"
+        f"  {job_url}/watch#token={watch_link_token(env, queue, job_id)}\n"
+        f"Ctrl-C stops both.",
+        flush=True,
+    )
+    return server
+
+
+def main() -> int:
+    """Serve the app under gunicorn; without REDIS_URL, with a throwaway Redis too.
+    Stop both, leaving nothing behind, on SIGINT, SIGTERM or SIGHUP."""
+    env = dict(os.environ)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+    server = None
+    try:
+        if not env.get("REDIS_URL"):
+            server = throwaway_redis(env)
+        # In a session of its own: Ctrl-C reaches gunicorn's master once, from here, and
+        # it stops its workers; they are not signalled twice. It dies with this process.
+        command = dying_with_this_process(GUNICORN)
+        gunicorn = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+        try:
+            return gunicorn.wait()
+        except (KeyboardInterrupt, Stop):
+            gunicorn.send_signal(signal.SIGINT)
+            return gunicorn.wait()
+    finally:
+        if server:
+            server.stop()
+            shutil.rmtree(server.directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
