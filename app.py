@@ -1,34 +1,14 @@
-"""BullMQ job progress and logs over HTTP.
+"""BullMQ job progress and logs over HTTP: the service's HTTP face, and nothing else.
 
-Workers report on the job they hold, authorized by the job's lock token:
+Its routes come in three products, a blueprint each: reporting (workers report on the
+job they hold, by its lock token; dashboards read its logs and progress, by an API
+token), watching (streams of a job's events, watch tokens, and the watch page with
+its session) and operations (health, readiness, metrics, the OpenAPI document). The
+README's API section and openapi.yaml say what each route takes and answers.
 
-    POST /queues/<queue>/jobs/<job_id>/progress   set the job's progress (any JSON)
-    POST /queues/<queue>/jobs/<job_id>/logs       append one line to the job's logs
-
-Dashboards and operators read, authorized by an API token that may read the queue
-(AUTH_TOKENS, AUTH_TOKENS_FILE; see bullmq_http/tokens.py):
-
-    GET  /queues/<queue>/jobs/<job_id>/logs       one page of the job's logs
-    GET  /queues/<queue>/jobs/<job_id>/progress   the job's progress
-    GET  /queues/<queue>/jobs/<job_id>/events     the job, live: server-sent events
-                                                  (bullmq_http/event_stream.py), opened by
-                                                  a watch token (?token=, or cookie)
-    GET  /queues/<queue>/jobs/<job_id>/logs.txt   every line as text; a watch token too
-    POST /queues/<queue>/jobs/<job_id>/events/token   mint a watch token for a browser
-    GET  /queues/<queue>/jobs/<job_id>/watch      a page that shows the job live, for
-                                                  a link's #token= (templates/, static/)
-    POST /queues/<queue>/jobs/<job_id>/watch/session  trade a watch token for a cookie;
-                                                  GET: the job's name and state
-
-and probes and tools ask, with no token: GET /healthz, GET /readyz, GET /openapi.json,
-and GET /metrics (Prometheus; every gunicorn worker's figures added up).
-
-Every route's read or write is one script on the job's keys in BullMQ's own layout
-(bullmq_http/store.py), so the BullMQ libraries see it all. This module is the service's HTTP face
-and nothing else; it reads top-down: blueprints, token decorators and views; the
-request parsing they call; the service's parts; the error handlers; and create_app,
-which wires them together on a Flask whose URL map finds job routes by their last
-segment. What is not about HTTP lives beside it, in the bullmq_http package.
+It reads top-down: the token decorators; the views, product by product; the request
+parsing they call; the service's parts; the error handlers; and create_app, which
+wires them together. What is not about HTTP lives beside it, in the bullmq_http package.
 """
 
 from __future__ import annotations
@@ -61,8 +41,6 @@ from flask import (
 )
 from werkzeug.exceptions import HTTPException, Unauthorized
 from werkzeug.middleware.proxy_fix import ProxyFix
-from werkzeug.routing import Map, Rule
-from werkzeug.routing.matcher import StateMachineMatcher
 from werkzeug.wrappers import Response as BaseResponse
 
 from bullmq_http import js_json, metrics
@@ -71,6 +49,7 @@ from bullmq_http.event_reader import PAGE, EventReader
 from bullmq_http.event_stream import RETRY_MS, event_stream, parse_cursor
 from bullmq_http.layout import text
 from bullmq_http.redis_link import UNAVAILABLE, error_hint, event_reader_client, redis_client
+from bullmq_http.routes import JOB_ROUTES, JobRouteMap
 from bullmq_http.settings import (
     DEFAULTS,
     api_tokens,
@@ -95,9 +74,12 @@ from bullmq_http.tokens import (
 
 log = logging.getLogger(__name__)
 
-jobs = Blueprint("jobs", __name__)
-health = Blueprint("health", __name__)
-docs = Blueprint("docs", __name__)
+# Workers report on the job they hold; dashboards read it.
+reporting = Blueprint("reporting", __name__, url_prefix=JOB_ROUTES)
+# Streams of events, watch tokens, and the watch page with its session.
+watching = Blueprint("watching", __name__, url_prefix=JOB_ROUTES)
+# Probes and tools: health, readiness, metrics, the OpenAPI document.
+operations = Blueprint("operations", __name__)
 
 PLAIN = {"Content-Type": "text/plain; charset=utf-8"}
 JSON = "application/json"
@@ -218,7 +200,8 @@ def watch_secret() -> tuple[str, int]:
 # ------------------------------------------------------------------------ views
 
 
-@jobs.url_value_preprocessor
+@watching.url_value_preprocessor
+@reporting.url_value_preprocessor
 def check_queue_name(endpoint: str | None, values: dict[str, Any] | None) -> None:
     """Refuse queue names that BullMQ would refuse, before any other work."""
     queue = (values or {}).get("queue", "")
@@ -230,7 +213,10 @@ def check_queue_name(endpoint: str | None, values: dict[str, Any] | None) -> Non
         abort(400, "the queue name must not contain ':'")
 
 
-@jobs.post("/queues/<queue>/jobs/<path:job_id>/progress")
+# ------------------------------------------------------------- views: reporting
+
+
+@reporting.post("/progress")
 @with_job_token
 def set_progress(queue: str, job_id: str, token: bytes) -> Response:
     """Set the progress of the job the caller holds."""
@@ -238,7 +224,7 @@ def set_progress(queue: str, job_id: str, token: bytes) -> Response:
     return ok()
 
 
-@jobs.post("/queues/<queue>/jobs/<path:job_id>/logs")
+@reporting.post("/logs")
 @with_job_token
 def add_log(queue: str, job_id: str, token: bytes) -> Response:
     """Append one line to the logs of the job the caller holds."""
@@ -246,7 +232,7 @@ def add_log(queue: str, job_id: str, token: bytes) -> Response:
     return ok()
 
 
-@jobs.get("/queues/<queue>/jobs/<path:job_id>/logs")
+@reporting.get("/logs")
 @api_token_required
 def read_logs(queue: str, job_id: str) -> Response:
     """Return one page of a job's logs, oldest first unless order=desc."""
@@ -262,7 +248,7 @@ def read_logs(queue: str, job_id: str) -> Response:
     return json_answer({"count": count, "logs": [text(line) for line in lines]})
 
 
-@jobs.get("/queues/<queue>/jobs/<path:job_id>/progress")
+@reporting.get("/progress")
 @api_token_required
 def read_progress(queue: str, job_id: str) -> Response:
     """Return a job's progress as stored, or 0 when it was never set, as BullMQ reads it."""
@@ -271,7 +257,10 @@ def read_progress(queue: str, job_id: str) -> Response:
     return Response(b"0" if progress is None else progress, content_type=JSON)
 
 
-@jobs.get("/queues/<queue>/jobs/<path:job_id>/events")
+# -------------------------------------------------------------- views: watching
+
+
+@watching.get("/events")
 @watch_or_api_token_required
 def job_events(queue: str, job_id: str) -> Response:
     """Stream a job's progress and log lines as server-sent events, as they happen."""
@@ -318,13 +307,13 @@ def job_events(queue: str, job_id: str) -> Response:
     return response
 
 
-@jobs.after_request
+@watching.after_request
 def allow_watching_pages(response: Response) -> Response:
     """Let a page on an allowed origin (WATCH_ALLOWED_ORIGINS) read the stream it opens
     with a watch token, the preflight of its reconnects included; an API token's
     answers never carry CORS headers: a browser must never hold one."""
     allowed = current_app.config["WATCH_ALLOWED_ORIGINS"]
-    if not allowed or request.endpoint != "jobs.job_events":
+    if not allowed or request.endpoint != "watching.job_events":
         return response
     response.vary.add("Origin")
     origin = request.headers.get("Origin")
@@ -337,7 +326,7 @@ def allow_watching_pages(response: Response) -> Response:
     return response
 
 
-@jobs.get("/queues/<queue>/jobs/<path:job_id>/watch")
+@watching.get("/watch")
 def watch_page(queue: str, job_id: str) -> Response:
     """Serve the page that shows one job live to whoever holds its watch link
     (`watch#token=...`). It holds no job data: its script reads the job with the
@@ -364,7 +353,7 @@ def watch_page(queue: str, job_id: str) -> Response:
 PAGE_FILES = Path(__file__).with_name("static")
 
 
-@jobs.get("/queues/<queue>/jobs/<path:job_id>/<any('watch.css', 'watch.js'):name>")
+@watching.get("/<any('watch.css', 'watch.js'):name>")
 def watch_page_file(queue: str, job_id: str, name: str) -> Response:
     """Serve the watch page's style or script; the same for every job."""
     no_query_parameters_but(())
@@ -373,7 +362,7 @@ def watch_page_file(queue: str, job_id: str, name: str) -> Response:
     return response
 
 
-@jobs.post("/queues/<queue>/jobs/<path:job_id>/watch/session")
+@watching.post("/watch/session")
 def start_watching(queue: str, job_id: str) -> Response:
     """Exchange a watch token (the body: what a page took from its link's #token=) for
     a session: an HttpOnly cookie that opens this job's events and plain-text logs with
@@ -384,7 +373,7 @@ def start_watching(queue: str, job_id: str) -> Response:
     return with_session(job_summary(queue, job_id, watch.expires), queue, job_id, watch)
 
 
-@jobs.get("/queues/<queue>/jobs/<path:job_id>/watch/session")
+@watching.get("/watch/session")
 @watch_or_api_token_required
 def watched_job(queue: str, job_id: str) -> Response:
     """Return the job a page watches: its name and state, and when its watch token
@@ -426,7 +415,7 @@ def job_summary(queue: str, job_id: str, expires: int | None) -> dict[str, Any]:
     return {**summary, "expires": expires, "session_seconds": None}
 
 
-@jobs.get("/queues/<queue>/jobs/<path:job_id>/logs.txt")
+@watching.get("/logs.txt")
 @watch_or_api_token_required
 def logs_as_text(queue: str, job_id: str) -> Response:
     """Return all of a job's log lines as text, a line each, oldest first."""
@@ -458,7 +447,7 @@ def logs_as_text(queue: str, job_id: str) -> Response:
     )
 
 
-@jobs.post("/queues/<queue>/jobs/<path:job_id>/events/token")
+@watching.post("/events/token")
 @api_token_required
 def mint_watch_token(queue: str, job_id: str) -> Response:
     """Return a token that opens this job's events and nothing else, for `seconds`
@@ -483,13 +472,16 @@ def mint_watch_token(queue: str, job_id: str) -> Response:
     return json_answer({"token": token, "expires": expires})
 
 
-@health.get("/healthz")
+# ------------------------------------------------------------ views: operations
+
+
+@operations.get("/healthz")
 def healthz() -> Response:
     """Answer that the process is alive, touching nothing else."""
     return ok()
 
 
-@health.get("/readyz")
+@operations.get("/readyz")
 def readyz() -> Response:
     """Answer whether Redis answers, and the event reader does its work."""
     parts = service()
@@ -500,7 +492,7 @@ def readyz() -> Response:
     return ok()
 
 
-@health.get("/metrics")
+@operations.get("/metrics")
 def prometheus_metrics() -> Response:
     """Return the service's metrics in Prometheus's text format, every worker's added up."""
     if not current_app.config["METRICS"]:
@@ -512,7 +504,7 @@ def prometheus_metrics() -> Response:
 OPENAPI = Path(__file__).with_name("openapi.yaml")
 
 
-@docs.get("/openapi.json")
+@operations.get("/openapi.json")
 def openapi() -> Response:
     """Return the OpenAPI description, its server URL where the caller reached us."""
     return json_answer({**service().openapi, "servers": [{"url": request.script_root or "/"}]})
@@ -798,61 +790,9 @@ def note_route(endpoint: str | None, values: dict[str, Any] | None) -> None:
 
 # ------------------------------------------------------------------------- app
 
-JOB_ROUTE = "/queues/<queue>/jobs/<path:job_id>/"
-
-
-class JobRouteMatcher(StateMachineMatcher):
-    """Werkzeug's route matcher, with a shortcut for the job routes that end in one fixed
-    segment (…/progress, …/logs, …/events, …/watch, …/logs.txt): such a path splits at
-    its first slashes and its last one into the rule and its values, where werkzeug
-    would try each job route's regular expression in turn, which was a fifth of what a
-    job request cost. The shortcut finds exactly the rule and values werkzeug would;
-    any path or method it does not know, it hands to werkzeug, redirects and errors
-    and all."""
-
-    def __init__(self, merge_slashes: bool) -> None:
-        super().__init__(merge_slashes)
-        self.by_last_segment: dict[tuple[str, str], Rule] = {}
-        self.ambiguous: set[str] = set()  # last segments of longer job routes
-
-    def add(self, rule: Rule) -> None:
-        super().add(rule)
-        if not rule.rule.startswith(JOB_ROUTE):
-            return
-        tail = rule.rule.removeprefix(JOB_ROUTE)
-        if "/" in tail:
-            self.ambiguous.add(tail.rsplit("/", 1)[1])
-        elif "<" not in tail and not (rule.defaults or rule.redirect_to or rule.alias):
-            for method in rule.methods or ():  # the first rule added wins, as in werkzeug
-                self.by_last_segment.setdefault((tail, method), rule)
-        for key in [key for key in self.by_last_segment if key[0] in self.ambiguous]:
-            del self.by_last_segment[key]
-
-    def match(self, domain: str, path: str, method: str, websocket: bool) -> tuple[Rule, Any]:
-        # /queues/<queue>/jobs/<job_id>/<tail>: the queue holds no slash, the job id
-        # may; werkzeug's path converter takes neither a leading slash nor a newline.
-        if not domain and not websocket and path.startswith("/queues/") and "\n" not in path:
-            queue, _, rest = path[8:].partition("/")
-            job_id, _, tail = rest[5:].rpartition("/")
-            rule = self.by_last_segment.get((tail, method))
-            if rule and queue and rest.startswith("jobs/") and job_id[:1] not in ("", "/"):
-                return rule, {"queue": queue, "job_id": job_id}
-        return super().match(domain, path, method, websocket)
-
-
-class JobRouteMap(Map):
-    """Werkzeug's URL map, matching with JobRouteMatcher."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        rules = list(self.iter_rules())
-        self._matcher = JobRouteMatcher(self.merge_slashes)
-        for rule in rules:
-            self._matcher.add(rule)
-
 
 class App(Flask):
-    """Flask, with its URL map a JobRouteMap."""
+    """Flask, with its URL map a JobRouteMap (bullmq_http/routes.py)."""
 
     url_map_class = JobRouteMap
 
@@ -897,9 +837,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     )
     if app.config["METRICS"]:
         app.url_value_preprocessor(note_route)
-    app.register_blueprint(jobs)
-    app.register_blueprint(health)
-    app.register_blueprint(docs)
+    app.register_blueprint(reporting)
+    app.register_blueprint(watching)
+    app.register_blueprint(operations)
     if app.config["METRICS"]:
         metrics.start_at_zero(
             (rule.rule, method)

@@ -29,6 +29,7 @@ from typing import Any
 from gunicorn import glogging
 
 from bullmq_http.settings import ConfigError, server_settings
+from bullmq_http.upstream import master_signals, skip_caller_lookup
 
 try:
     SETTINGS = server_settings(os.environ)
@@ -84,12 +85,17 @@ if worker_class == "gevent":
     # SEND_TIMEOUT, and idle clients give way to new ones when a worker is nearly full
     # (bullmq_http/gunicorn_worker.py), so slow clients cannot hold every connection.
     from bullmq_http.event_reader import stop_all
-    from bullmq_http.gunicorn_worker import DeadlineWorker
+    from bullmq_http.gunicorn_worker import DeadlineWorker, write_plain_error
+    from bullmq_http.upstream import write_error
 
     class Worker(DeadlineWorker):
         request_timeout = SETTINGS["REQUEST_TIMEOUT"]
         send_timeout = SETTINGS["SEND_TIMEOUT"]
         end_streams = staticmethod(stop_all)
+
+        def init_process(self) -> None:
+            write_error(write_plain_error)  # what gunicorn cannot parse: plain text
+            super().init_process()
 
     worker_class = Worker
 else:
@@ -135,7 +141,7 @@ errorlog = "-"
 
 # What no line here shows, and each line would otherwise look up: the caller's file
 # and line, and the thread's and process's names (the logging HOWTO's Optimization).
-logging._srcfile = None
+skip_caller_lookup()
 logging.logThreads = False
 logging.logMultiprocessing = False
 
@@ -210,7 +216,7 @@ _STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 def post_fork(server: Any, worker: Any) -> None:
     """In the new worker: keep its copy of the master's queue, for post_worker_init."""
-    worker.master_signals = server.SIG_QUEUE
+    worker.master_signals = master_signals(server)
 
 
 def post_worker_init(worker: Any) -> None:

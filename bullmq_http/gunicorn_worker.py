@@ -275,7 +275,6 @@ class DeadlineWorker(GeventWorker):
         self.streams: set[Client] = set()  # connections sending a stream of events
         self.open = 0
         self.room_later: gevent.Greenlet | None = None  # make_room, when it can
-        util.write_error = write_plain_error
         super().init_process()
 
     def handle_exit(self, sig: int, frame: Any) -> None:

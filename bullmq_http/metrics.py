@@ -18,8 +18,9 @@ from typing import Any
 
 import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram, multiprocess
-from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from .upstream import add_to_metric_file, metric_file_values
 
 REQUESTS = Counter(
     "bullmq_http_requests",
@@ -154,13 +155,8 @@ def fold_dead_worker(pid: int) -> None:
             dead = Path(directory, f"{kind}_{pid}.db")
             if not dead.exists():
                 continue
-            folded = MmapedDict(str(Path(directory, f"{kind}_{FOLDED}.db")))
-            try:
-                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(dead)):
-                    total, _ = folded.read_value(key)
-                    folded.write_value(key, total + value, timestamp)
-            finally:
-                folded.close()
+            folded = str(Path(directory, f"{kind}_{FOLDED}.db"))
+            add_to_metric_file(folded, metric_file_values(str(dead)))
             dead.unlink()
 
 

@@ -25,6 +25,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from .settings import redis_tls
+from .upstream import connection_socket
 
 # Redis trouble: the caller may retry, and the connections recover by themselves.
 UNAVAILABLE = (
@@ -137,7 +138,7 @@ POLL = monkey.get_original("select", "poll")
 def closed_while_idle(connection: ConnectionInterface) -> bool:
     """Return whether an idle connection has something to read: Redis closed it (a
     reply nobody asked for is as bad)."""
-    sock = getattr(connection, "_sock", None)  # redis-py's socket; None unconnected
+    sock = connection_socket(connection)
     if sock is None:
         return False
     poll = POLL()
