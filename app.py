@@ -44,7 +44,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wrappers import Response as BaseResponse
 
 from bullmq_http import js_json, metrics
-from bullmq_http.access_log import TOKEN_NAME, AccessLog, loggable
+from bullmq_http.access_log import RECORD, AccessLog, RequestRecord, loggable
 from bullmq_http.event_reader import PAGE, EventReader
 from bullmq_http.event_stream import RETRY_MS, event_stream, parse_cursor
 from bullmq_http.layout import text
@@ -143,7 +143,7 @@ def watch_or_api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
         else:
             check_api_token(kwargs.get("queue"))
             return view(**kwargs)
-        request.environ[TOKEN_NAME] = "watch-token"  # for the access log
+        request_record().credential = "watch-token"
         return view(**kwargs)
 
     return wrapper
@@ -158,7 +158,7 @@ def check_api_token(queue: str | None) -> None:
         if not len(tokens.current):
             abort(401, "this server has no API token configured (AUTH_TOKENS)")
         abort(401, "the API token is not valid")
-    request.environ[TOKEN_NAME] = token.name  # for the access log
+    request_record().credential = token.name
     g.api_token = token
     if queue is not None and not token.reads(queue):
         abort(403, f"this token may not read queue {queue!r}")
@@ -688,6 +688,13 @@ def service() -> Service:
     return parts
 
 
+def request_record() -> RequestRecord:
+    """Return the record of the current request, which its access line and its metrics
+    are written from once it is answered."""
+    record: RequestRecord = request.environ[RECORD]
+    return record
+
+
 # ---------------------------------------------------------------------- errors
 
 
@@ -767,8 +774,8 @@ def redis_unavailable(error: redis.exceptions.RedisError) -> Response:
         "Redis unavailable for %s %s (API token %s, request %s): %s%s",
         request.method,
         loggable(request.path),
-        loggable(request.environ.get(TOKEN_NAME, "-")),
-        request.environ.get("HTTP_X_REQUEST_ID", "-"),
+        loggable(request_record().credential),
+        request_record().request_id,
         error,
         error_hint(error),
     )
@@ -780,12 +787,12 @@ def redis_unavailable(error: redis.exceptions.RedisError) -> Response:
 
 
 def note_route(endpoint: str | None, values: dict[str, Any] | None) -> None:
-    """Leave the matched route's template in the environ, where count_request finds it
-    after Flask has let go of the request; first of the URL value preprocessors, so that
-    a request one of them refuses is labelled with its route too."""
+    """Note the matched route's template in the request's record, for its metrics;
+    first of the URL value preprocessors, so that a request one of them refuses is
+    labelled with its route too."""
     rule = request.url_rule
     if rule is not None:
-        request.environ[metrics.ROUTE] = rule.rule
+        request_record().route = rule.rule
 
 
 # ------------------------------------------------------------------------- app

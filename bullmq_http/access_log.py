@@ -11,15 +11,26 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
-from .metrics import count_request
+from .metrics import UNMATCHED, count_request
 
 access_log = logging.getLogger("bullmq_http.access")
 
-# Where a view leaves the name of the API token a request used, for the access log.
-TOKEN_NAME = "bullmq_http.token_name"  # noqa: S105 (a key, not a secret)
+
+@dataclass
+class RequestRecord:
+    """What the app learns of a request that its access line and its metrics say once
+    it is answered: AccessLog makes one per request, in the environ under RECORD."""
+
+    request_id: str
+    credential: str = "-"  # the API token's name, "watch-token", or "-" for none
+    route: str = UNMATCHED  # the matched route's template, for the metrics
+
+
+RECORD = "bullmq_http.request"
 
 
 # A request id from the caller is kept when it is a plain token, so it can be logged
@@ -91,6 +102,7 @@ class AccessLog:
         request_id = environ.get("HTTP_X_REQUEST_ID", "")
         if not REQUEST_ID.fullmatch(request_id):
             request_id = environ["HTTP_X_REQUEST_ID"] = os.urandom(16).hex()
+        record = environ[RECORD] = RequestRecord(request_id)
         status = "500"
         response_bytes = "0"
 
@@ -118,11 +130,12 @@ class AccessLog:
                 status,
                 seconds * 1000,
                 request_id,
-                loggable(environ.get(TOKEN_NAME, "-")),
+                loggable(record.credential),
                 extra={"fields": ACCESS_FIELDS},
             )
             if self.metrics:
-                count_request(environ, method, status, seconds, response_bytes)
+                declared = environ.get("CONTENT_LENGTH") or "0"
+                count_request(record.route, method, status, seconds, declared, response_bytes)
 
 
 class PlainLogFormatter(logging.Formatter):

@@ -14,7 +14,6 @@ import functools
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram, multiprocess
@@ -72,9 +71,7 @@ READER_ERRORS = Counter(
     "Unexpected errors of the event reader, each logged with its traceback; it starts "
     "again after a pause.",
 )
-# Where note_route leaves the matched route's template; a request no route matched (404,
-# 405) is labelled "unmatched".
-ROUTE = "bullmq_http.route"
+# The route of a request no route matched (404, 405).
 UNMATCHED = "unmatched"
 
 
@@ -88,17 +85,15 @@ def counted_stream(events: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def count_request(
-    environ: dict[str, Any], method: str, status: str, seconds: float, response_bytes: str
+    route: str, method: str, status: str, seconds: float, request_bytes: str, response_bytes: str
 ) -> None:
-    """Count one answered request in the metrics."""
-    route = environ.get(ROUTE, UNMATCHED)
+    """Count one answered request in the metrics; the sizes as their headers said them."""
     if method not in KNOWN_METHODS:
         method = "other"  # a label per made-up method would be a new series each
     request_count(route, method, status).inc()
     duration, request_size, response_size = route_metrics(route)
     duration.observe(seconds)
-    declared = environ.get("CONTENT_LENGTH") or "0"
-    request_size.observe(int(declared) if declared.isdigit() else 0)
+    request_size.observe(int(request_bytes) if request_bytes.isdigit() else 0)
     response_size.observe(int(response_bytes) if response_bytes.isdigit() else 0)
 
 
