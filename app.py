@@ -52,7 +52,6 @@ from bullmq_http.redis_link import UNAVAILABLE, error_hint, event_reader_client,
 from bullmq_http.routes import JOB_ROUTES, JobRouteMap
 from bullmq_http.settings import (
     DEFAULTS,
-    api_tokens,
     check_settings,
     default_max_streams,
     read_secret_files,
@@ -815,7 +814,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     read_secret_files(app.config)
     check_settings(app.config)
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY_BYTES"]
-    tokens = api_tokens(app.config)
+    # From AUTH_TOKENS and AUTH_TOKENS_FILE both, say while one is being rotated out.
+    tokens = ApiTokens(app.config["AUTH_TOKENS"], app.config["AUTH_TOKENS_FILE"])
     if not len(tokens.current):
         log.warning("no API token configured (AUTH_TOKENS): GET logs will answer 401")
     job_store = JobStore(

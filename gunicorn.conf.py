@@ -1,15 +1,9 @@
 """gunicorn settings for the service: `gunicorn -c gunicorn.conf.py` and nothing else,
 which `python serve.py` runs once it has checked the settings below.
 
-Environment, parsed by settings.py like the service's own: BIND (host:port or
-unix:/path, several comma separated; overrides PORT), PORT (default 8080, on
-127.0.0.1), WEB_CONCURRENCY (worker processes, default: one per core), WORKER_CLASS
-(gevent, gthread or sync; default gevent), WORKER_CONNECTIONS (connections per gevent
-worker, default 1000), REQUEST_TIMEOUT (seconds for a request to arrive whole, default
-10), SEND_TIMEOUT (seconds a client may read nothing of a response before it is cut
-off, default 10), THREADS (threads per gthread worker, default 8), LOG_FORMAT (plain or
-json, default plain), and PROMETHEUS_MULTIPROC_DIR (where workers keep their metrics;
-default a fresh temporary directory). The app reads the service's settings.
+Its settings come from the environment (BIND, PORT, WEB_CONCURRENCY, WORKER_CLASS and
+the rest of bullmq_http/settings.py's SERVER_SETTINGS, listed with their defaults in the
+README's Configuration table), parsed as the service's own are.
 
 gunicorn reads this file again on every reload (SIGHUP): what it does must be safe to
 do twice.

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .tokens import ApiTokens, TokenFileError
-
 log = logging.getLogger(__name__)
 
 
@@ -172,7 +170,7 @@ SETTINGS: dict[str, Setting] = {
     "REDIS_SENTINEL_PASSWORD": Setting(None, _text),
     "QUEUE_PREFIX": Setting("bull", _text),
     "AUTH_TOKENS": Setting((), _token_list),
-    "AUTH_TOKENS_FILE": Setting(None, _text),  # read by api_tokens
+    "AUTH_TOKENS_FILE": Setting(None, _text),  # read by tokens.ApiTokens
     "MIN_QUEUE_NAME_LENGTH": Setting(3, whole_number(1, 1000)),
     "MAX_QUEUE_NAME_LENGTH": Setting(100, whole_number(1, 1000)),
     "MAX_BODY_BYTES": Setting(1024 * 1024, whole_number(1, 512 * 1024 * 1024)),
@@ -226,15 +224,6 @@ def server_settings(environ: Mapping[str, str]) -> dict[str, Any]:
     ConfigError on a bad one."""
     defaults = {name: setting.default for name, setting in SERVER_SETTINGS.items()}
     return {**defaults, **settings_from_env(environ, SERVER_SETTINGS)}
-
-
-def api_tokens(config: Mapping[str, Any]) -> ApiTokens:
-    """Return the API tokens of AUTH_TOKENS and AUTH_TOKENS_FILE (tokens may come from
-    both, say while one is being rotated out); raise ConfigError for a bad file."""
-    try:
-        return ApiTokens(config["AUTH_TOKENS"], config["AUTH_TOKENS_FILE"])
-    except TokenFileError as error:
-        raise ConfigError(str(error)) from None
 
 
 HASH_TAG = re.compile(r"\{[^}]+\}")

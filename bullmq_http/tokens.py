@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 from gevent import monkey
 
+from .settings import ConfigError
+
 log = logging.getLogger(__name__)
 
 # How often, at most, a process looks at the token file for a change.
@@ -59,8 +61,9 @@ LIKE_A_TOKEN = 16
 start_thread = monkey.get_original("_thread", "start_new_thread")
 
 
-class TokenFileError(ValueError):
-    """A token file that cannot be read or parsed; the message says where and why."""
+class TokenFileError(ConfigError):
+    """A token file that cannot be read or parsed; the message says where and why (at
+    start-up, the one-line refusal of a bad setting)."""
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,7 @@ def read_file(path: str) -> tuple[str, os.stat_result]:
         raise TokenFileError(f"AUTH_TOKENS_FILE={path!r} cannot be read ({error})") from None
 
 
-def signature(status: os.stat_result) -> tuple[int, int, int, int]:
+def file_fingerprint(status: os.stat_result) -> tuple[int, int, int, int]:
     """Return what changes when a file is replaced or rewritten."""
     return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
@@ -210,11 +213,11 @@ class ApiTokens:
         self.current, self.seen = self.load()
 
     def load(self) -> tuple[TokenSet, tuple[int, int, int, int] | None]:
-        """Return the tokens in force now, and the signature of the file they came from."""
+        """Return the tokens in force now, and the fingerprint of the file they came from."""
         if not self.path:
             return TokenSet(self.environment), None
         text, status = read_file(self.path)
-        return TokenSet(self.environment + parse_file(self.path, text)), signature(status)
+        return TokenSet(self.environment + parse_file(self.path, text)), file_fingerprint(status)
 
     def find(self, sent: bytes) -> Token | None:
         """Return the token that was sent; look at the file first if a look is due."""
@@ -231,7 +234,7 @@ class ApiTokens:
         except OSError as error:
             self.keep(f"AUTH_TOKENS_FILE={self.path!r} cannot be read ({error})", None)
             return
-        if signature(status) != self.seen and not self.reading:
+        if file_fingerprint(status) != self.seen and not self.reading:
             self.reading = True
             start_thread(self.refresh, ())
             # The request that noticed waits a moment, so that a token rotated out is
@@ -245,14 +248,14 @@ class ApiTokens:
         try:
             try:
                 status = os.stat(self.path or "")
-                if signature(status) == self.seen:
+                if file_fingerprint(status) == self.seen:
                     return
                 self.current, self.seen = self.load()
             except OSError as error:
                 self.keep(f"AUTH_TOKENS_FILE={self.path!r} cannot be read ({error})", None)
                 return
             except TokenFileError as error:
-                self.keep(str(error), signature(status))
+                self.keep(str(error), file_fingerprint(status))
                 return
             log.warning("AUTH_TOKENS_FILE=%r reloaded: %d API tokens", self.path, len(self.current))
         finally:

@@ -2,11 +2,13 @@
 
 import logging
 import os
+import re
 
 import pytest
 
 from app import create_app
-from bullmq_http.settings import DEFAULTS, ConfigError, settings_from_env
+from bullmq_http.settings import DEFAULTS, SETTINGS, ConfigError, settings_from_env
+from tests.helpers import ROOT
 
 
 def test_defaults_match_the_reference_proxy():
@@ -253,3 +255,31 @@ def test_an_unreachable_cluster_at_start_up_answers_503_not_a_failed_start():
     assert client.get("/healthz").status_code == 200
     response = client.get("/readyz")
     assert (response.status_code, response.headers["Retry-After"]) == (503, "1")
+
+
+def readme_settings() -> dict[str, str]:
+    """Return the README's Configuration table: each variable's default as written."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| `([A-Z_]+)` \|([^|]*)\|", section, re.MULTILINE)
+    return {name: default.strip() for name, default in rows}
+
+
+def test_the_readmes_settings_table_is_the_settings_table():
+    """Every setting, and nothing else, in the README, with the default the service
+    has: a default in backticks reads, as the variable would, as the default; one in
+    words is worked out at start-up (the setting's default is None); none, unset."""
+    documented = readme_settings()
+    # gunicorn and prometheus_client read this one themselves.
+    assert set(documented) == {*SETTINGS, "PROMETHEUS_MULTIPROC_DIR"}
+    for name, setting in SETTINGS.items():
+        written = documented[name]
+        if written.startswith("`"):
+            assert setting.parse(written.strip("`")) == setting.default, name
+        else:
+            assert setting.default in (None, (), frozenset()), name
+            assert (written == "") == (name not in COMPUTED_DEFAULTS), name
+
+
+# The settings whose default is worked out at start-up, which the README says in words.
+COMPUTED_DEFAULTS = {"WEB_CONCURRENCY", "MAX_STREAMS"}
