@@ -55,7 +55,7 @@ def browser() -> Iterator[Any]:
 class Site:
     """gunicorn on a unix socket with nginx in front, as the README deploys them."""
 
-    def __init__(self, directory: Path, redis_url: str) -> None:
+    def __init__(self, directory: Path, redis_url: str, session_seconds: int = 3600) -> None:
         self.port = 0
         self.redis_url = redis_url
         self.data = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -67,8 +67,7 @@ class Site:
                 "WATCH_TOKEN_SECRET": SECRET,
                 # Shorter than any link here: the page must outlive a stream's token.
                 "WATCH_TOKEN_SECONDS": "1",
-                # The page's session cookie lasts 10 s; the page renews it at 5 s.
-                "WATCH_SESSION_SECONDS": "10",
+                "WATCH_SESSION_SECONDS": str(session_seconds),
                 "TRUSTED_PROXIES": "1",
                 "WEB_CONCURRENCY": "1",
             },
@@ -97,8 +96,15 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Site]:
+    yield from served_site(tmp_path_factory, redis_url)
+
+
+def served_site(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, session_seconds: int = 3600
+) -> Iterator[Site]:
+    """Yield the service under gunicorn behind nginx, until the caller is done."""
     directory = tmp_path_factory.mktemp("page")
-    site = Site(directory, redis_url)
+    site = Site(directory, redis_url, session_seconds)
     site.port = free_port()
     with site.gunicorn:
         nginx = start_nginx(
@@ -267,7 +273,14 @@ def test_the_page_shows_a_bullmq_job_live_until_it_completes(site, page, bull_jo
     assert len(shown_lines(page)) == 12
 
 
-def test_an_open_page_renews_its_session_and_a_reload_uses_it(site, page, bull_job):
+@pytest.fixture
+def short_sessions(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Site]:
+    """The service with sessions of 4 s, which a page renews every 2."""
+    yield from served_site(tmp_path_factory, redis_url, session_seconds=4)
+
+
+def test_an_open_page_renews_its_session_and_a_reload_uses_it(short_sessions, page, bull_job):
+    site = short_sessions
     job = bull_job()
     page.goto(site.link(job.queue_name, job.id))
     page.wait_for_selector("#connection[data-state=live]", timeout=SECONDS * 1000)
