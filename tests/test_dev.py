@@ -13,6 +13,8 @@ import pytest
 from harness.servers import free_port, harness_environ, wait_until
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.server  # every test here starts its own servers
+
 
 @pytest.mark.parametrize(
     ("stop", "group"),

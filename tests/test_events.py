@@ -515,6 +515,7 @@ def test_without_a_secret_watch_tokens_are_off(client, job):
 # ------------------------------------------------------------------------ at scale
 
 
+@pytest.mark.server  # starts its own servers
 def test_a_thousand_subscribers_share_a_bounded_number_of_connections(tmp_path):
     subscribers = 1000
     with RedisServer(tmp_path / "redis") as redis_server:

@@ -249,6 +249,7 @@ def test_json_logs(tmp_path, redis_url, r, job):
     assert all(line["level"] for line in booting)
 
 
+@pytest.mark.server  # starts its own servers
 def test_json_warnings(tmp_path):
     url = f"unix://{tmp_path}/nothing-here.sock"
     with Gunicorn(tmp_path, {"REDIS_URL": url, "LOG_FORMAT": "json"}) as server:

@@ -18,6 +18,8 @@ from harness.clients import add_active_job
 from harness.servers import Gunicorn, RedisServer, dying_with_this_process, free_port, wait_until
 from tests.helpers import JOB_TOKEN, ROOT, unavailable
 
+pytestmark = pytest.mark.server  # every test here starts its own servers
+
 README = ROOT / "README.md"
 
 

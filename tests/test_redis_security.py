@@ -558,6 +558,7 @@ def test_tls_files_that_cannot_work_stop_the_factory(certificates):
         assert "\n" not in str(raised.value)
 
 
+@pytest.mark.server  # starts its own servers
 def test_bullmq_and_the_service_share_a_tls_server_each_as_its_own_user(
     tls_server, certificates, admin, tmp_path
 ):
