@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from flask.testing import FlaskClient
 from app import create_app
 from harness.clients import add_active_job
 from harness.servers import Gunicorn, RedisServer, free_port, harness_environ, redis_server_version
-from tests.helpers import API_TOKEN, JOB_TOKEN
+from tests.helpers import API_TOKEN, JOB_TOKEN, WATCH_SECRET, Service
 
 
 @pytest.fixture(scope="session")
@@ -108,6 +109,34 @@ def job(r: redis.Redis) -> Callable[..., str]:
         return add_active_job(r, queue, job_id, token, **kw)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The service under gunicorn, with a Redis server of its own, for a module's tests:
+    API tokens from a file (dashboard reads every queue, narrow other-*), watch tokens on."""
+    directory = tmp_path_factory.mktemp("events")
+    tokens = directory / "tokens"
+    tokens.write_text(f"dashboard {API_TOKEN} *\nnarrow narrow-token other-*\n")
+    with RedisServer(directory / "redis") as redis_server:
+        env = {
+            "REDIS_URL": redis_server.url,
+            "AUTH_TOKENS_FILE": str(tokens),
+            "WATCH_TOKEN_SECRET": WATCH_SECRET,
+            "WEB_CONCURRENCY": "1",
+        }
+        data = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        with Gunicorn(directory, env) as server:
+            yield Service(server, redis_server, data)
+        data.close()
+
+
+@pytest.fixture
+def job_id(service: Service) -> str:
+    """A fresh active job in queue orders, with its id."""
+    job_id = uuid.uuid4().hex[:8]
+    add_active_job(service.data, "orders", job_id, JOB_TOKEN)
+    return job_id
 
 
 def pytest_report_header() -> str:

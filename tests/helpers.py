@@ -3,10 +3,13 @@ service answered and Redis holds."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -15,6 +18,7 @@ import redis
 from flask.testing import FlaskClient
 
 from harness.clients import EventStream, ServerSentEvent
+from harness.servers import Gunicorn, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 API_TOKEN = "test-api-token"
@@ -100,3 +104,51 @@ def next_event(events: Iterator[ServerSentEvent], timeout: float = 10.0) -> Serv
         raise AssertionError(f"no event within {timeout:g} seconds") from None
     assert event is not None, "the stream ended"
     return event
+
+
+# The watch tokens' secret of the servers the tests start.
+WATCH_SECRET = "a secret the instances share, 32 bytes or more"
+
+
+@dataclass
+class Service:
+    """The service under gunicorn with a Redis server of its own (conftest's `service`)."""
+
+    server: Gunicorn
+    redis_server: RedisServer
+    data: redis.Redis
+
+    def post(self, path: str, body: bytes, token: str = JOB_TOKEN) -> int:
+        return self.server.send("POST", path, body, token)
+
+    @contextmanager
+    def events(self, path: str, headers: dict[str, str] | None = None) -> Iterator[EventStream]:
+        """Open a stream of events; yield its reader (whose status must be 200)."""
+        conn = self.server.connect()  # reads time out after 10 s, before a heartbeat
+        try:
+            conn.request("GET", path, headers=bearer(API_TOKEN) if headers is None else headers)
+            response = conn.getresponse()
+            assert response.status == 200, response.read()
+            assert response.getheader("Content-Type") == "text/event-stream; charset=utf-8"
+            yield EventStream(response)
+        finally:
+            conn.close()
+
+    def refusal(self, path: str, headers: dict[str, str]) -> tuple[int, str]:
+        conn = self.server.connect()
+        try:
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            conn.close()
+
+
+def take(stream: EventStream, count: int) -> list[ServerSentEvent]:
+    """Return the next `count` events of a stream."""
+    return list(itertools.islice(stream, count))
+
+
+def kinds(events: list[ServerSentEvent]) -> list[tuple[str, str]]:
+    """Return each event's kind and data."""
+    return [(event.event, event.data) for event in events]

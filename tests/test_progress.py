@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.helpers import API_TOKEN, post, snapshot
+from tests.helpers import API_TOKEN, JOB_TOKEN, bearer, post, snapshot
 
 URL = "/queues/orders/jobs/1/progress"
 
@@ -143,3 +143,36 @@ def test_api_token_is_not_a_job_token(client, r, job):
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"] == "Bearer"
     assert snapshot(r) == before
+
+
+# ------------------------------------------------------------------ GET progress
+
+
+def test_progress_is_0_until_set_then_as_stored(client, job):
+    job()
+    path = "/queues/orders/jobs/1/progress"
+    response = client.get(path, headers=bearer(API_TOKEN))
+    assert (response.status_code, response.mimetype, response.data) == (
+        200, "application/json", b"0"
+    )  # fmt: skip
+    client.post(path, data=b'{"step": 2, "of": 1e3}', headers=bearer(JOB_TOKEN))
+    response = client.get(path, headers=bearer(API_TOKEN))
+    assert (response.status_code, response.data) == (200, b'{"step":2,"of":1000}')
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "message"),
+    [
+        ("/queues/orders/jobs/2/progress", bearer(API_TOKEN), 404,
+         "job '2' not found in queue 'orders'"),
+        ("/queues/orders/jobs/1/progress", {}, 401,
+         "send the token as 'Authorization: Bearer <token>'"),
+        ("/queues/orders/jobs/1/progress", bearer(JOB_TOKEN), 401, "the API token is not valid"),
+        ("/queues/orders/jobs/1/progress?x=1", bearer(API_TOKEN), 400,
+         "unknown query parameter 'x': this route takes none"),
+    ],
+)  # fmt: skip
+def test_progress_refusals(client, job, r, path, headers, status, message):
+    job()
+    response = client.get(path, headers=headers)
+    assert (response.status_code, response.text) == (status, message)
