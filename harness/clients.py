@@ -1,21 +1,73 @@
 """The clients the tests and the benchmark play: a BullMQ worker holding a job
-(add_active_job lays it out as BullMQ does), an HTTP connection over a unix socket, and
-a reader of server-sent events that parses them as a browser's EventSource does.
+(add_active_job lays it out as BullMQ does); one HTTP request on a connection of its
+own (http_call), or as the bytes a socket sends (raw_request); and a reader of
+server-sent events that parses them as a browser's EventSource does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 
 from bullmq_http.event_stream import RETRY_MS
-from harness.servers import Gunicorn
+
+if TYPE_CHECKING:
+    from harness.servers import Gunicorn
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A whole HTTP response."""
+
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+def http_call(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: bytes | str | None = None,
+    headers: Mapping[str, str] | None = None,
+    token: str | None = None,
+) -> Answer:
+    """Send one request on `conn` (a connection of its own, closed after), with `token`
+    as its bearer token if given; return the whole answer."""
+    sent = dict(headers or {})
+    if token is not None:
+        sent["Authorization"] = f"Bearer {token}"
+    try:
+        conn.request(method, path, body, sent)
+        response = conn.getresponse()
+        return Answer(response.status, response.headers, response.read())
+    finally:
+        conn.close()
+
+
+def raw_request(
+    method: str, path: str, token: str | None = None, body: bytes | None = None, head: str = ""
+) -> bytes:
+    """Return one HTTP/1.1 request as the bytes a socket sends: with `token` as its
+    bearer token, `head` holding further header lines as sent (each ending in CRLF), and
+    a body with its Content-Length."""
+    lines = f"{method} {path} HTTP/1.1\r\nHost: test\r\n"
+    if token is not None:
+        lines += f"Authorization: Bearer {token}\r\n"
+    if body is not None:
+        lines += f"Content-Length: {len(body)}\r\n"
+    return f"{lines}{head}\r\n".encode() + (body or b"")
 
 
 def add_active_job(

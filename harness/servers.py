@@ -24,6 +24,7 @@ import redis
 from redis.crc import key_slot
 
 from bullmq_http.settings import SETTINGS
+from harness.clients import http_call
 
 # The project's top level, where serve.py and gunicorn.conf.py are.
 ROOT = Path(__file__).resolve().parent.parent
@@ -489,14 +490,7 @@ class Gunicorn(Server):
     ) -> int:
         """Send one request on a connection of its own, with `token` as its bearer
         token; read the response and return its status."""
-        conn = self.connect()
-        try:
-            conn.request(method, path, body, {"Authorization": f"Bearer {token}"} if token else {})
-            response = conn.getresponse()
-            response.read()
-            return response.status
-        finally:
-            conn.close()
+        return http_call(self.connect(), method, path, body, token=token).status
 
     def healthy(self) -> bool:
         """Return whether the server answers /healthz."""

@@ -17,7 +17,7 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from harness.clients import EventStream, ServerSentEvent
+from harness.clients import EventStream, ServerSentEvent, http_call
 from harness.servers import Gunicorn, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,13 +135,9 @@ class Service:
             conn.close()
 
     def refusal(self, path: str, headers: dict[str, str]) -> tuple[int, str]:
-        conn = self.server.connect()
-        try:
-            conn.request("GET", path, headers=headers)
-            response = conn.getresponse()
-            return response.status, response.read().decode()
-        finally:
-            conn.close()
+        """GET a path that the service refuses; return the status and the reason."""
+        answer = http_call(self.server.connect(), "GET", path, headers=headers)
+        return answer.status, answer.text
 
 
 def take(stream: EventStream, count: int) -> list[ServerSentEvent]:

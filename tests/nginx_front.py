@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from harness.clients import http_call
 from harness.servers import answers, dying_with_this_process, wait_until
 from tests.helpers import ROOT, unavailable
 
@@ -82,11 +83,7 @@ def start_nginx(nginx: str, directory: Path, socket: Path, port: int) -> subproc
 
     def healthy() -> bool:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        try:
-            conn.request("GET", "/bullmq/healthz")
-            return conn.getresponse().status == 200
-        finally:
-            conn.close()
+        return http_call(conn, "GET", "/bullmq/healthz").status == 200
 
     wait_until(
         lambda: process.poll() is not None or answers(healthy, OSError), 10, "nginx to answer"

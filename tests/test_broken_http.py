@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from harness.clients import raw_request
 from harness.servers import Gunicorn, free_port
 from tests.helpers import JOB_TOKEN, snapshot
 
@@ -60,11 +61,9 @@ def parse(response: bytes) -> tuple[int, dict[str, str], str]:
     return int(status_line.split()[1]), {k.lower(): v for k, v in headers.items()}, body.decode()
 
 
-def post(route: str, headers: str) -> bytes:
-    return (
-        f"POST /queues/orders/jobs/1/{route} HTTP/1.1\r\nHost: test\r\n"
-        f"Authorization: Bearer {JOB_TOKEN}\r\n{headers}\r\n"
-    ).encode()
+def post(route: str, head: str) -> bytes:
+    """Return the head of a POST to job 1's route, `head` its further header lines."""
+    return raw_request("POST", f"/queues/orders/jobs/1/{route}", JOB_TOKEN, head=head)
 
 
 def server_errors(server: Gunicorn) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import redis
 
+from harness.clients import raw_request
 from harness.servers import Gunicorn
 from tests.helpers import JOB_TOKEN
 
@@ -27,10 +28,8 @@ class Answer:
 
 
 def post(route: str, body: bytes) -> bytes:
-    return (
-        f"POST /queues/orders/jobs/1/{route} HTTP/1.1\r\nHost: test\r\n"
-        f"Authorization: Bearer {JOB_TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    """Return a whole POST to job 1's route, with the job's token."""
+    return raw_request("POST", f"/queues/orders/jobs/1/{route}", JOB_TOKEN, body)
 
 
 async def read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import redis
 
-from harness.clients import EventStream, add_active_job
+from harness.clients import EventStream, add_active_job, http_call
 from harness.servers import RedisServer, answers, free_port, wait_until
 from tests.helpers import API_TOKEN, JOB_TOKEN, ROOT, unavailable
 
@@ -215,13 +215,8 @@ class Container:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
 
     def request(self, method: str, path: str, body: bytes | None = None, token: str | None = None):
-        conn = self.connect()
-        try:
-            conn.request(method, path, body, {"Authorization": f"Bearer {token}"} if token else {})
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
+        answer = http_call(self.connect(), method, path, body, token=token)
+        return answer.status, answer.body
 
     def processes(self) -> list[int]:
         """Return the host's ids of the container's gunicorn master and workers."""

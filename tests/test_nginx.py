@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from harness.clients import EventStream, add_active_job
+from harness.clients import EventStream, add_active_job, http_call
 from harness.servers import Gunicorn, RedisServer, free_port, wait_until
 from tests.helpers import API_TOKEN, JOB_TOKEN, bearer
 from tests.nginx_front import nginx_binary, start_nginx
@@ -34,12 +34,8 @@ class Stack:
     def request(self, method, path, body=None, headers=None):
         """Send a request to nginx; return (status, headers, body)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            conn.request(method, path, body, headers or {})
-            response = conn.getresponse()
-            return response.status, response.headers, response.read()
-        finally:
-            conn.close()
+        answer = http_call(conn, method, path, body, headers)
+        return answer.status, answer.headers, answer.body
 
     def logged_address(self, request_id: str) -> str:
         """Return the client address the app logged for a request id (the line is

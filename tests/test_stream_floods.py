@@ -25,7 +25,7 @@ from prometheus_client import REGISTRY
 from bullmq_http import event_reader, event_stream
 from bullmq_http.store import JobStore
 from bullmq_http.tokens import watch_token
-from harness.clients import EventStream, ServerSentEvent
+from harness.clients import EventStream, ServerSentEvent, raw_request
 from harness.servers import Gunicorn, wait_until
 from tests.helpers import API_TOKEN, JOB_TOKEN, StreamedBody, bearer
 
@@ -537,11 +537,8 @@ def test_a_failing_event_reader_is_logged_counted_reported_and_starts_again(
 
 
 def request(path: str, method: str = "GET", body: bytes = b"", token: str = API_TOKEN) -> bytes:
-    """Return one raw HTTP/1.1 request."""
-    return (
-        f"{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    """Return one raw HTTP/1.1 request, by default a GET with the API token."""
+    return raw_request(method, path, token, body)
 
 
 async def connect(server: Gunicorn, **socket_options: int) -> tuple[Any, Any]:

@@ -25,7 +25,7 @@ from bullmq import Job, Queue, Worker
 from playwright.sync_api import sync_playwright
 
 from bullmq_http.tokens import watch_token
-from harness.clients import add_active_job
+from harness.clients import add_active_job, http_call
 from harness.screenshot import CHROMIUM_ARGS
 from harness.servers import Gunicorn, free_port, wait_until
 from tests.helpers import API_TOKEN, unavailable
@@ -84,14 +84,8 @@ class Site:
     def post(self, queue: str, job_id: str, route: str, token: str, body: bytes) -> int:
         """Report on a job through nginx, as a worker does; return the status."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            path = f"/bullmq/queues/{queue}/jobs/{job_id}/{route}"
-            conn.request("POST", path, body, {"Authorization": f"Bearer {token}"})
-            response = conn.getresponse()
-            response.read()
-            return response.status
-        finally:
-            conn.close()
+        path = f"/bullmq/queues/{queue}/jobs/{job_id}/{route}"
+        return http_call(conn, "POST", path, body, token=token).status
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from urllib.parse import quote, urlsplit
 
 from bullmq import Job, Queue, QueueEvents, Worker
 
+from harness.clients import http_call
 from tests.helpers import API_TOKEN
 
 
@@ -25,15 +26,9 @@ def request(service, method: str, path: str, token: str, body=None, content_type
     """Call the service; return (status, body text)."""
     address = urlsplit(service.url)
     conn = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
-    headers = {"Authorization": f"Bearer {token}"}
-    if content_type:
-        headers["Content-Type"] = content_type
-    try:
-        conn.request(method, path, body, headers)
-        response = conn.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        conn.close()
+    headers = {"Content-Type": content_type} if content_type else {}
+    answer = http_call(conn, method, path, body, headers, token)
+    return answer.status, answer.text
 
 
 async def call(service, method, path, token, body=None, content_type=None):
