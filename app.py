@@ -14,7 +14,6 @@ wires them together. What is not about HTTP lives beside it, in the bullmq_http 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -650,13 +649,9 @@ def ok() -> Response:
     return Response(b"OK", content_type=PLAIN["Content-Type"])
 
 
-# Made once: json.dumps with options builds a new encoder on every call.
-compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
 def json_answer(value: Any) -> Response:
     """Answer 200 with a value as compact JSON, text as it is (not \\u-escaped)."""
-    return Response(compact_json(value), content_type=JSON)
+    return Response(js_json.compact(value), content_type=JSON)
 
 
 # ------------------------------------------------------------------------ parts

@@ -5,7 +5,6 @@ plain text or JSON (LOG_FORMAT=json); and the formatters of plain and JSON lines
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import re
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
+from .js_json import compact
 from .metrics import UNMATCHED, count_request
 
 access_log = logging.getLogger("bullmq_http.access")
@@ -174,7 +174,7 @@ class JsonLogFormatter(logging.Formatter):
             entry.update(level=record.levelname, logger=record.name, message=record.getMessage())
             if record.exc_info:
                 entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return compact(entry)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         """Return the record's time in ISO 8601, to the millisecond, with its offset."""

@@ -29,6 +29,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.typing import KeyT, StreamIdT
 
+from .js_json import compact
 from .layout import FINAL, START, StreamId, stream_id, text
 from .metrics import READER_ERRORS
 
@@ -73,11 +74,11 @@ def final_data(kind: str, outcome: str | None) -> str:
     was stored as: whatever a job returned, its stream ends as it should."""
     if kind == "completed":
         try:
-            return json.dumps({"returnvalue": json.loads(outcome or "null")}, ensure_ascii=False)
+            return compact({"returnvalue": json.loads(outcome or "null")})
         except (ValueError, RecursionError) as error:
             log.warning("a return value carried as text, not read as JSON: %s", error)
-            return json.dumps({"returnvalue": outcome}, ensure_ascii=False)
-    return json.dumps({"failedReason": outcome or ""}, ensure_ascii=False)
+            return compact({"returnvalue": outcome})
+    return compact({"failedReason": outcome or ""})
 
 
 # Why a stream ends before its job does; the client reconnects and resumes.
@@ -371,4 +372,4 @@ def stop_all() -> None:
 
 def log_data(index: int, line: bytes) -> str:
     """Return a log event's data: the line's index in the job's list, and the line."""
-    return json.dumps({"index": index, "line": text(line)}, ensure_ascii=False)
+    return compact({"index": index, "line": text(line)})

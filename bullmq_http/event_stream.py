@@ -8,7 +8,6 @@ reconnects with it as Last-Event-ID gets exactly what it missed (README: "Resumi
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import re
@@ -22,6 +21,7 @@ import redis
 from gevent import monkey
 
 from .event_reader import PAGE, Event, EventReader, Subscription, final_data, log_data, stream_event
+from .js_json import compact
 from .layout import FINAL, START, JobState, StreamId, TooManyBytes, stream_id
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def event_stream(
         yield from follow(jobs, reader, subscription, cursor, events, until, client)
     except LookupError:
         # Removed while the stream caught up.
-        yield cursor.frame(Event("removed", cursor.position, json.dumps({"jobId": job_id})))
+        yield cursor.frame(Event("removed", cursor.position, compact({"jobId": job_id})))
     except ReplayTooLong:
         pass  # the event reader was far ahead: the client resumes, from its cursor
     except redis.exceptions.RedisError as error:
@@ -270,7 +270,7 @@ def follow(
                     yield comment("keep-alive")
                 continue
         if event.kind == "removed":
-            data = json.dumps({"jobId": subscription.job_id})
+            data = compact({"jobId": subscription.job_id})
             yield cursor.frame(Event("removed", cursor.position, data))
             return
         if event.kind not in FINAL:

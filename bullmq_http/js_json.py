@@ -1,6 +1,7 @@
 """JSON read as JavaScript's JSON.parse reads it, and written exactly as its
 JSON.stringify writes it, so that what the service stores is byte for byte what
-BullMQ's Node library would have stored.
+BullMQ's Node library would have stored; `compact` is how the service writes every
+other JSON (answers, events, the values it signs, log lines).
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ def _finite_number(text: str) -> float:
     if not math.isfinite(number):
         raise ValueError(f"the number {text[:40]}{'...' if len(text) > 40 else ''} is too large")
     return number
+
+
+# Made once: json.dumps with options builds a new encoder on every call.
+_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def compact(value: Any) -> str:
+    """Write a value the service made (strings, numbers, lists, dicts with string keys)
+    as JSON, compact and not ASCII-escaped, as JSON.stringify writes such values too."""
+    return _compact(value)
 
 
 def stringify(value: Any) -> str:

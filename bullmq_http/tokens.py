@@ -30,7 +30,6 @@ import fnmatch
 import functools
 import hashlib
 import hmac
-import json
 import logging
 import os
 import re
@@ -42,6 +41,7 @@ from dataclasses import dataclass
 
 from gevent import monkey
 
+from .js_json import compact
 from .settings import ConfigError
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ def watch_token(
     fields: list[str | int] = ["bullmq-http watch", queue, job_id, expires]
     if minter is not None:
         fields.append(minter)
-    message = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+    message = compact(fields)
     signature = hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
     return f"{expires}.{signature}" if minter is None else f"{expires}.{minter}.{signature}"
 
@@ -361,7 +361,7 @@ def session_token(
 
 def session_signature(secret: str, queue: str, job_id: str, fields: list[str]) -> str:
     """Return the signature of a session's fields for one job."""
-    message = json.dumps(["bullmq-http session", queue, job_id, *fields], ensure_ascii=False)
+    message = compact(["bullmq-http session", queue, job_id, *fields])
     return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
 
 

@@ -32,7 +32,7 @@ from tests.helpers import (
 
 
 def log(index: int, line: str) -> tuple[str, str]:
-    return "log", json.dumps({"index": index, "line": line})
+    return "log", json.dumps({"index": index, "line": line}, separators=(",", ":"))
 
 
 def test_a_stream_opens_with_the_progress_and_the_newest_lines(service, job_id):
@@ -135,7 +135,7 @@ def test_writes_through_the_service_arrive_as_they_happen_and_finishing_ends(ser
     got = kinds(events)
     assert [e for e in got if e[0] == "progress"] == progress
     assert [e for e in got if e[0] == "log"] == lines
-    assert got[-1] == ("completed", '{"returnvalue": {"sum": 3}}')
+    assert got[-1] == ("completed", '{"returnvalue":{"sum":3}}')
     # Every id is a cursor: the stream position and the lines seen so far.
     assert events[-1].id.endswith("/3")
     cursors = [parse_cursor(event.id) for event in events]
@@ -172,7 +172,7 @@ def test_a_client_away_while_the_job_finished_gets_the_rest_and_the_end(service,
     with service.events(f"{path}/events", resume_after(seen)) as stream:
         events = list(stream)  # it ends by itself
     assert kinds(events) == [
-        ("progress", "2"), log(0, "done"), ("completed", '{"returnvalue": 7}')
+        ("progress", "2"), log(0, "done"), ("completed", '{"returnvalue":7}')
     ]  # fmt: skip
 
 
@@ -184,7 +184,7 @@ def test_a_job_removed_as_it_completes_still_ends_with_completed(service, job_id
         complete(service, job_id, "null", remove=True)
         reader.join(10)
         assert not reader.is_alive()
-    assert kinds(events) == [("completed", '{"returnvalue": null}')]
+    assert kinds(events) == [("completed", '{"returnvalue":null}')]
 
 
 def test_a_stream_trimmed_past_the_cursor_gives_the_current_progress(service, job_id):
@@ -200,8 +200,8 @@ def test_a_stream_trimmed_past_the_cursor_gives_the_current_progress(service, jo
 @pytest.mark.parametrize(
     ("finished", "field", "value", "final"),
     [
-        ("completed", "returnvalue", '"done"', ("completed", '{"returnvalue": "done"}')),
-        ("failed", "failedReason", "boom", ("failed", '{"failedReason": "boom"}')),
+        ("completed", "returnvalue", '"done"', ("completed", '{"returnvalue":"done"}')),
+        ("failed", "failedReason", "boom", ("failed", '{"failedReason":"boom"}')),
     ],
 )
 def test_a_finished_job_gets_its_state_and_end_at_once(
@@ -225,7 +225,7 @@ def test_a_job_removed_while_watched_ends_the_stream(service, job_id):
         service.data.delete(f"bull:orders:{job_id}")
         reader.join(10)
         assert not reader.is_alive()
-    assert kinds(events) == [("removed", json.dumps({"jobId": job_id}))]
+    assert kinds(events) == [("removed", json.dumps({"jobId": job_id}, separators=(",", ":")))]
 
 
 def test_the_event_reader_survives_its_connection_being_killed(service, job_id):
@@ -302,12 +302,12 @@ def test_bullmq_writes_arrive_and_the_end_is_bullmqs(service):
     assert kinds(results["good"]) == [
         ("progress", '{"percent":50}'),
         log(0, "halfway"),
-        ("completed", '{"returnvalue": {"answer": 42}}'),
+        ("completed", '{"returnvalue":{"answer":42}}'),
     ]
     assert kinds(results["bad"]) == [
         ("progress", '{"percent":50}'),
         log(0, "halfway"),
-        ("failed", '{"failedReason": "it broke"}'),
+        ("failed", '{"failedReason":"it broke"}'),
     ]
 
 

@@ -233,13 +233,13 @@ def exercise_every_route(app: Flask, data: redis.Redis, queue: str = "orders") -
     opening = [next_event(events), next_event(events)]
     assert [(e.event, e.data) for e in opening] == [
         ("progress", '{"percent":10}'),
-        ("log", json.dumps({"index": 0, "line": "first line"})),
+        ("log", json.dumps({"index": 0, "line": "first line"}, separators=(",", ":"))),
     ]
     assert client.post(f"{job}/progress", json=30, headers=worker).status_code == 200
     assert client.post(f"{job}/logs", json="second line", headers=worker).status_code == 200
     later = [next_event(events), next_event(events)]
     assert sorted((e.event, e.data) for e in later) == [
-        ("log", json.dumps({"index": 1, "line": "second line"})),
+        ("log", json.dumps({"index": 1, "line": "second line"}, separators=(",", ":"))),
         ("progress", "30"),
     ]
     # A client that resumes gets what it missed, read from the queue's event stream.
@@ -249,8 +249,8 @@ def exercise_every_route(app: Flask, data: redis.Redis, queue: str = "orders") -
     assert resumed.status_code == 200
     missed = iter(EventStream(StreamedBody(resumed)))
     assert sorted((e.event, e.data) for e in [next_event(missed) for _ in range(3)]) == [
-        ("log", json.dumps({"index": 0, "line": "first line"})),
-        ("log", json.dumps({"index": 1, "line": "second line"})),
+        ("log", json.dumps({"index": 0, "line": "first line"}, separators=(",", ":"))),
+        ("log", json.dumps({"index": 1, "line": "second line"}, separators=(",", ":"))),
         ("progress", "30"),
     ]
     resumed.close()

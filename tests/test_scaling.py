@@ -76,7 +76,7 @@ def test_a_jobs_events_stream_on_every_master(cluster_app, cluster, data):
         got = [next_event(events), next_event(events)]
         assert [(event.event, event.data) for event in got] == [
             ("progress", "2"),
-            ("log", '{"index": 0, "line": "a line"}'),
+            ("log", '{"index":0,"line":"a line"}'),
         ]
 
 
