@@ -1,27 +1,15 @@
-"""Tokens: API tokens, who may read which queues, from AUTH_TOKENS and AUTH_TOKENS_FILE;
-and watch tokens, which open one job's events (watch_token).
-
-The token file holds one token a line; a line whose first field starts with `#` is a
-comment (a long one-word comment is warned of: it reads like a token), and a byte
-order mark before the first line is dropped. A line is either a bare token, which
-reads every queue (the older format), or three fields:
-
-    # name        token                                         queues
-    dashboard     sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08  *
-    billing-ui    b1ll1ng-s3cret-token                          billing-*,invoices
-
-- name: what the access log shows for requests made with the token;
-- token: the token itself, or `sha256:<hex>` of it, so the file need hold no secret;
-- queues: comma-separated glob patterns (`*`, `billing-*`, an exact name).
+"""Tokens: API tokens, who may read which queues, from AUTH_TOKENS and AUTH_TOKENS_FILE
+(the file's format is the README's, under "API tokens"); watch tokens, which open one
+job's events (watch_token); and the sessions a watch page trades its link for.
 
 Tokens are looked up by their SHA-256 digest, so a request costs the same with one
 token or a thousand, and nothing about the secret shows in how long a lookup takes.
 The file is checked for changes at most once a second, on a request, and a changed one
 is read in a thread of its own while requests go on with the set in force; the
 request that noticed waits up to 50 ms for it, so that a small file's change applies
-to that request already. A file that
-cannot be read or parsed leaves the last good set in force; so does an empty file, or
-one whose last line has no newline: a file caught while it is being written.
+to that request already. A file that cannot be read or parsed leaves the last good set
+in force; so does an empty file, or one whose last line has no newline: a file caught
+while it is being written.
 """
 
 from __future__ import annotations
