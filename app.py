@@ -47,6 +47,7 @@ from bullmq_http.access_log import RECORD, AccessLog, RequestRecord, loggable
 from bullmq_http.event_reader import PAGE, EventReader
 from bullmq_http.event_stream import RETRY_MS, event_stream, parse_cursor
 from bullmq_http.layout import text
+from bullmq_http.lifecycle import JobLife, NotActive
 from bullmq_http.redis_link import UNAVAILABLE, error_hint, event_reader_client, redis_client
 from bullmq_http.routes import JOB_ROUTES, JobRouteMap
 from bullmq_http.settings import (
@@ -60,6 +61,8 @@ from bullmq_http.settings import (
 from bullmq_http.store import CrossSlot, JobStore, NoSuchJob, NotBullmqLayout, NotLockHolder
 from bullmq_http.stream_limits import StreamLimits, TooManyStreams
 from bullmq_http.tokens import (
+    READ,
+    WORK,
     ApiTokens,
     BadWatchToken,
     MintingLimit,
@@ -74,6 +77,8 @@ log = logging.getLogger(__name__)
 
 # Workers report on the job they hold; dashboards read it.
 reporting = Blueprint("reporting", __name__, url_prefix=JOB_ROUTES)
+# Workers over HTTP: claim a job, keep its lock, complete or fail it.
+working = Blueprint("working", __name__)
 # Streams of events, watch tokens, and the watch page with its session.
 watching = Blueprint("watching", __name__, url_prefix=JOB_ROUTES)
 # Probes and tools: health, readiness, metrics, the OpenAPI document.
@@ -125,6 +130,18 @@ def api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def work_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Let the request through only with an API token that may work the route's queue's
+    jobs (claim them, as a BullMQ worker does)."""
+
+    @functools.wraps(view)
+    def wrapper(**kwargs: Any) -> Any:
+        check_api_token(kwargs["queue"], WORK)
+        return view(**kwargs)
+
+    return wrapper
+
+
 def watch_or_api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
     """Let the request through with a watch token for the route's job, or else an API
     token that may read its queue. A watch token comes as ?token= (what a browser's
@@ -147,9 +164,9 @@ def watch_or_api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def check_api_token(queue: str | None) -> None:
-    """Stop with 401 unless the request has a valid API token, 403 unless it may read
-    the queue."""
+def check_api_token(queue: str | None, right: str = READ) -> None:
+    """Stop with 401 unless the request has a valid API token, 403 unless it has the
+    right (READ, WORK) on the queue."""
     tokens = service().tokens
     token = tokens.find(bearer_token())
     if token is None:
@@ -158,8 +175,9 @@ def check_api_token(queue: str | None) -> None:
         abort(401, "the API token is not valid")
     request_record().credential = token.name
     g.api_token = token
-    if queue is not None and not token.reads(queue):
-        abort(403, f"this token may not read queue {queue!r}")
+    if queue is not None and not token.may(right, queue):
+        doing = "read" if right == READ else "work jobs of"
+        abort(403, f"this token may not {doing} queue {queue!r}")
 
 
 def cookie_session(queue: str, job_id: str) -> WatchToken:
@@ -198,6 +216,7 @@ def watch_secret() -> tuple[str, int]:
 # ------------------------------------------------------------------------ views
 
 
+@working.url_value_preprocessor
 @watching.url_value_preprocessor
 @reporting.url_value_preprocessor
 def check_queue_name(endpoint: str | None, values: dict[str, Any] | None) -> None:
@@ -253,6 +272,55 @@ def read_progress(queue: str, job_id: str) -> Response:
     no_query_parameters_but(())
     progress = service().store.stored_progress(queue, job_id)
     return Response(b"0" if progress is None else progress, content_type=JSON)
+
+
+# --------------------------------------------------------------- views: working
+
+
+@working.post("/queues/<queue>/claim")
+@work_token_required
+def claim_job(queue: str) -> Response:
+    """Move the queue's next job to active for the caller, as a BullMQ worker takes one,
+    and answer it with its lock token; 204 when no job is ready."""
+    no_query_parameters_but(())
+    options = json_options(request_body(), {"lockDuration": parse_lock_ms})
+    claimed = service().job_life.claim(queue, options.get("lockDuration"))
+    if claimed is None:
+        return Response(status=204)
+    return json_answer(claimed.answer())
+
+
+@working.post(f"{JOB_ROUTES}/lock")
+@with_job_token
+def extend_lock(queue: str, job_id: str, token: bytes) -> Response:
+    """Extend the lock of the job the caller holds, as BullMQ's worker does."""
+    no_query_parameters_but(())
+    options = json_options(request_body(), {"duration": parse_lock_ms})
+    lock_token = token.decode("latin-1")
+    service().job_life.extend_lock(queue, job_id, lock_token, options.get("duration"))
+    return ok()
+
+
+@working.post(f"{JOB_ROUTES}/complete")
+@with_job_token
+def complete_job(queue: str, job_id: str, token: bytes) -> Response:
+    """Complete the job the caller holds, the body its return value (JSON; none: null)."""
+    no_query_parameters_but(())
+    body = request_body()
+    returnvalue = stringified(body, "the return value") if body.strip() else "null"
+    service().job_life.complete(queue, job_id, token.decode("latin-1"), returnvalue)
+    return ok()
+
+
+@working.post(f"{JOB_ROUTES}/fail")
+@with_job_token
+def fail_job(queue: str, job_id: str, token: bytes) -> Response:
+    """Fail the job the caller holds, as BullMQ's worker fails one: retried while it has
+    attempts left, else failed; answer which, and the delay before the retry."""
+    no_query_parameters_but(())
+    failure = failure_report(request_body())
+    outcome = service().job_life.fail(queue, job_id, token.decode("latin-1"), **failure)
+    return json_answer({"state": outcome.state, "delay": outcome.delay})
 
 
 # -------------------------------------------------------------- views: watching
@@ -597,6 +665,74 @@ def progress_json(body: bytes) -> bytes:
     return stored
 
 
+parse_lock_ms = whole_number(1, 24 * 3600 * 1000)
+parse_delay_ms = whole_number(0, 2**53 - 1)
+
+
+def json_options(body: bytes, known: dict[str, Callable[[str], int]]) -> dict[str, int]:
+    """Return the options of an optional JSON object body, each a whole number its
+    parser accepts; stop with a 400 saying what is wrong."""
+    if not body.strip():
+        return {}
+    options = parse_json(body, "the body")
+    if not isinstance(options, dict) or not options.keys() <= known.keys():
+        names = ", ".join(f'"{name}"' for name in known)
+        abort(400, f"the body must be a JSON object with at most {names}")
+    parsed = {}
+    for name, value in options.items():
+        try:
+            parsed[name] = known[name](js_json.stringify(value))
+        except ValueError as error:
+            abort(400, f"{name} {error}")
+    return parsed
+
+
+def stringified(body: bytes, what: str) -> str:
+    """Return a body's JSON as JSON.stringify would write it, or stop with a 400."""
+    try:
+        return js_json.stringify(parse_json(body, what))
+    except RecursionError:  # read, but too deep to write again
+        abort(400, f"{what} {js_json.TOO_DEEP}")
+
+
+def failure_report(body: bytes) -> dict[str, Any]:
+    """Return why a job failed, as fail_job's body says it: a JSON object (`reason`,
+    and `retry`, `delay`, `stack` if given), or else the reason as plain text."""
+    if not request.is_json:
+        return {"reason": text_body(body, "the reason")}
+    report = parse_json(body, "the body")
+    known = {"reason", "retry", "delay", "stack"}
+    if not isinstance(report, dict) or not report.keys() <= known or "reason" not in report:
+        abort(400, 'the body must be {"reason": "...", "retry": true|false, "delay": ms}')
+    reason, retry = report["reason"], report.get("retry", True)
+    if not isinstance(reason, str) or not reason:
+        abort(400, "the reason must be a JSON string, not empty")
+    if not isinstance(retry, bool):
+        abort(400, "retry must be true or false")
+    failure: dict[str, Any] = {"reason": reason, "retry": retry}
+    if "delay" in report:
+        try:
+            failure["delay_ms"] = parse_delay_ms(js_json.stringify(report["delay"]))
+        except ValueError as error:
+            abort(400, f"delay {error}")
+    if "stack" in report:
+        if not isinstance(report["stack"], str):
+            abort(400, "stack must be a JSON string")
+        failure["stack"] = report["stack"]
+    return failure
+
+
+def text_body(body: bytes, what: str) -> str:
+    """Return a plain-text body, or stop with a 400 when it is empty or not UTF-8."""
+    try:
+        value = body.decode("utf-8")
+    except UnicodeDecodeError:
+        abort(400, f"{what} is not valid UTF-8")
+    if not value.strip():
+        abort(400, f"{what} is empty")
+    return value
+
+
 def log_line(body: bytes) -> str:
     """Return the log line the request carries, or stop with a 400."""
     if request.is_json:
@@ -666,12 +802,14 @@ class Service:
     event_reader: EventReader
     stream_limits: StreamLimits
     minting: MintingLimit
+    job_life: JobLife
     openapi: dict[str, Any]  # openapi.yaml, read once
 
     def close(self) -> None:
         """End the streams and the event reader, then close the Redis connections; used on
         any number of apps of a process, as tests make them."""
         self.event_reader.stop()
+        self.job_life.stop()
         self.event_reader.join(10)  # it closes its own connection on the way out
         self.store.close()
 
@@ -700,6 +838,11 @@ def plain_error(error: HTTPException) -> BaseResponse:
     if error.code == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
     return response
+
+
+def not_active(error: NotActive) -> Response:
+    """Answer 409 to a move BullMQ refuses for the job's state; the message says which."""
+    return Response(str(error), 409, PLAIN)
 
 
 def not_lock_holder(error: NotLockHolder) -> BaseResponse:
@@ -835,11 +978,18 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             per_watch_token=app.config["MAX_STREAMS_PER_WATCH_TOKEN"],
         ),
         minting=MintingLimit(app.config["WATCH_TOKENS_PER_MINUTE"]),
+        job_life=JobLife(
+            job_store,
+            app.config["LOCK_DURATION_MS"],
+            app.config["STALLED_INTERVAL_MS"],
+            app.config["MAX_STALLED_COUNT"],
+        ),
         openapi=yaml.safe_load(OPENAPI.read_text(encoding="utf-8")),
     )
     if app.config["METRICS"]:
         app.url_value_preprocessor(note_route)
     app.register_blueprint(reporting)
+    app.register_blueprint(working)
     app.register_blueprint(watching)
     app.register_blueprint(operations)
     if app.config["METRICS"]:
@@ -850,6 +1000,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         )
     app.register_error_handler(HTTPException, plain_error)
     app.register_error_handler(NotLockHolder, not_lock_holder)
+    app.register_error_handler(NotActive, not_active)
     app.register_error_handler(NoSuchJob, no_such_job)
     app.register_error_handler(CrossSlot, cross_slot)
     app.register_error_handler(NotBullmqLayout, not_bullmq_layout)

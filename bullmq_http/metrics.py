@@ -65,6 +65,12 @@ WORKER_RESTARTS = Counter(
     "bullmq_http_worker_restarts",
     "gunicorn workers that exited and were replaced, whatever the reason.",
 )
+JOB_OUTCOMES = Counter(
+    "bullmq_http_jobs",
+    "Jobs worked over HTTP, by what happened: claimed (POST .../claim found one), "
+    "completed, failed (for good), delayed or retried (failed with attempts left).",
+    ["outcome"],
+)
 # Named when the event reader was called the watcher; alert rules know it by that name.
 READER_ERRORS = Counter(
     "bullmq_http_watcher_errors",

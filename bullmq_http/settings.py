@@ -189,6 +189,12 @@ SETTINGS: dict[str, Setting] = {
     # How long a page's session cookie lasts before the page renews it.
     "WATCH_SESSION_SECONDS": Setting(3600, whole_number(1, 86_400)),
     "WATCH_TOKENS_PER_MINUTE": Setting(600, whole_number(1, 1_000_000)),
+    # A job claimed over HTTP: how long its lock lasts unless the claim says, how often
+    # BullMQ's stalled check runs for the queues worked here, and how many times a job
+    # may stall before it fails, as BullMQ's worker options mean them.
+    "LOCK_DURATION_MS": Setting(30_000, whole_number(1, 24 * 3600 * 1000)),
+    "STALLED_INTERVAL_MS": Setting(30_000, whole_number(100, 24 * 3600 * 1000)),
+    "MAX_STALLED_COUNT": Setting(1, whole_number(0, 1000)),
     "WATCH_ALLOWED_ORIGINS": Setting(frozenset(), _origins),
     # The origins whose pages may show the watch page in a frame; none unless listed.
     "WATCH_FRAME_ANCESTORS": Setting(frozenset(), _origins),

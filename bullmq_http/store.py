@@ -402,24 +402,35 @@ class JobStore:
         lines as fit in max_page_bytes (at least one)."""
         return self.page_of_logs(queue, job_id, start, count, newest_first=False)[1]
 
-    def _run(
-        self, script: Script, queue: str, job_id: str, keys: tuple[str, ...], args: tuple[Any, ...]
+    def run_script(
+        self,
+        script: Script,
+        keys: tuple[str, ...] | list[str],
+        args: tuple[Any, ...] | list[Any],
     ) -> Any:
-        """Run one of the scripts on a job's keys; raise what its return code stands for."""
+        """Run a script on keys of one cluster slot, by its SHA1 (the script itself when
+        Redis does not hold it), and return its reply. Raise CrossSlot, NotBullmqLayout
+        for a key of another type, or a RedisError."""
         if self.one_slot and len({key_slot(key.encode()) for key in keys}) > 1:
             raise CrossSlot(keys[0])
         redis_ = self.redis
         try:
             try:
-                result = redis_.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return redis_.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
                 # Redis restarted or its scripts were flushed: send the script itself,
                 # which Redis caches again for the EVALSHA of the next request.
-                result = redis_.execute_command("EVAL", script.source, len(keys), *keys, *args)
+                return redis_.execute_command("EVAL", script.source, len(keys), *keys, *args)
         except redis.exceptions.ResponseError as error:
             if "WRONGTYPE" in str(error):
-                raise NotBullmqLayout(wrong_key(error, script, keys)) from error
+                raise NotBullmqLayout(wrong_key(error, script, tuple(keys))) from error
             raise script_error(error, script) from error
+
+    def _run(
+        self, script: Script, queue: str, job_id: str, keys: tuple[str, ...], args: tuple[Any, ...]
+    ) -> Any:
+        """Run one of the scripts on a job's keys; raise what its return code stands for."""
+        result = self.run_script(script, keys, args)
         if isinstance(result, list) and result[:1] == [NOT_BULLMQ_LAYOUT]:
             raise NotBullmqLayout(keys[result[1] - 1])
         if result == TOO_MANY_BYTES:

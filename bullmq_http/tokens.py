@@ -54,13 +54,21 @@ class TokenFileError(ConfigError):
     start-up, the one-line refusal of a bad setting)."""
 
 
+# What an API token may do on its queues: read jobs (their logs, progress and events),
+# work them (claim them, as a BullMQ worker does), or both.
+READ, WORK = "read", "work"
+EVERY_RIGHT = frozenset((READ, WORK))
+
+
 @dataclass(frozen=True)
 class Token:
-    """One API token: its name, the digest it is known by, and the queues it reads."""
+    """One API token: its name, the digest it is known by, the queues it may touch,
+    and what it may do there."""
 
     name: str
     digest: bytes
     queues: re.Pattern[str]
+    rights: frozenset[str] = EVERY_RIGHT
 
     @functools.cached_property
     def identity(self) -> str:
@@ -71,7 +79,11 @@ class Token:
 
     def reads(self, queue: str) -> bool:
         """Say whether the token may read this queue."""
-        return self.queues.fullmatch(queue) is not None
+        return self.may(READ, queue)
+
+    def may(self, right: str, queue: str) -> bool:
+        """Say whether the token has this right (READ, WORK) on this queue."""
+        return right in self.rights and self.queues.fullmatch(queue) is not None
 
 
 @functools.cache
@@ -149,22 +161,31 @@ def parse_file(path: str, text: str) -> list[Token]:
                 )
             continue
         where = f"AUTH_TOKENS_FILE={path!r} line {number}"
+        # A line written before rights existed keeps what it had: reading.
+        rights = frozenset((READ,))
         if len(fields) == 1:
             secret, name, queues = fields[0], f"AUTH_TOKENS_FILE.{number}", EVERY_QUEUE
-        elif len(fields) == 3:
-            name, secret, patterns = fields
+        elif len(fields) in (3, 4):
+            name, secret, patterns = fields[:3]
             if not all(patterns.split(",")):
                 raise TokenFileError(f"{where}: an empty queue pattern in {patterns!r}")
             queues = queue_patterns(patterns)
+            if len(fields) == 4:
+                rights = frozenset(fields[3].split(","))
+                if not rights <= EVERY_RIGHT or not all(fields[3].split(",")):
+                    raise TokenFileError(
+                        f"{where}: rights must be read, work or read,work, not {fields[3]!r}"
+                    )
         else:
             raise TokenFileError(
-                f"{where}: expected a token alone, or three fields: name, token, queues"
+                f"{where}: expected a token alone, or three or four fields: "
+                "name, token, queues, rights"
             )
         hashed = HASHED.fullmatch(secret)
         if secret.startswith("sha256:") and not hashed:
             raise TokenFileError(f"{where}: sha256: must be followed by 64 hex digits")
         known_by = bytes.fromhex(hashed[1]) if hashed else digest(secret.encode("utf-8"))
-        tokens.append(Token(name, known_by, queues))
+        tokens.append(Token(name, known_by, queues, rights))
     return tokens
 
 

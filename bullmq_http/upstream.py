@@ -108,3 +108,66 @@ def add_to_metric_file(path: str, values: Iterator[tuple[str, float, float]]) ->
             folded.write_value(key, total + value, timestamp)
     finally:
         folded.close()
+
+
+# bullmq 3.4.4 (BullMQ's official Python package): its Lua scripts are files of the
+# package (commands/, includes inlined), and the code that packs their keys and
+# arguments is its Scripts class, whose ...Args methods run without a Redis client; none
+# of this is its documented API. A job's life over HTTP (bullmq_http/lifecycle.py) runs
+# those scripts unchanged, so that a job ends exactly as BullMQ's own worker ends it.
+
+
+def bullmq_script(name: str) -> str:
+    """Return one of BullMQ's Lua scripts, by its file name less `.lua`."""
+    from importlib import resources
+
+    return resources.files("bullmq").joinpath("commands", f"{name}.lua").read_text()
+
+
+def bullmq_scripts(prefix: str, queue: str) -> Any:
+    """Return bullmq's Scripts of a queue, for its methods that pack a script's keys and
+    arguments (getKeys, moveToFinishedArgs, moveToDelayedArgs, retryJobArgs): it is
+    made with a stand-in for the Redis connection, which those methods never touch."""
+    from types import SimpleNamespace
+
+    from bullmq.scripts import Scripts
+
+    return Scripts(prefix, queue, SimpleNamespace(conn=None, commands={}))
+
+
+def bullmq_job(prefix: str, queue: str, job_id: str, fields: dict[str, str], opts: Any) -> Any:
+    """Return bullmq's Job of a job hash as read, as a worker with options `opts` holds
+    it: Job.fromJSON reads a queue's `opts` (the worker's), `backend` and
+    `qualifiedName`, which a stand-in gives."""
+    from types import SimpleNamespace
+
+    from bullmq.job import Job
+
+    holder = SimpleNamespace(opts=opts, backend=None, qualifiedName=f"{prefix}:{queue}")
+    return Job.fromJSON(holder, fields, job_id)
+
+
+def bullmq_next_job(reply: Any) -> tuple[dict[str, Any] | None, Any, Any, Any]:
+    """Return what BullMQ's moveToActive answered: the job's fields (None for no job),
+    its id, and until when the queue is rate limited, and when its next delayed job is
+    due (0 or None for neither)."""
+    from bullmq.scripts import raw2NextJobData
+
+    fields, job_id, limit_until, delay_until = raw2NextJobData(reply)
+    return fields, job_id, limit_until, delay_until
+
+
+def bullmq_backoff(backoff: Any, attempts_made: int) -> int | None:
+    """Return the delay before a retry as BullMQ's built-in backoffs compute it (fixed,
+    exponential) for the given number of attempts made, or None for a backoff type of
+    the user's own (which only its own worker can compute)."""
+    from bullmq.backoffs import Backoffs
+
+    backoff = Backoffs.normalize(backoff)
+    if not backoff:
+        return None
+    strategy = Backoffs.builtin_strategies.get(backoff.get("type"))
+    if strategy is None:
+        return None
+    delay: int = strategy(backoff.get("delay"))(attempts_made, backoff.get("type"), None, None)
+    return delay

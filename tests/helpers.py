@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import queue
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -148,3 +149,10 @@ def take(stream: EventStream, count: int) -> list[ServerSentEvent]:
 def kinds(events: list[ServerSentEvent]) -> list[tuple[str, str]]:
     """Return each event's kind and data."""
     return [(event.event, event.data) for event in events]
+
+
+def readme_snippet(language: str, holding: str) -> str:
+    """Return the README's one code block in a language that holds `holding`."""
+    blocks = re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    [snippet] = [block for block in blocks if holding in block]
+    return snippet

@@ -132,8 +132,10 @@ def test_hundreds_of_tokens_are_a_normal_file(make_app, tmp_path, r, job):
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("good-token\nname token\n", "line 2: expected a token alone, or three fields"),
-        ("a b c d\n", "line 1: expected a token alone, or three fields"),
+        ("good-token\nname token\n", "line 2: expected a token alone, or three or four"),
+        ("a b c d e\n", "line 1: expected a token alone, or three or four fields"),
+        ("a b c d\n", "line 1: rights must be read, work or read,work, not 'd'"),
+        ("a b c read,\n", "line 1: rights must be read, work or read,work, not 'read,'"),
         ("# c\nname sha256:abc *\n", "line 2: sha256: must be followed by 64 hex digits"),
         ("name token billing,,x\n", "line 1: an empty queue pattern in 'billing,,x'"),
         ("one token-1 *\none token-2 *\n", "the name one is given twice"),

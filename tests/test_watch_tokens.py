@@ -4,7 +4,6 @@ which origins."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import time
@@ -20,11 +19,11 @@ from harness.clients import EventStream, add_active_job
 from tests.helpers import (
     API_TOKEN,
     JOB_TOKEN,
-    ROOT,
     WATCH_SECRET,
     StreamedBody,
     bearer,
     kinds,
+    readme_snippet,
     take,
     unavailable,
 )
@@ -107,13 +106,6 @@ def test_without_a_secret_watch_tokens_are_off(client, job):
     assert (response.status_code, response.text) == (
         401, "watch tokens are off on this server (WATCH_TOKEN_SECRET)"
     )  # fmt: skip
-
-
-def readme_snippet(language: str, starts: str) -> str:
-    """Return the README's code block in a language that holds `starts`."""
-    blocks = re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
-    [snippet] = [block for block in blocks if starts in block]
-    return snippet
 
 
 # Queue names and job ids the routes take, plain and less so.

@@ -11,7 +11,7 @@ import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { test } from 'node:test';
 
-import { Job, Queue, QueueEvents, Worker } from 'bullmq';
+import { FlowProducer, Job, Queue, QueueEvents, Worker } from 'bullmq';
 import { Cluster } from 'ioredis';
 
 const service = process.env.BULLMQ_HTTP_URL;
@@ -199,4 +199,107 @@ test('a lock that BullMQ extends keeps the token valid past its first duration',
   assert.deepEqual(await postProgress(name, extended.job.id, extended.token, 75), { status: 200, text: 'OK' });
   assert.equal((await Job.fromId(queue, extended.job.id)).progress, 75);
   assert.equal((await postProgress(name, lapsed.job.id, lapsed.token, 75)).status, 401);
+});
+
+// An HTTP worker: claim the queue's next job, or null when none is ready.
+async function claim(queue) {
+  const response = await call('POST', `/queues/${queue}/claim`, apiToken);
+  if (response.status === 204) return null;
+  assert.equal(response.status, 200, response.text);
+  return JSON.parse(response.text);
+}
+
+test('HTTP workers beside a native Worker complete every job exactly once', async (t) => {
+  const name = `interop-${randomUUID().slice(0, 8)}`;
+  const connections = [connection(), connection(), connection()];
+  const queue = new Queue(name, { connection: connections[0], prefix });
+  const events = new QueueEvents(name, { connection: connections[2], prefix });
+  const completedBy = new Map();
+  events.on('completed', ({ jobId, returnvalue }) => {
+    completedBy.set(jobId, [...(completedBy.get(jobId) ?? []), returnvalue]);
+  });
+  await events.waitUntilReady();
+  const total = 60;
+  await queue.addBulk(Array.from({ length: total }, (_, n) => ({ name: 'job', data: { n } })));
+  const native = new Worker(name, async () => 'native', { connection: connections[1], prefix, concurrency: 2 });
+  t.after(async () => {
+    await native.close();
+    await events.close();
+    await queue.close();
+    await Promise.all(connections.map(release));
+  });
+  const overHttp = async () => {
+    let job;
+    while ((job = await claim(name))) {
+      const done = await call('POST', `${jobPath(name, job.id)}/complete`, job.token, '"http"');
+      assert.deepEqual(done, { status: 200, text: 'OK' });
+    }
+  };
+  await Promise.all([overHttp(), overHttp(), overHttp()]);
+  await until(() => completedBy.size === total, 'every job completed', 15000);
+  await sleep(200); // a second completion would be heard by now
+  assert.ok([...completedBy.values()].every((values) => values.length === 1), 'completed twice');
+  const byHttp = [...completedBy.values()].filter(([value]) => value === 'http').length;
+  assert.ok(byHttp > 0, 'no job was worked over HTTP');
+  for (const [jobId, [value]] of completedBy) {
+    const job = await Job.fromId(queue, jobId);
+    assert.equal(await job.getState(), 'completed');
+    assert.equal(job.returnvalue, value);
+  }
+});
+
+test('a flow child completed over HTTP releases its parent with its value', async (t) => {
+  const children = `interop-${randomUUID().slice(0, 8)}`;
+  const parents = `interop-${randomUUID().slice(0, 8)}`;
+  const connections = [connection(), connection(), connection()];
+  const flows = new FlowProducer({ connection: connections[0], prefix });
+  const parentQueue = new Queue(parents, { connection: connections[1], prefix });
+  const childQueue = new Queue(children, { connection: connections[2], prefix });
+  t.after(async () => {
+    await flows.close();
+    await parentQueue.close();
+    await childQueue.close();
+    await Promise.all(connections.map(release));
+  });
+  const tree = await flows.add({
+    name: 'parent', queueName: parents, data: {},
+    children: [{ name: 'child', queueName: children, data: { items: [1, 2] } }],
+  });
+  assert.equal(await tree.job.getState(), 'waiting-children');
+  const job = await claim(children);
+  assert.deepEqual(job.data, { items: [1, 2] });
+  assert.equal((await call('POST', `${jobPath(children, job.id)}/complete`, job.token, '{"total":2}')).status, 200);
+  const parent = await Job.fromId(parentQueue, tree.job.id);
+  assert.equal(await parent.getState(), 'waiting');
+  assert.deepEqual(await parent.getChildrenValues(), { [`${prefix}:${children}:${job.id}`]: { total: 2 } });
+});
+
+test('a job failed over HTTP backs off as BullMQ computes it, then fails once', async (t) => {
+  const { name, queue } = await openQueue(t);
+  const added = await queue.add('flaky', {}, { attempts: 2, backoff: { type: 'fixed', delay: 300 } });
+  const failedEvents = [];
+  const eventsConnection = connection();
+  const events = new QueueEvents(name, { connection: eventsConnection, prefix });
+  t.after(async () => {
+    await events.close();
+    await release(eventsConnection);
+  });
+  events.on('failed', ({ jobId, failedReason }) => failedEvents.push([jobId, failedReason]));
+  await events.waitUntilReady();
+  const first = await claim(name);
+  const retried = await call('POST', `${jobPath(name, first.id)}/fail`, first.token, 'flaked');
+  assert.deepEqual(JSON.parse(retried.text), { state: 'delayed', delay: 300 });
+  assert.equal(await (await Job.fromId(queue, added.id)).getState(), 'delayed');
+  let second;
+  const deadline = Date.now() + 5000;
+  while (!(second = await claim(name)) && Date.now() < deadline) await sleep(50);
+  assert.equal(second.id, added.id);
+  assert.equal(second.attemptsMade, 1);
+  const final = await call('POST', `${jobPath(name, second.id)}/fail`, second.token, 'for good');
+  assert.deepEqual(JSON.parse(final.text), { state: 'failed', delay: 0 });
+  const job = await Job.fromId(queue, added.id);
+  assert.equal(await job.getState(), 'failed');
+  assert.equal(job.failedReason, 'for good');
+  await until(() => failedEvents.length === 1, 'the failed event');
+  assert.deepEqual(failedEvents, [[added.id, 'for good']]);
 });

@@ -1,0 +1,345 @@
+"""Working jobs over HTTP: claim the next job as a BullMQ worker does, keep its lock,
+complete or fail it, and the stalled check that takes back a job whose worker vanished;
+the jobs are added by BullMQ's own Python library, and what Redis holds is checked
+after each move."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from typing import Any
+
+import pytest
+from bullmq import Queue
+
+from harness.servers import wait_until
+from tests.helpers import API_TOKEN, bearer, readme_snippet, snapshot, unavailable
+
+WORKER = "worker-token"
+
+
+def add(redis_url: str, queue: str, name: str = "job", data: Any = None, **opts: Any) -> str:
+    """Add a job with BullMQ's Python library; return its id."""
+
+    async def adding() -> str:
+        bull = Queue(queue, {"connection": redis_url})
+        try:
+            job = await bull.add(name, data if data is not None else {"n": 1}, opts)
+            return str(job.id)
+        finally:
+            await bull.close()
+
+    return asyncio.run(adding())
+
+
+@pytest.fixture
+def worker(make_app, tmp_path):
+    """Return a test client of an app whose API tokens are: API_TOKEN, every right on
+    every queue (AUTH_TOKENS); WORKER, working jobs of orders only; and reader, which
+    only reads."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"worker {WORKER} orders work\nreader reader-token * read\n")
+    app = make_app(AUTH_TOKENS_FILE=str(tokens), STALLED_INTERVAL_MS=200)
+    return app.test_client()
+
+
+def claim(client, queue: str = "orders", body: Any = None, token: str = WORKER):
+    data = b"" if body is None else json.dumps(body).encode()
+    return client.post(f"/queues/{queue}/claim", data=data, headers=bearer(token))
+
+
+def post(client, job_id: str, route: str, token: str, body: bytes | str = b"", **kw: Any):
+    return client.post(
+        f"/queues/orders/jobs/{job_id}/{route}", data=body, headers=bearer(token), **kw
+    )
+
+
+def test_a_claim_takes_the_next_job_by_priority_and_locks_it(worker, r, redis_url):
+    low = add(redis_url, "orders", "low", {"n": 1}, priority=5)
+    high = add(redis_url, "orders", "high", {"n": 2}, priority=1)
+    first = claim(worker, body={"lockDuration": 5000})
+    assert first.status_code == 200
+    got = first.json
+    assert (got["id"], got["name"], got["data"], got["lockDuration"]) == (
+        high,
+        "high",
+        {"n": 2},
+        5000,
+    )
+    assert got["attemptsMade"] == 0 and got["opts"]["priority"] == 1
+    assert len(got["token"]) == 32  # 128 random bits, as hex
+    # BullMQ's own layout: active, locked with the token for as long as asked.
+    assert r.lrange("bull:orders:active", 0, -1) == [high]
+    assert r.get(f"bull:orders:{high}:lock") == got["token"]
+    assert 4000 < r.pttl(f"bull:orders:{high}:lock") <= 5000
+    second = claim(worker).json
+    assert second["id"] == low and second["token"] != got["token"]
+    assert second["lockDuration"] == 30_000  # LOCK_DURATION_MS
+    assert claim(worker).status_code == 204
+    assert claim(worker).data == b""
+
+
+def test_delayed_and_paused_jobs_are_not_claimed(worker, r, redis_url):
+    add(redis_url, "orders", delay=60_000)
+    assert claim(worker).status_code == 204
+    assert r.zcard("bull:orders:delayed") == 1 and r.llen("bull:orders:active") == 0
+    r.hset("bull:orders:meta", "paused", 1)
+    add(redis_url, "orders")
+    assert claim(worker).status_code == 204
+    assert r.llen("bull:orders:active") == 0
+
+
+@pytest.mark.parametrize(
+    ("queue", "token", "status", "message"),
+    [
+        ("orders", "reader-token", 403, "this token may not work jobs of queue 'orders'"),
+        ("billing", WORKER, 403, "this token may not work jobs of queue 'billing'"),
+        ("orders", "nobody", 401, "the API token is not valid"),
+    ],
+)
+def test_a_claim_without_the_right_to_work_claims_nothing(
+    worker, r, redis_url, queue, token, status, message
+):
+    add(redis_url, queue)
+    before = snapshot(r)
+    refused = claim(worker, queue, token=token)
+    assert (refused.status_code, refused.text) == (status, message)
+    assert snapshot(r) == before
+
+
+def test_lines_written_before_rights_existed_still_read_and_do_not_work(
+    make_app, tmp_path, job, redis_url
+):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("dashboard dash-token *\nbare-token\n")
+    client = make_app(AUTH_TOKENS_FILE=str(tokens)).test_client()
+    job()
+    for token in ("dash-token", "bare-token"):
+        assert client.get("/queues/orders/jobs/1/logs", headers=bearer(token)).status_code == 200
+        assert claim(client, token=token).status_code == 403
+    add(redis_url, "orders")
+    assert claim(client, token=API_TOKEN).status_code == 200  # AUTH_TOKENS: every right
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"lockDuration": 0}, "lockDuration must be a whole number from 1 to 86400000"),
+        ({"lockDuration": "10"}, "lockDuration must be a whole number from 1 to 86400000"),
+        ({"lock": 10}, 'the body must be a JSON object with at most "lockDuration"'),
+        ([1], 'the body must be a JSON object with at most "lockDuration"'),
+    ],
+)
+def test_a_bad_claim_body_is_a_400_and_claims_nothing(worker, r, redis_url, body, message):
+    add(redis_url, "orders")
+    before = snapshot(r)
+    refused = claim(worker, body=body)
+    assert (refused.status_code, refused.text) == (400, message)
+    assert snapshot(r) == before
+
+
+def test_the_lock_is_extended_only_by_its_holder(worker, r, redis_url):
+    add(redis_url, "orders")
+    got = claim(worker, body={"lockDuration": 1000}).json
+    lock = f"bull:orders:{got['id']}:lock"
+    r.sadd("bull:orders:stalled", got["id"])
+    assert (
+        post(worker, got["id"], "lock", got["token"], json.dumps({"duration": 60_000})).status_code
+        == 200
+    )
+    assert 59_000 < r.pttl(lock) <= 60_000
+    assert not r.sismember("bull:orders:stalled", got["id"])  # as BullMQ's extendLock
+    refused = post(worker, got["id"], "lock", "not-the-token")
+    assert refused.status_code == 401
+    assert r.get(lock) == got["token"]
+    gone = post(worker, "nope", "lock", got["token"])
+    assert (gone.status_code, gone.text) == (404, "job 'nope' not found in queue 'orders'")
+
+
+def test_complete_stores_the_return_value_as_bullmq_does_once(worker, r, redis_url):
+    job_id = add(redis_url, "orders")
+    got = claim(worker).json
+    done = post(worker, job_id, "complete", got["token"], b'{"sum": 3, "at": 1.50}')
+    assert done.status_code == 200
+    job = r.hgetall(f"bull:orders:{job_id}")
+    assert job["returnvalue"] == '{"sum":3,"at":1.5}'  # as JSON.stringify writes it
+    assert int(job["finishedOn"]) >= int(job["processedOn"])
+    assert r.zscore("bull:orders:completed", job_id) is not None
+    assert r.llen("bull:orders:active") == 0 and not r.exists(f"bull:orders:{job_id}:lock")
+    completed = [f for _, f in r.xrange("bull:orders:events") if f.get("event") == "completed"]
+    assert completed == [
+        {
+            "event": "completed",
+            "jobId": job_id,
+            "returnvalue": '{"sum":3,"at":1.5}',
+            "prev": "active",
+        }
+    ]
+    again = post(worker, job_id, "complete", got["token"], b"1")
+    assert again.status_code == 401
+    assert r.hget(f"bull:orders:{job_id}", "returnvalue") == '{"sum":3,"at":1.5}'
+
+
+def test_complete_with_no_body_is_null_and_remove_on_complete_is_honoured(worker, r, redis_url):
+    job_id = add(redis_url, "orders", removeOnComplete=True)
+    got = claim(worker).json
+    assert post(worker, job_id, "complete", got["token"]).status_code == 200
+    assert not r.exists(f"bull:orders:{job_id}")
+    assert r.zscore("bull:orders:completed", job_id) is None
+    kept = add(redis_url, "orders")
+    token = claim(worker).json["token"]
+    assert post(worker, kept, "complete", token).status_code == 200
+    assert r.hget(f"bull:orders:{kept}", "returnvalue") == "null"
+
+
+def test_fail_retries_after_the_backoff_then_fails_for_good(worker, r, redis_url):
+    job_id = add(redis_url, "orders", attempts=3, backoff={"type": "exponential", "delay": 1000})
+    token = claim(worker).json["token"]
+    before = int(time.time() * 1000)
+    first = post(worker, job_id, "fail", token, json.dumps({"reason": "the disk is full"}),
+                 content_type="application/json")  # fmt: skip
+    assert (first.status_code, first.json) == (200, {"state": "delayed", "delay": 1000})
+    due = r.zscore("bull:orders:delayed", job_id)
+    assert due is not None and before + 1000 <= int(due) // 4096 <= before + 3000
+    job = r.hgetall(f"bull:orders:{job_id}")
+    assert (job["atm"], job["failedReason"]) == ("1", "the disk is full")
+    # Promoted by hand, as the delay passing would: the next attempt backs off 2 s.
+    r.zrem("bull:orders:delayed", job_id)
+    r.lpush("bull:orders:wait", job_id)
+    token = claim(worker).json["token"]
+    second = post(worker, job_id, "fail", token, "again, in plain text")
+    assert second.json == {"state": "delayed", "delay": 2000}
+    r.zrem("bull:orders:delayed", job_id)
+    r.lpush("bull:orders:wait", job_id)
+    token = claim(worker).json["token"]
+    last = post(worker, job_id, "fail", token, "for good")
+    assert last.json == {"state": "failed", "delay": 0}
+    job = r.hgetall(f"bull:orders:{job_id}")
+    assert (job["atm"], job["failedReason"]) == ("3", "for good")
+    assert r.zscore("bull:orders:failed", job_id) is not None
+    failed = [f for _, f in r.xrange("bull:orders:events") if f.get("event") == "failed"]
+    assert [f["failedReason"] for f in failed] == ["for good"]
+
+
+def test_fail_without_backoff_waits_and_unrecoverable_fails_at_once(worker, r, redis_url):
+    job_id = add(redis_url, "orders", attempts=5)
+    token = claim(worker).json["token"]
+    again = post(worker, job_id, "fail", token, "try again")
+    assert again.json == {"state": "waiting", "delay": 0}
+    assert r.lrange("bull:orders:wait", 0, -1) == [job_id]
+    token = claim(worker).json["token"]
+    body = json.dumps({"reason": "bad input", "retry": False, "stack": "at line 3"})
+    final = post(worker, job_id, "fail", token, body, content_type="application/json")
+    assert final.json == {"state": "failed", "delay": 0}
+    job = r.hgetall(f"bull:orders:{job_id}")
+    assert job["failedReason"] == "bad input" and json.loads(job["stacktrace"]) == ["at line 3"]
+
+
+def test_a_custom_backoff_takes_the_workers_delay(worker, r, redis_url):
+    job_id = add(redis_url, "orders", attempts=2, backoff={"type": "mine"})
+    token = claim(worker).json["token"]
+    body = json.dumps({"reason": "later", "delay": 5000})
+    answer = post(worker, job_id, "fail", token, body, content_type="application/json")
+    assert answer.json == {"state": "delayed", "delay": 5000}
+
+
+@pytest.mark.parametrize(
+    ("body", "json_body", "message"),
+    [
+        (b"", False, "the reason is empty"),
+        (b"\xff", False, "the reason is not valid UTF-8"),
+        (
+            b'{"retry": false}',
+            True,
+            'the body must be {"reason": "...", "retry": true|false, "delay": ms}',
+        ),
+        (b'{"reason": ""}', True, "the reason must be a JSON string, not empty"),
+        (b'{"reason": "x", "retry": 1}', True, "retry must be true or false"),
+        (
+            b'{"reason": "x", "delay": -1}',
+            True,
+            "delay must be a whole number from 0 to 9007199254740991",
+        ),
+    ],
+)
+def test_a_bad_fail_body_is_a_400_and_writes_nothing(
+    worker, r, redis_url, body, json_body, message
+):
+    job_id = add(redis_url, "orders", attempts=2)
+    token = claim(worker).json["token"]
+    before = snapshot(r)
+    kind = {"content_type": "application/json"} if json_body else {}
+    refused = post(worker, job_id, "fail", token, body, **kind)
+    assert (refused.status_code, refused.text) == (400, message)
+    assert snapshot(r) == before
+
+
+def test_finishing_a_job_that_waits_for_its_children_is_a_409(worker, r, redis_url):
+    job_id = add(redis_url, "orders")
+    token = claim(worker).json["token"]
+    r.sadd(f"bull:orders:{job_id}:dependencies", "bull:other:child")
+    before = snapshot(r)
+    refused = post(worker, job_id, "complete", token, b"1")
+    assert (refused.status_code, refused.text) == (
+        409, "the job is waiting for its children: it finishes when they have"
+    )  # fmt: skip
+    assert snapshot(r) == before
+
+
+def test_a_job_whose_worker_vanished_is_taken_back_and_claimed_anew(worker, r, redis_url):
+    """STALLED_INTERVAL_MS=200 here: the stalled check runs five times a second."""
+    job_id = add(redis_url, "orders")
+    first = claim(worker, body={"lockDuration": 100}).json
+    wait_until(lambda: r.lrange("bull:orders:wait", 0, -1) == [job_id], 10, "the job taken back")
+    stalled = [f for _, f in r.xrange("bull:orders:events") if f.get("event") == "stalled"]
+    assert stalled == [{"event": "stalled", "jobId": job_id}]
+    second = claim(worker).json
+    assert second["id"] == job_id and second["token"] != first["token"]
+    assert post(worker, job_id, "complete", first["token"], b"1").status_code == 401
+    assert post(worker, job_id, "complete", second["token"], b"2").status_code == 200
+    assert r.hget(f"bull:orders:{job_id}", "returnvalue") == "2"
+
+
+def test_heartbeats_keep_a_short_lock_through_many_stalled_checks(worker, r, redis_url):
+    job_id = add(redis_url, "orders")
+    got = claim(worker, body={"lockDuration": 300}).json
+    deadline = time.monotonic() + 2.0  # ten stalled checks
+    while time.monotonic() < deadline:
+        assert post(worker, job_id, "lock", got["token"], b'{"duration": 300}').status_code == 200
+        time.sleep(0.1)
+    assert r.lrange("bull:orders:active", 0, -1) == [job_id]
+    assert post(worker, job_id, "complete", got["token"], b"true").status_code == 200
+
+
+def test_the_readmes_shell_worker_works_jobs_as_printed(serve, r, redis_url):
+    """The README's worker in plain shell, run as printed with bash, curl and jq,
+    against the service under gunicorn: it completes a job, and fails one whose data
+    it cannot read."""
+    if not shutil.which("jq"):
+        unavailable("jq is not installed (make test installs it where apt-get can)")
+    server = serve()
+    worker = readme_snippet("sh", "/claim")
+    env = {"PATH": os.environ["PATH"], "API_TOKEN": API_TOKEN, "BASE": f"http://{server.bind}"}
+    good = add(redis_url, "orders", "count", {"items": [1, 2, 3]})
+    bad = add(redis_url, "orders", "count", {"items": True})
+    for _ in range(2):
+        done = subprocess.run(
+            ["bash", "-c", worker], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, done.stderr
+    job = r.hgetall(f"bull:orders:{good}")
+    assert (job["returnvalue"], job["progress"]) == ('{"total":3}', "50")
+    assert r.lrange(f"bull:orders:{good}:logs", 0, -1) == [f"started on {socket.gethostname()}"]
+    failed = r.hgetall(f"bull:orders:{bad}")
+    assert "has no length" in failed["failedReason"]
+    assert r.zscore("bull:orders:failed", bad) is not None
+    # Nothing left to claim: the worker does nothing, and says nothing.
+    idle = subprocess.run(
+        ["bash", "-c", worker], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert (idle.returncode, idle.stdout, idle.stderr) == (0, "", "")
