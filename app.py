@@ -282,9 +282,21 @@ def read_progress(queue: str, job_id: str) -> Response:
 def claim_job(queue: str) -> Response:
     """Move the queue's next job to active for the caller, as a BullMQ worker takes one,
     and answer it with its lock token; 204 when no job is ready."""
-    no_query_parameters_but(())
-    options = json_options(request_body(), {"lockDuration": parse_lock_ms})
-    claimed = service().job_life.claim(queue, options.get("lockDuration"))
+    no_query_parameters_but(("wait",))
+    longest = current_app.config["MAX_CLAIM_WAIT_SECONDS"]
+    seconds = query_number("wait", 0, whole_number(0, longest))
+    lock_ms = json_options(request_body(), {"lockDuration": parse_lock_ms}).get("lockDuration")
+    parts = service()
+    if not seconds:
+        claimed = parts.job_life.claim(queue, lock_ms)
+    else:
+        # A waiting claim holds a connection as a stream does, and is counted with them.
+        give_back = parts.stream_limits.take(("claim", g.api_token.identity))
+        try:
+            client = request.environ.get("gunicorn.socket")
+            claimed = parts.job_life.claim_waiting(queue, lock_ms, seconds, client)
+        finally:
+            give_back()
     if claimed is None:
         return Response(status=204)
     return json_answer(claimed.answer())
@@ -883,6 +895,7 @@ def not_bullmq_layout(error: NotBullmqLayout) -> Response:
 STREAM_CREDENTIALS = {
     "api": ("this API token", "MAX_STREAMS_PER_TOKEN"),
     "watch": ("this watch token", "MAX_STREAMS_PER_WATCH_TOKEN"),
+    "claim": ("this API token", "MAX_WAITING_CLAIMS_PER_TOKEN"),
 }
 
 
@@ -893,14 +906,15 @@ def too_many_streams(error: TooManyStreams) -> Response:
         who, setting = STREAM_CREDENTIALS[error.kind]
         if error.kind == "api" and g.get("watch_token") is not None:
             who = "the API token that minted this watch token"
+        what = "claims waiting for a job" if error.kind == "claim" else "open streams of events"
         message = (
-            f"{who} holds its most open streams of events here ({setting}={error.limit}): "
-            "close one, then retry"
+            f"{who} holds its most {what} here ({setting}={error.limit}): close one, then retry"
         )
         return Response(message, 429, {"Retry-After": "10", **PLAIN})
-    message = (
-        f"this worker holds its most streams of events (MAX_STREAMS={error.limit}); retry shortly"
-    )
+    what = "streams of events"
+    if request.endpoint == "working.claim_job":
+        what = "streams of events and waiting claims"
+    message = f"this worker holds its most {what} (MAX_STREAMS={error.limit}); retry shortly"
     return Response(message, 503, {"Retry-After": str(RETRY_MS // 1000), **PLAIN})
 
 
@@ -976,6 +990,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             app.config["MAX_STREAMS"],
             per_api_token=app.config["MAX_STREAMS_PER_TOKEN"],
             per_watch_token=app.config["MAX_STREAMS_PER_WATCH_TOKEN"],
+            per_claimer=app.config["MAX_WAITING_CLAIMS_PER_TOKEN"],
         ),
         minting=MintingLimit(app.config["WATCH_TOKENS_PER_MINUTE"]),
         job_life=JobLife(

@@ -78,14 +78,19 @@ if worker_class == "gevent":
     # REQUEST_TIMEOUT of its first byte, a client must read what it is sent within
     # SEND_TIMEOUT, and idle clients give way to new ones when a worker is nearly full
     # (bullmq_http/gunicorn_worker.py), so slow clients cannot hold every connection.
-    from bullmq_http.event_reader import stop_all
+    from bullmq_http import event_reader, lifecycle
     from bullmq_http.gunicorn_worker import DeadlineWorker, write_plain_error
     from bullmq_http.upstream import write_error
+
+    def _end_long_requests() -> None:
+        """End the streams of events, and the claims waiting for a job, within a second."""
+        event_reader.stop_all()
+        lifecycle.stop_all()
 
     class Worker(DeadlineWorker):
         request_timeout = SETTINGS["REQUEST_TIMEOUT"]
         send_timeout = SETTINGS["SEND_TIMEOUT"]
-        end_streams = staticmethod(stop_all)
+        end_streams = staticmethod(_end_long_requests)
 
         def init_process(self) -> None:
             write_error(write_plain_error)  # what gunicorn cannot parse: plain text

@@ -14,15 +14,18 @@ import logging
 import math
 import random
 import secrets
+import socket
 import threading
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 import redis
 
 from . import upstream
+from .event_stream import hung_up
 from .js_json import compact
 from .layout import text
 from .metrics import JOB_OUTCOMES
@@ -90,9 +93,31 @@ class Failure:
     delay: int
 
 
+@dataclass(eq=False)
+class WaitingClaim:
+    """A claim waiting for a job of its queue: the claimer takes it from the queue's
+    line ("taken") while it asks Redis for a job, and hands over what it got."""
+
+    queue: str
+    lock_ms: int | None
+    state: str = "waiting"  # "taken" by the claimer, or "gone" (gave up)
+    claim: Claim | None = None
+    handed: threading.Event = field(default_factory=threading.Event)
+
+
+# How often the claimer asks for a job for the claims that wait, each queue's in turn.
+CLAIM_POLL_SECONDS = 0.1
+
+
 class JobLife:
     """Claim, keep, complete and fail jobs of any queue with BullMQ's scripts, and run
-    BullMQ's stalled check for every queue this process has handed a job from."""
+    BullMQ's stalled check for every queue this process has handed a job from.
+
+    Claims that wait for a job (`?wait=`) wait in line per queue; one claimer thread per
+    process asks for a job for the first in each line every CLAIM_POLL_SECONDS, so a
+    thousand waiting claims cost the process's pool one connection at a time, not one
+    each.
+    """
 
     def __init__(
         self,
@@ -109,6 +134,9 @@ class JobLife:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.checker: threading.Thread | None = None
+        self.lines: dict[str, list[WaitingClaim]] = {}  # claims waiting, per queue
+        self.claimer: threading.Thread | None = None
+        LIVES.add(self)
 
     def claim(self, queue: str, lock_ms: int | None = None) -> Claim | None:
         """Move the queue's next job to active, locked for the caller, exactly as a
@@ -134,6 +162,67 @@ class JobLife:
         return Claim(
             as_text(job_id), {as_text(k): as_text(v) for k, v in fields.items()}, token, lock_ms
         )
+
+    def claim_waiting(
+        self,
+        queue: str,
+        lock_ms: int | None,
+        seconds: float,
+        client: socket.socket | None = None,
+    ) -> Claim | None:
+        """Claim the queue's next job, waiting up to `seconds` for one to be ready;
+        None when none came, the process is stopping, or the client hung up."""
+        claimed = self.claim(queue, lock_ms)
+        if claimed is not None or seconds <= 0:
+            return claimed
+        waiting = WaitingClaim(queue, lock_ms)
+        with self.lock:
+            self.lines.setdefault(queue, []).append(waiting)
+            if self.claimer is None or not self.claimer.is_alive():
+                self.claimer = threading.Thread(target=self.hand_out, name="claimer", daemon=True)
+                self.claimer.start()
+        deadline = time.monotonic() + seconds
+        while not waiting.handed.wait(min(1.0, max(0.05, deadline - time.monotonic()))):
+            over = time.monotonic() >= deadline or self.stopping.is_set()
+            if over or (client is not None and hung_up(client)):
+                with self.lock:
+                    if waiting.state == "waiting":  # not being claimed for: give up
+                        waiting.state = "gone"
+                        self.lines[queue].remove(waiting)
+                        return None
+                # Being claimed for this moment: what comes is handed over at once.
+        return waiting.claim
+
+    def hand_out(self) -> None:
+        """Ask for a job for the first claim waiting on each queue, and hand each over,
+        until the process stops; every CLAIM_POLL_SECONDS while claims wait."""
+        while not self.stopping.wait(CLAIM_POLL_SECONDS):
+            with self.lock:
+                queues = [queue for queue, line in self.lines.items() if line]
+            for queue in queues:
+                while (waiting := self.first_waiting(queue)) is not None:
+                    try:
+                        claimed = self.claim(queue, waiting.lock_ms)
+                    except redis.exceptions.RedisError as error:
+                        log.warning("a waiting claim on queue %r failed: %s", queue, error)
+                        claimed = None
+                    with self.lock:
+                        if claimed is None:
+                            waiting.state = "waiting"  # first in line again, next time
+                            break
+                        self.lines[queue].remove(waiting)
+                        waiting.claim = claimed
+                    waiting.handed.set()
+
+    def first_waiting(self, queue: str) -> WaitingClaim | None:
+        """Take the first claim waiting on a queue, to ask for a job for it."""
+        with self.lock:
+            line = self.lines.get(queue) or []
+            if not line:
+                self.lines.pop(queue, None)
+                return None
+            line[0].state = "taken"
+            return line[0]
 
     def extend_lock(self, queue: str, job_id: str, token: str, duration_ms: int | None) -> None:
         """Extend the caller's lock of a job as BullMQ's extendLock does (taking it out
@@ -270,8 +359,18 @@ class JobLife:
         self.store.run_script(MOVE_STALLED, tuple(keys), args)
 
     def stop(self) -> None:
-        """Stop the stalled check."""
+        """Stop the stalled check, and end the claims that wait within a second."""
         self.stopping.set()
+
+
+# Every JobLife of the process, for stop_all.
+LIVES: weakref.WeakSet[JobLife] = weakref.WeakSet()
+
+
+def stop_all() -> None:
+    """End every claim waiting in this process within a second (it is stopping)."""
+    for life in list(LIVES):
+        life.stop()
 
 
 def backoff_delay(backoff: Any, attempts_made: int, given_ms: int | None) -> int:

@@ -193,6 +193,10 @@ SETTINGS: dict[str, Setting] = {
     # BullMQ's stalled check runs for the queues worked here, and how many times a job
     # may stall before it fails, as BullMQ's worker options mean them.
     "LOCK_DURATION_MS": Setting(30_000, whole_number(1, 24 * 3600 * 1000)),
+    # The longest a claim may wait for a job (?wait=), and how many claims one API token
+    # may have waiting per worker; they count against MAX_STREAMS with the streams.
+    "MAX_CLAIM_WAIT_SECONDS": Setting(60, whole_number(1, 3600)),
+    "MAX_WAITING_CLAIMS_PER_TOKEN": Setting(100, whole_number(1, 10_000)),
     "STALLED_INTERVAL_MS": Setting(30_000, whole_number(100, 24 * 3600 * 1000)),
     "MAX_STALLED_COUNT": Setting(1, whole_number(0, 1000)),
     "WATCH_ALLOWED_ORIGINS": Setting(frozenset(), _origins),

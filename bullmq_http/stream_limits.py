@@ -1,4 +1,5 @@
-"""How many streams of events this process holds, in all and per credential."""
+"""How many long requests (streams of events, and claims waiting for a job) this process
+holds, in all and per credential: each holds a connection of a worker while it lasts."""
 
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ class TooManyStreams(Exception):
 
 
 class StreamLimits:
-    """How many streams of events this process holds, in all and per credential (an API
-    token's identity, or a watch token), within the limits its settings set."""
+    """How many streams of events, and claims waiting for a job, this process holds: in
+    all, and per credential (an API token's identity for its streams, or for its waiting
+    claims; a watch token's share), within the limits its settings set."""
 
-    def __init__(self, most: int, per_api_token: int, per_watch_token: int) -> None:
+    def __init__(
+        self, most: int, per_api_token: int, per_watch_token: int, per_claimer: int = 100
+    ) -> None:
         self.most = most
-        self.per_kind = {"api": per_api_token, "watch": per_watch_token}
+        self.per_kind = {"api": per_api_token, "watch": per_watch_token, "claim": per_claimer}
         self.open = 0
         self.held: dict[tuple[str, str], int] = {}
         self.lock = threading.Lock()

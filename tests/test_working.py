@@ -9,15 +9,19 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 from typing import Any
 
 import pytest
+import redis
 from bullmq import Queue
 
-from harness.servers import wait_until
+from harness.clients import http_call, raw_request
+from harness.servers import Gunicorn, RedisServer, wait_until
 from tests.helpers import API_TOKEN, bearer, readme_snippet, snapshot, unavailable
 
 WORKER = "worker-token"
@@ -35,6 +39,16 @@ def add(redis_url: str, queue: str, name: str = "job", data: Any = None, **opts:
             await bull.close()
 
     return asyncio.run(adding())
+
+
+async def add_many(redis_url: str, queue: str, count: int) -> list[str]:
+    """Add `count` jobs at once with BullMQ's Python library; return their ids."""
+    bull = Queue(queue, {"connection": redis_url})
+    try:
+        jobs = await bull.addBulk([{"name": "job", "data": {"n": n}} for n in range(count)])
+        return [str(job.id) for job in jobs]
+    finally:
+        await bull.close()
 
 
 @pytest.fixture
@@ -325,6 +339,7 @@ def test_the_readmes_shell_worker_works_jobs_as_printed(serve, r, redis_url):
     server = serve()
     worker = readme_snippet("sh", "/claim")
     env = {"PATH": os.environ["PATH"], "API_TOKEN": API_TOKEN, "BASE": f"http://{server.bind}"}
+    env["WAIT"] = "1"  # the claim's ?wait=, made short for the idle run
     good = add(redis_url, "orders", "count", {"items": [1, 2, 3]})
     bad = add(redis_url, "orders", "count", {"items": True})
     for _ in range(2):
@@ -343,3 +358,122 @@ def test_the_readmes_shell_worker_works_jobs_as_printed(serve, r, redis_url):
         ["bash", "-c", worker], env=env, capture_output=True, text=True, timeout=30
     )
     assert (idle.returncode, idle.stdout, idle.stderr) == (0, "", "")
+
+
+# ----------------------------------------------------------------- waiting claims
+
+
+def claim_later(app, path: str, headers: dict[str, str]) -> tuple[list[Any], threading.Thread]:
+    """Claim in a thread of its own; return where its answer lands, and the thread."""
+    answers: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: answers.append(app.test_client().post(path, headers=headers))
+    )
+    thread.start()
+    return answers, thread
+
+
+def test_a_waiting_claim_wakes_when_a_job_arrives(make_app, r, redis_url):
+    app = make_app()
+    answers, thread = claim_later(app, "/queues/orders/claim?wait=20", bearer(API_TOKEN))
+    time.sleep(0.3)  # the claim is waiting by now, or takes the job at once: both fine
+    job_id = add(redis_url, "orders", "late")
+    thread.join(10)
+    assert not thread.is_alive()
+    (answer,) = answers
+    assert (answer.status_code, answer.json["id"], answer.json["name"]) == (200, job_id, "late")
+    assert r.get(f"bull:orders:{job_id}:lock") == answer.json["token"]
+
+
+def test_a_waiting_claim_ends_with_204_when_no_job_comes(make_app, r):
+    client = make_app().test_client()
+    started = time.monotonic()
+    answer = client.post("/queues/orders/claim?wait=1", headers=bearer(API_TOKEN))
+    assert (answer.status_code, answer.data) == (204, b"")
+    assert time.monotonic() - started >= 1
+    too_long = client.post("/queues/orders/claim?wait=61", headers=bearer(API_TOKEN))
+    assert (too_long.status_code, too_long.text) == (
+        400,
+        "wait must be a whole number from 0 to 60",
+    )
+
+
+def test_waiting_claims_are_capped_per_token_and_counted_with_streams(make_app, redis_url):
+    app = make_app(MAX_WAITING_CLAIMS_PER_TOKEN=2, MAX_STREAMS=3)
+    waiting = [
+        claim_later(app, "/queues/orders/claim?wait=20", bearer(API_TOKEN)) for _ in range(2)
+    ]
+    limits = app.extensions["bullmq_http"].stream_limits
+    wait_until(lambda: limits.open == 2, 10, "two claims waiting")
+    refused = app.test_client().post("/queues/orders/claim?wait=5", headers=bearer(API_TOKEN))
+    assert (refused.status_code, refused.headers["Retry-After"], refused.text) == (
+        429,
+        "10",
+        "this API token holds its most claims waiting for a job here "
+        "(MAX_WAITING_CLAIMS_PER_TOKEN=2): close one, then retry",
+    )
+    # Without ?wait=, a claim holds nothing and is not counted.
+    assert (
+        app.test_client().post("/queues/orders/claim", headers=bearer(API_TOKEN)).status_code == 204
+    )
+    ids = {add(redis_url, "orders"), add(redis_url, "orders")}
+    for _, thread in waiting:
+        thread.join(10)
+    assert {answers[0].json["id"] for answers, _ in waiting} == ids
+    assert limits.open == 0
+
+
+@pytest.mark.server  # starts its own servers
+def test_a_thousand_waiting_claims_share_a_bounded_number_of_connections(tmp_path):
+    claims = 1000
+    with RedisServer(tmp_path / "redis") as redis_server:
+        data = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        env = {"REDIS_URL": redis_server.url, "AUTH_TOKENS": API_TOKEN,
+               "WEB_CONCURRENCY": "1", "WORKER_CONNECTIONS": "1200",
+               "MAX_STREAMS": "1000", "MAX_WAITING_CLAIMS_PER_TOKEN": "1000",
+               "REDIS_MAX_CONNECTIONS": "10"}  # fmt: skip
+        (tmp_path / "service").mkdir()
+        with Gunicorn(tmp_path / "service", env) as server:
+
+            async def claimer(sent: asyncio.Event) -> bytes:
+                path = server.bind.removeprefix("unix:")
+                reader, writer = await asyncio.open_unix_connection(path)
+                writer.write(raw_request("POST", "/queues/orders/claim?wait=30", API_TOKEN, b""))
+                await writer.drain()
+                sent.set()
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.close()
+                return head.split(b"\r\n", 1)[0]
+
+            async def crowd() -> tuple[list[bytes], int]:
+                sent = [asyncio.Event() for _ in range(claims)]
+                tasks = [asyncio.create_task(claimer(event)) for event in sent]
+                await asyncio.wait_for(asyncio.gather(*(event.wait() for event in sent)), 60)
+                await asyncio.sleep(2)  # each is waiting by now
+                clients = len(data.client_list()) - 1  # all but this test's own
+                await add_many(redis_server.url, "orders", claims)
+                return await asyncio.wait_for(asyncio.gather(*tasks), 120), clients
+
+            answers, clients = asyncio.run(crowd())
+        data.close()
+    assert answers == [b"HTTP/1.1 200 OK"] * claims
+    # The pool (at most REDIS_MAX_CONNECTIONS), the stalled check's turns on it, no more.
+    assert clients <= 10
+
+
+def test_sigterm_ends_waiting_claims_with_204(serve):
+    server = serve()
+    conn = server.connect()
+    answers: list[Any] = []
+
+    def waiting() -> None:
+        answers.append(http_call(conn, "POST", "/queues/orders/claim?wait=60", token=API_TOKEN))
+
+    thread = threading.Thread(target=waiting)
+    thread.start()
+    time.sleep(0.5)  # waiting by now
+    server.process.send_signal(signal.SIGTERM)
+    thread.join(30)  # well before its minute of waiting is up
+    assert not thread.is_alive()
+    (answer,) = answers
+    assert (answer.status, answer.body) == (204, b"")
