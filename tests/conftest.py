@@ -117,7 +117,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     API tokens from a file (dashboard reads every queue, narrow other-*), watch tokens on."""
     directory = tmp_path_factory.mktemp("events")
     tokens = directory / "tokens"
-    tokens.write_text(f"dashboard {API_TOKEN} *\nnarrow narrow-token other-*\n")
+    tokens.write_text(f"dashboard {API_TOKEN} * read,work\nnarrow narrow-token other-*\n")
     with RedisServer(directory / "redis") as redis_server:
         env = {
             "REDIS_URL": redis_server.url,

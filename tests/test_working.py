@@ -22,7 +22,15 @@ from bullmq import Queue
 
 from harness.clients import http_call, raw_request
 from harness.servers import Gunicorn, RedisServer, wait_until
-from tests.helpers import API_TOKEN, bearer, readme_snippet, snapshot, unavailable
+from tests.helpers import (
+    API_TOKEN,
+    bearer,
+    kinds,
+    readme_snippet,
+    snapshot,
+    take,
+    unavailable,
+)
 
 WORKER = "worker-token"
 
@@ -477,3 +485,22 @@ def test_sigterm_ends_waiting_claims_with_204(serve):
     assert not thread.is_alive()
     (answer,) = answers
     assert (answer.status, answer.body) == (204, b"")
+
+
+def test_the_event_stream_shows_a_job_worked_over_http_from_claim_to_completion(service):
+    queue = f"worked-{time.monotonic_ns()}"
+    job_id = add(service.redis_server.url, queue, "resize")
+    claimed = http_call(service.server.connect(), "POST", f"/queues/{queue}/claim", token=API_TOKEN)
+    got = json.loads(claimed.body)
+    path = f"/queues/{queue}/jobs/{job_id}"
+    with service.events(f"{path}/events") as stream:
+        for route, body in (
+            ("logs", b"resizing"),
+            ("progress", b"50"),
+            ("complete", b'{"ok":true}'),
+        ):
+            assert service.server.send("POST", f"{path}/{route}", body, got["token"]) == 200
+        events = kinds(take(stream, 3))
+    # Lines and progress each in their order; the end after both.
+    assert sorted(events[:2]) == [("log", '{"index":0,"line":"resizing"}'), ("progress", "50")]
+    assert events[2] == ("completed", '{"returnvalue":{"ok":true}}')
