@@ -11,9 +11,10 @@ any Flask service), and the obvious hand-written version of the route
 (bench/obvious.py), both under the project's gunicorn.conf.py. Then the progress
 route again, in turns with a copy of the service run with METRICS=0, for what counting
 each request costs; 1,000 streams of events on one worker, and as many as it holds by
-default, for their memory and the delay from a write to its event; and POST progress
-while a flood of stream clients knocks. Prints one table and writes it to
-bench/results.md.
+default, for their memory and the delay from a write to its event; POST progress
+while a flood of stream clients knocks; and jobs through claim -> complete by HTTP
+workers, beside a native BullMQ worker for Node on the same Redis, with Redis's CPU per
+job for each. Prints one table and writes it to bench/results.md.
 
 BENCH_SECONDS (default 8) sets how long each wrk run lasts.
 """
@@ -39,7 +40,7 @@ from pathlib import Path
 import redis
 
 from bullmq_http.store import ADD_LOG, SET_PROGRESS
-from harness.clients import add_active_job, open_raw_stream
+from harness.clients import add_active_job, open_raw_stream, raw_request
 from harness.servers import ROOT, ClusterServers, Gunicorn, RedisServer, free_port
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
@@ -479,6 +480,103 @@ def write_stamped(service: Gunicorn) -> None:
     conn.close()
 
 
+# Jobs through claim -> complete: how many, and how many at once.
+JOBS = int(os.environ.get("BENCH_JOBS", "4000"))
+JOB_WORKERS = 32
+
+
+@dataclass(frozen=True)
+class JobsReport:
+    """Jobs per second through a whole job's life, and Redis's CPU per job, for the
+    service's HTTP workers and for a native BullMQ worker on the same Redis."""
+
+    http_rate: float
+    http_redis_us: float
+    native_rate: float | None  # None where node and its BullMQ are not installed
+    native_redis_us: float | None
+
+
+def redis_cpu(client: redis.Redis) -> float:
+    """Return the CPU seconds Redis has used so far."""
+    cpu = client.info("cpu")
+    return float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+
+
+async def add_jobs(url: str, queue: str, count: int) -> None:
+    """Add `count` jobs with BullMQ's Python library, in batches."""
+    from bullmq import Queue
+
+    bull = Queue(queue, {"connection": url})
+    try:
+        for start in range(0, count, 500):
+            batch = range(start, min(count, start + 500))
+            await bull.addBulk([{"name": "job", "data": {"n": n}} for n in batch])
+    finally:
+        await bull.close()
+
+
+async def http_worker(bind: str, queue: str) -> int:
+    """Claim and complete jobs over one keep-alive connection until none is ready;
+    return how many it completed."""
+    host, port = bind.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+
+    async def ask(request: bytes) -> tuple[bytes, bytes]:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: (\d+)", head)
+        body = await reader.readexactly(int(length[1])) if length else b""
+        return head.split(b" ", 2)[1], body
+
+    done = 0
+    try:
+        while True:
+            status, body = await ask(raw_request("POST", f"/queues/{queue}/claim", API_TOKEN, b""))
+            if status != b"200":
+                return done
+            job = json.loads(body)
+            path = f"/queues/{queue}/jobs/{job['id']}/complete"
+            status, _ = await ask(raw_request("POST", path, job["token"], b'"done"'))
+            assert status == b"200", status
+            done += 1
+    finally:
+        writer.close()
+
+
+def jobs_report(workdir: Path) -> JobsReport:
+    """Work JOBS jobs through claim -> complete with JOB_WORKERS HTTP workers on the
+    service, then as many through a native BullMQ worker for Node at that concurrency."""
+    with RedisServer(workdir / "jobs-redis") as redis_server:
+        client = redis.Redis.from_url(redis_server.url)
+        env = {"REDIS_URL": redis_server.url, "AUTH_TOKENS": API_TOKEN}
+        (workdir / "jobs").mkdir()
+        with Gunicorn(workdir / "jobs", env, bind=f"127.0.0.1:{free_port()}") as service:
+            asyncio.run(add_jobs(redis_server.url, "bench-http", JOBS))
+            cpu, started = redis_cpu(client), time.monotonic()
+
+            async def workers() -> list[int]:
+                return await asyncio.gather(
+                    *(http_worker(service.bind, "bench-http") for _ in range(JOB_WORKERS))
+                )
+
+            worked = sum(asyncio.run(workers()))
+            seconds = time.monotonic() - started
+            http = (worked / seconds, (redis_cpu(client) - cpu) / worked * 1e6)
+        native_rate = native_redis = None
+        node = shutil.which("node")
+        if node and (ROOT / "tests" / "interop" / "node_modules" / "bullmq").is_dir():
+            asyncio.run(add_jobs(redis_server.url, "bench-native", JOBS))
+            cpu = redis_cpu(client)
+            socket = redis_server.url.removeprefix("unix://")
+            script = str(ROOT / "bench" / "native_worker.mjs")
+            command = [node, script, socket, "bench-native", str(JOBS), str(JOB_WORKERS)]
+            ran = subprocess.run(command, capture_output=True, text=True, check=True)
+            native_rate = JOBS / float(ran.stdout.split()[-1])
+            native_redis = (redis_cpu(client) - cpu) / JOBS * 1e6
+        client.close()
+    return JobsReport(*http, native_rate, native_redis)
+
+
 def main() -> int:
     for tool in ("wrk", "redis-benchmark"):
         if not shutil.which(tool):
@@ -543,9 +641,10 @@ def main() -> int:
     rows += cluster_rows(workdir, best)
     streams = [stream_report(workdir, *load) for load in STREAM_LOADS]
     flooded = flood_report(workdir)
+    jobs = jobs_report(workdir)
     shutil.rmtree(workdir, ignore_errors=True)
 
-    report = render(rows, against, memory, scripts, streams, flooded, metrics)
+    report = render(rows, against, memory, scripts, streams, flooded, metrics, jobs)
     print(report)
     results = ROOT / "bench" / "results.md"
     # The record of levers, written by hand below the figures, stays from run to run.
@@ -566,6 +665,7 @@ def render(
     streams: list[StreamReport],
     flooded: FloodReport,
     metrics: tuple[float, float],
+    jobs: JobsReport,
 ) -> str:
     """Render the results as Markdown."""
     names = ("flask", "werkzeug", "gunicorn", "gevent", "redis", "hiredis")
@@ -714,7 +814,23 @@ def render(
         f"connections meanwhile: {loud.rate:,.0f} requests/s, p99 {loud.p99_ms:.1f} ms, "
         f"{loud.non2xx + loud.socket_errors} errors; with no stream open: {quiet.rate:,.0f} "
         f"requests/s, p99 {quiet.p99_ms:.1f} ms.",
+        "",
+        f"Jobs through their whole life: {JOBS:,} jobs, each claimed and completed, by "
+        f"{JOB_WORKERS} HTTP workers at once (POST .../claim, then .../complete, over "
+        f"keep-alive connections) against the service on its default configuration, and by "
+        f"a native BullMQ worker for Node at concurrency {JOB_WORKERS} on the same Redis "
+        "(bench/native_worker.mjs). *Redis CPU/job*: Redis's own CPU time over the jobs.",
+        "",
+        "| worker | jobs/s | Redis CPU/job |",
+        "|---|---:|---:|",
+        f"| HTTP, through the service | {jobs.http_rate:,.0f} | {jobs.http_redis_us:.0f} µs |",
     ]
+    if jobs.native_rate is not None and jobs.native_redis_us is not None:
+        lines.append(
+            f"| native BullMQ for Node | {jobs.native_rate:,.0f} | {jobs.native_redis_us:.0f} µs |"
+        )
+    else:
+        lines.append("| native BullMQ for Node | not run: node or its BullMQ is missing | |")
     return "\n".join(lines) + "\n"
 
 
