@@ -303,3 +303,37 @@ test('a job failed over HTTP backs off as BullMQ computes it, then fails once', 
   await until(() => failedEvents.length === 1, 'the failed event');
   assert.deepEqual(failedEvents, [[added.id, 'for good']]);
 });
+
+test('heartbeats keep a 2-second lock for many seconds; when they stop, BullMQ takes the job back', async (t) => {
+  // The service runs BullMQ's stalled check every second here (STALLED_INTERVAL_MS).
+  const name = `interop-${randomUUID().slice(0, 8)}`;
+  const connections = [connection(), connection()];
+  const queue = new Queue(name, { connection: connections[0], prefix });
+  const events = new QueueEvents(name, { connection: connections[1], prefix });
+  t.after(async () => {
+    await events.close();
+    await queue.close();
+    await Promise.all(connections.map(release));
+  });
+  const stalled = [];
+  events.on('stalled', ({ jobId }) => stalled.push(jobId));
+  await events.waitUntilReady();
+  const added = await queue.add('long', {});
+  const response = await call('POST', `/queues/${name}/claim`, apiToken, '{"lockDuration":2000}', 'application/json');
+  const job = JSON.parse(response.text);
+  const lockPath = `${jobPath(name, job.id)}/lock`;
+  for (let beat = 0; beat < 10; beat += 1) {
+    assert.equal((await call('POST', lockPath, job.token, '{"duration":2000}', 'application/json')).status, 200);
+    await sleep(500);
+  }
+  assert.equal(await (await Job.fromId(queue, added.id)).getState(), 'active');
+  assert.deepEqual(stalled, []);
+  // The worker vanishes: no more heartbeats.
+  await until(() => stalled.length === 1, 'the stalled event', 10000);
+  assert.deepEqual(stalled, [added.id]);
+  assert.equal(await (await Job.fromId(queue, added.id)).getState(), 'waiting');
+  assert.equal((await call('POST', lockPath, job.token)).status, 401);
+  const again = await claim(name);
+  assert.equal(again.id, added.id);
+  assert.notEqual(again.token, job.token);
+});

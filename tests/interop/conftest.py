@@ -74,6 +74,7 @@ def service(request, redis_url, tmp_path_factory) -> Iterator[Service]:
     """Run the service under gunicorn with its production config, for one set-up."""
     *cluster, prefix = request.param.split()
     env = {"QUEUE_PREFIX": prefix, "AUTH_TOKENS": API_TOKEN, "WEB_CONCURRENCY": "1"}
+    env["STALLED_INTERVAL_MS"] = "1000"  # BullMQ's stalled check every second, not 30
     if cluster:
         seeds = ",".join(request.getfixturevalue("redis_cluster").seeds)
         env |= {"REDIS_CLUSTER": "1", "REDIS_CLUSTER_NODES": seeds}

@@ -28,7 +28,7 @@ def test_node_bullmq_suite(node, service, data):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "# fail 0" in result.stdout
-    assert "# pass 9" in result.stdout  # every scenario ran
+    assert "# pass 10" in result.stdout  # every scenario ran
     # What the suite wrote is in Redis under this prefix, and under no other.
     assert all_keys(data, f"{service.prefix}:interop-*:events")
     for other in {"bull", "acme", "{jobs}", "{bull}"} - {service.prefix}:
