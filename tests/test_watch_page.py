@@ -6,6 +6,7 @@ first pass only (the `once` mark)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import http.client
 import json
 import os
@@ -291,6 +292,37 @@ def test_an_open_page_renews_its_session_and_a_reload_uses_it(short_sessions, pa
     page.reload()
     page.wait_for_selector("#connection[data-state=live]", timeout=SECONDS * 1000)
     until_shown(page, lambda: the_jobs_logs(site, job), lambda: shown_lines(page))
+
+
+def test_a_job_worked_over_http_shows_from_claim_to_completion(site, page, redis_url):
+    queue_name = f"page-{uuid.uuid4().hex[:8]}"
+
+    async def adding() -> str:
+        queue = Queue(queue_name, {"connection": redis_url})
+        try:
+            return str((await queue.add("resize", {"n": 1})).id)
+        finally:
+            await queue.close()
+
+    # In a thread of its own: Playwright's loop runs in this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        job_id = pool.submit(asyncio.run, adding()).result(30)
+    conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=10)
+    answer = http_call(conn, "POST", f"/bullmq/queues/{queue_name}/claim", token=API_TOKEN)
+    claimed = json.loads(answer.body)
+    assert claimed["id"] == job_id
+    page.goto(site.link(queue_name, job_id))
+    page.wait_for_selector("#connection[data-state=live]", timeout=SECONDS * 1000)
+    assert text_of(page, "#status") == "active"
+    token = claimed["token"]
+    assert site.post(queue_name, job_id, "logs", token, b"resized 3 of 4") == 200
+    assert site.post(queue_name, job_id, "progress", token, b"75") == 200
+    until_shown(page, lambda: [(0, "resized 3 of 4")], lambda: shown_lines(page))
+    until_shown(page, lambda: "75%", lambda: text_of(page, "#progress-text"))
+    assert site.post(queue_name, job_id, "complete", token, b'{"thumbnails": 4}') == 200
+    page.wait_for_selector("#connection[data-state=ended]", timeout=SECONDS * 1000)
+    assert text_of(page, "#status") == "completed"
+    assert json.loads(text_of(page, "#outcome-body")) == {"thumbnails": 4}
 
 
 def test_a_failed_job_shows_its_reason(site, page, bull_job):
