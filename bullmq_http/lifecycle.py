@@ -154,10 +154,11 @@ class JobLife:
             {"token": token, "lockDuration": lock_ms, "limiter": None}, use_bin_type=True
         )
         reply = self.store.run_script(MOVE_TO_ACTIVE, keys, (scripts.keys[""], now_ms(), opts))
-        self.watch(queue)
         fields, job_id, _, _ = upstream.bullmq_next_job(reply)
         if not fields:
             return None
+        # Only a queue a job was handed from: asking for any name holds nothing here.
+        self.watch(queue)
         JOB_OUTCOMES.labels("claimed").inc()
         return Claim(
             as_text(job_id), {as_text(k): as_text(v) for k, v in fields.items()}, token, lock_ms
