@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,10 @@ class WaitingClaim:
 
 # How often the claimer asks for a job for the claims that wait, each queue's in turn.
 CLAIM_POLL_SECONDS = 0.1
+# The most queues a process runs the stalled check for: the most recently claimed from
+# or locked in. Claims on made-up queue names cannot grow the list, or the checks,
+# past it.
+WORKED_QUEUES = 1000
 
 
 class JobLife:
@@ -130,7 +135,8 @@ class JobLife:
         self.lock_ms = lock_ms
         self.stalled_interval_ms = stalled_interval_ms
         self.max_stalled_count = max_stalled_count
-        self.worked: set[str] = set()  # queues handed a job from, for the stalled check
+        # The queues worked here, for the stalled check: the most recent WORKED_QUEUES.
+        self.worked: OrderedDict[str, None] = OrderedDict()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.checker: threading.Thread | None = None
@@ -154,11 +160,10 @@ class JobLife:
             {"token": token, "lockDuration": lock_ms, "limiter": None}, use_bin_type=True
         )
         reply = self.store.run_script(MOVE_TO_ACTIVE, keys, (scripts.keys[""], now_ms(), opts))
+        self.watch(queue)
         fields, job_id, _, _ = upstream.bullmq_next_job(reply)
         if not fields:
             return None
-        # Only a queue a job was handed from: asking for any name holds nothing here.
-        self.watch(queue)
         JOB_OUTCOMES.labels("claimed").inc()
         return Claim(
             as_text(job_id), {as_text(k): as_text(v) for k, v in fields.items()}, token, lock_ms
@@ -326,9 +331,14 @@ class JobLife:
     # ------------------------------------------------------------- stalled check
 
     def watch(self, queue: str) -> None:
-        """Run the stalled check for a queue from now on (the first claim starts it)."""
+        """Run the stalled check for a queue from now on (the first claim starts it): a
+        queue HTTP workers claim from, or keep a job of, even one they find empty, so
+        that after a restart the check resumes as soon as a worker asks again."""
         with self.lock:
-            self.worked.add(queue)
+            self.worked[queue] = None
+            self.worked.move_to_end(queue)
+            if len(self.worked) > WORKED_QUEUES:
+                self.worked.popitem(last=False)  # the longest unasked
             if self.checker is None or not self.checker.is_alive():
                 self.checker = threading.Thread(
                     target=self.check_stalled, name="stalled-check", daemon=True
@@ -342,7 +352,7 @@ class JobLife:
         many processes and instances ask."""
         while not self.stopping.wait(self.stalled_interval_ms / 1000):
             with self.lock:
-                queues = sorted(self.worked)
+                queues = list(self.worked)
             for queue in queues:
                 try:
                     self.run_stalled_check(queue)

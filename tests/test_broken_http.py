@@ -61,7 +61,7 @@ def parse(response: bytes) -> tuple[int, dict[str, str], str]:
     return int(status_line.split()[1]), {k.lower(): v for k, v in headers.items()}, body.decode()
 
 
-def post(route: str, head: str) -> bytes:
+def raw_post(route: str, head: str) -> bytes:
     """Return the head of a POST to job 1's route, `head` its further header lines."""
     return raw_request("POST", f"/queues/orders/jobs/1/{route}", JOB_TOKEN, head=head)
 
@@ -103,7 +103,7 @@ def test_a_body_cut_short_or_malformed_is_a_400_and_writes_nothing(
 ):
     job()
     before = snapshot(r)
-    response, _ = exchange(server, post(route, headers) + sent)
+    response, _ = exchange(server, raw_post(route, headers) + sent)
     status, response_headers, body = parse(response)
     assert (status, response_headers["content-type"]) == (400, "text/plain; charset=utf-8")
     assert body.startswith(reason)
@@ -113,7 +113,7 @@ def test_a_body_cut_short_or_malformed_is_a_400_and_writes_nothing(
 
 def test_a_whole_body_on_a_raw_socket_is_stored(server, r, job):
     key = job()
-    response, _ = exchange(server, post("progress", "Content-Length: 3\r\n") + b"100")
+    response, _ = exchange(server, raw_post("progress", "Content-Length: 3\r\n") + b"100")
     assert parse(response)[0] == 200
     assert r.hget(key, "progress") == "100"
 
@@ -123,7 +123,7 @@ def test_a_client_that_disconnects_mid_body_is_not_a_server_error(server, r, job
     before = snapshot(r)
     for _ in range(5):
         with connect(server) as sock:
-            sock.sendall(post("logs", "Content-Length: 100\r\n") + b"half a li")
+            sock.sendall(raw_post("logs", "Content-Length: 100\r\n") + b"half a li")
         # Closed without reading: the 400 goes nowhere.
     time.sleep(0.2)
     assert snapshot(r) == before
@@ -134,7 +134,7 @@ def test_a_body_that_stalls_is_a_408_at_the_deadline_and_writes_nothing(server, 
     job()
     before = snapshot(r)
     response, seconds = exchange(
-        server, post("progress", "Content-Length: 3\r\n") + b"10", half_close=False
+        server, raw_post("progress", "Content-Length: 3\r\n") + b"10", half_close=False
     )
     status, headers, body = parse(response)
     assert (status, headers["connection"]) == (408, "close")
@@ -148,7 +148,7 @@ def test_a_body_that_trickles_is_a_408_at_the_deadline(server, r, job):
     before = snapshot(r)
     with connect(server) as sock:
         started = time.monotonic()
-        sock.sendall(post("logs", "Content-Length: 100\r\n"))
+        sock.sendall(raw_post("logs", "Content-Length: 100\r\n"))
         # One byte at a time, each well within the deadline, the whole never.
         with pytest.raises(OSError):
             for _ in range(int(DEADLINE * 20) + 20):

@@ -27,7 +27,7 @@ class Answer:
     seconds: float  # from sending the request to its whole answer
 
 
-def post(route: str, body: bytes) -> bytes:
+def raw_post(route: str, body: bytes) -> bytes:
     """Return a whole POST to job 1's route, with the job's token."""
     return raw_request("POST", f"/queues/orders/jobs/1/{route}", JOB_TOKEN, body)
 
@@ -85,7 +85,7 @@ def test_hundreds_of_slow_clients_neither_block_others_nor_outstay_the_deadline(
         """Send headers, then a body byte every half second, never the whole body;
         return what the server answered before closing, and when it closed."""
         started = time.monotonic()
-        client.writer.write(post("logs", b"x" * 100)[:-100])
+        client.writer.write(raw_post("logs", b"x" * 100)[:-100])
         received = b""
         while time.monotonic() - started < deadline + 10:
             try:
@@ -106,7 +106,7 @@ def test_hundreds_of_slow_clients_neither_block_others_nor_outstay_the_deadline(
         await asyncio.sleep(0.5)
         served = [
             await ask_once(server, HEALTHZ),
-            await ask_once(server, post("progress", b"42")),
+            await ask_once(server, raw_post("progress", b"42")),
             await ask_once(server, HEALTHZ),
         ]
         return served, await trickles
@@ -149,7 +149,7 @@ def burst(server: Gunicorn, clients: int, requests: int, body: bytes) -> list[An
     async def one(n: int) -> list[Answer]:
         client = await Client(server).open()
         try:
-            return [await client.ask(post("progress", body), 30) for _ in range(requests)]
+            return [await client.ask(raw_post("progress", body), 30) for _ in range(requests)]
         finally:
             client.close()
 

@@ -71,11 +71,13 @@ def worker(make_app, tmp_path):
 
 
 def claim(client, queue: str = "orders", body: Any = None, token: str = WORKER):
+    """Claim the next job of a queue through a test client."""
     data = b"" if body is None else json.dumps(body).encode()
     return client.post(f"/queues/{queue}/claim", data=data, headers=bearer(token))
 
 
-def post(client, job_id: str, route: str, token: str, body: bytes | str = b"", **kw: Any):
+def as_holder(client, job_id: str, route: str, token: str, body: bytes | str = b"", **kw: Any):
+    """POST to a route of job `job_id` of orders, as the holder of `token`."""
     return client.post(
         f"/queues/orders/jobs/{job_id}/{route}", data=body, headers=bearer(token), **kw
     )
@@ -170,23 +172,21 @@ def test_the_lock_is_extended_only_by_its_holder(worker, r, redis_url):
     got = claim(worker, body={"lockDuration": 1000}).json
     lock = f"bull:orders:{got['id']}:lock"
     r.sadd("bull:orders:stalled", got["id"])
-    assert (
-        post(worker, got["id"], "lock", got["token"], json.dumps({"duration": 60_000})).status_code
-        == 200
-    )
+    longer = json.dumps({"duration": 60_000})
+    assert as_holder(worker, got["id"], "lock", got["token"], longer).status_code == 200
     assert 59_000 < r.pttl(lock) <= 60_000
     assert not r.sismember("bull:orders:stalled", got["id"])  # as BullMQ's extendLock
-    refused = post(worker, got["id"], "lock", "not-the-token")
+    refused = as_holder(worker, got["id"], "lock", "not-the-token")
     assert refused.status_code == 401
     assert r.get(lock) == got["token"]
-    gone = post(worker, "nope", "lock", got["token"])
+    gone = as_holder(worker, "nope", "lock", got["token"])
     assert (gone.status_code, gone.text) == (404, "job 'nope' not found in queue 'orders'")
 
 
 def test_complete_stores_the_return_value_as_bullmq_does_once(worker, r, redis_url):
     job_id = add(redis_url, "orders")
     got = claim(worker).json
-    done = post(worker, job_id, "complete", got["token"], b'{"sum": 3, "at": 1.50}')
+    done = as_holder(worker, job_id, "complete", got["token"], b'{"sum": 3, "at": 1.50}')
     assert done.status_code == 200
     job = r.hgetall(f"bull:orders:{job_id}")
     assert job["returnvalue"] == '{"sum":3,"at":1.5}'  # as JSON.stringify writes it
@@ -202,7 +202,7 @@ def test_complete_stores_the_return_value_as_bullmq_does_once(worker, r, redis_u
             "prev": "active",
         }
     ]
-    again = post(worker, job_id, "complete", got["token"], b"1")
+    again = as_holder(worker, job_id, "complete", got["token"], b"1")
     assert again.status_code == 401
     assert r.hget(f"bull:orders:{job_id}", "returnvalue") == '{"sum":3,"at":1.5}'
 
@@ -210,12 +210,12 @@ def test_complete_stores_the_return_value_as_bullmq_does_once(worker, r, redis_u
 def test_complete_with_no_body_is_null_and_remove_on_complete_is_honoured(worker, r, redis_url):
     job_id = add(redis_url, "orders", removeOnComplete=True)
     got = claim(worker).json
-    assert post(worker, job_id, "complete", got["token"]).status_code == 200
+    assert as_holder(worker, job_id, "complete", got["token"]).status_code == 200
     assert not r.exists(f"bull:orders:{job_id}")
     assert r.zscore("bull:orders:completed", job_id) is None
     kept = add(redis_url, "orders")
     token = claim(worker).json["token"]
-    assert post(worker, kept, "complete", token).status_code == 200
+    assert as_holder(worker, kept, "complete", token).status_code == 200
     assert r.hget(f"bull:orders:{kept}", "returnvalue") == "null"
 
 
@@ -223,7 +223,7 @@ def test_fail_retries_after_the_backoff_then_fails_for_good(worker, r, redis_url
     job_id = add(redis_url, "orders", attempts=3, backoff={"type": "exponential", "delay": 1000})
     token = claim(worker).json["token"]
     before = int(time.time() * 1000)
-    first = post(worker, job_id, "fail", token, json.dumps({"reason": "the disk is full"}),
+    first = as_holder(worker, job_id, "fail", token, json.dumps({"reason": "the disk is full"}),
                  content_type="application/json")  # fmt: skip
     assert (first.status_code, first.json) == (200, {"state": "delayed", "delay": 1000})
     due = r.zscore("bull:orders:delayed", job_id)
@@ -234,12 +234,12 @@ def test_fail_retries_after_the_backoff_then_fails_for_good(worker, r, redis_url
     r.zrem("bull:orders:delayed", job_id)
     r.lpush("bull:orders:wait", job_id)
     token = claim(worker).json["token"]
-    second = post(worker, job_id, "fail", token, "again, in plain text")
+    second = as_holder(worker, job_id, "fail", token, "again, in plain text")
     assert second.json == {"state": "delayed", "delay": 2000}
     r.zrem("bull:orders:delayed", job_id)
     r.lpush("bull:orders:wait", job_id)
     token = claim(worker).json["token"]
-    last = post(worker, job_id, "fail", token, "for good")
+    last = as_holder(worker, job_id, "fail", token, "for good")
     assert last.json == {"state": "failed", "delay": 0}
     job = r.hgetall(f"bull:orders:{job_id}")
     assert (job["atm"], job["failedReason"]) == ("3", "for good")
@@ -251,12 +251,12 @@ def test_fail_retries_after_the_backoff_then_fails_for_good(worker, r, redis_url
 def test_fail_without_backoff_waits_and_unrecoverable_fails_at_once(worker, r, redis_url):
     job_id = add(redis_url, "orders", attempts=5)
     token = claim(worker).json["token"]
-    again = post(worker, job_id, "fail", token, "try again")
+    again = as_holder(worker, job_id, "fail", token, "try again")
     assert again.json == {"state": "waiting", "delay": 0}
     assert r.lrange("bull:orders:wait", 0, -1) == [job_id]
     token = claim(worker).json["token"]
     body = json.dumps({"reason": "bad input", "retry": False, "stack": "at line 3"})
-    final = post(worker, job_id, "fail", token, body, content_type="application/json")
+    final = as_holder(worker, job_id, "fail", token, body, content_type="application/json")
     assert final.json == {"state": "failed", "delay": 0}
     job = r.hgetall(f"bull:orders:{job_id}")
     assert job["failedReason"] == "bad input" and json.loads(job["stacktrace"]) == ["at line 3"]
@@ -266,7 +266,7 @@ def test_a_custom_backoff_takes_the_workers_delay(worker, r, redis_url):
     job_id = add(redis_url, "orders", attempts=2, backoff={"type": "mine"})
     token = claim(worker).json["token"]
     body = json.dumps({"reason": "later", "delay": 5000})
-    answer = post(worker, job_id, "fail", token, body, content_type="application/json")
+    answer = as_holder(worker, job_id, "fail", token, body, content_type="application/json")
     assert answer.json == {"state": "delayed", "delay": 5000}
 
 
@@ -296,7 +296,7 @@ def test_a_bad_fail_body_is_a_400_and_writes_nothing(
     token = claim(worker).json["token"]
     before = snapshot(r)
     kind = {"content_type": "application/json"} if json_body else {}
-    refused = post(worker, job_id, "fail", token, body, **kind)
+    refused = as_holder(worker, job_id, "fail", token, body, **kind)
     assert (refused.status_code, refused.text) == (400, message)
     assert snapshot(r) == before
 
@@ -306,7 +306,7 @@ def test_finishing_a_job_that_waits_for_its_children_is_a_409(worker, r, redis_u
     token = claim(worker).json["token"]
     r.sadd(f"bull:orders:{job_id}:dependencies", "bull:other:child")
     before = snapshot(r)
-    refused = post(worker, job_id, "complete", token, b"1")
+    refused = as_holder(worker, job_id, "complete", token, b"1")
     assert (refused.status_code, refused.text) == (
         409, "the job is waiting for its children: it finishes when they have"
     )  # fmt: skip
@@ -322,8 +322,8 @@ def test_a_job_whose_worker_vanished_is_taken_back_and_claimed_anew(worker, r, r
     assert stalled == [{"event": "stalled", "jobId": job_id}]
     second = claim(worker).json
     assert second["id"] == job_id and second["token"] != first["token"]
-    assert post(worker, job_id, "complete", first["token"], b"1").status_code == 401
-    assert post(worker, job_id, "complete", second["token"], b"2").status_code == 200
+    assert as_holder(worker, job_id, "complete", first["token"], b"1").status_code == 401
+    assert as_holder(worker, job_id, "complete", second["token"], b"2").status_code == 200
     assert r.hget(f"bull:orders:{job_id}", "returnvalue") == "2"
 
 
@@ -332,10 +332,11 @@ def test_heartbeats_keep_a_short_lock_through_many_stalled_checks(worker, r, red
     got = claim(worker, body={"lockDuration": 300}).json
     deadline = time.monotonic() + 2.0  # ten stalled checks
     while time.monotonic() < deadline:
-        assert post(worker, job_id, "lock", got["token"], b'{"duration": 300}').status_code == 200
+        beat = as_holder(worker, job_id, "lock", got["token"], b'{"duration": 300}')
+        assert beat.status_code == 200
         time.sleep(0.1)
     assert r.lrange("bull:orders:active", 0, -1) == [job_id]
-    assert post(worker, job_id, "complete", got["token"], b"true").status_code == 200
+    assert as_holder(worker, job_id, "complete", got["token"], b"true").status_code == 200
 
 
 def test_the_readmes_shell_worker_works_jobs_as_printed(serve, r, redis_url):
@@ -504,3 +505,18 @@ def test_the_event_stream_shows_a_job_worked_over_http_from_claim_to_completion(
     # Lines and progress each in their order; the end after both.
     assert sorted(events[:2]) == [("log", '{"index":0,"line":"resizing"}'), ("progress", "50")]
     assert events[2] == ("completed", '{"returnvalue":{"ok":true}}')
+
+
+def test_after_a_restart_the_stalled_check_resumes_when_a_worker_asks_again(make_app, r, redis_url):
+    """A job whose worker vanished across a restart of the service: the new process
+    knows nothing of its queue until an HTTP worker asks it for a job, and finds the
+    queue empty; from then on the stalled check takes the job back."""
+    job_id = add(redis_url, "orders")
+    before = make_app(STALLED_INTERVAL_MS=60_000)
+    lost = claim(before.test_client(), token=API_TOKEN, body={"lockDuration": 100}).json
+    before.extensions["bullmq_http"].close()  # the restart
+    after = make_app(STALLED_INTERVAL_MS=200).test_client()
+    assert claim(after, token=API_TOKEN).status_code == 204  # the job is still active
+    wait_until(lambda: r.lrange("bull:orders:wait", 0, -1) == [job_id], 10, "the job back")
+    again = claim(after, token=API_TOKEN).json
+    assert again["id"] == job_id and again["token"] != lost["token"]
