@@ -37,6 +37,35 @@ log = logging.getLogger(__name__)
 MOVE_TO_ACTIVE = Script("moveToActive", upstream.bullmq_script("moveToActive-11"), "read")
 EXTEND_LOCK = Script("extendLock", upstream.bullmq_script("extendLock-2"), "written")
 MOVE_TO_FINISHED = Script("moveToFinished", upstream.bullmq_script("moveToFinished-14"), "written")
+
+# Before BullMQ's moveToFinished, unchanged, in the same script: the keepJobs of its
+# packed options (ARGV[8]) from the job's own removeOnComplete, read here, as bullmq's
+# Scripts.moveToFinishedArgs computes it from a job its worker holds (getKeepJobs: a
+# number keeps that many, an object says how, true none, false or unset all). So a
+# completion is one round trip with no read of the job before it.
+KEEP_JOBS_FROM_THE_JOB = """
+do
+  local packed = cmsgpack.unpack(ARGV[8])
+  local stored = redis.call("HGET", KEYS[12], "opts")
+  local read, jobOpts = pcall(cjson.decode, stored or "{}")
+  local remove = read and type(jobOpts) == "table" and jobOpts["removeOnComplete"]
+  if type(remove) == "number" then
+    packed["keepJobs"] = {count = remove}
+  elseif type(remove) == "table" then
+    packed["keepJobs"] = remove
+  elseif remove == true then
+    packed["keepJobs"] = {count = 0}
+  else
+    packed["keepJobs"] = {count = -1}
+  end
+  ARGV[8] = cmsgpack.pack(packed)
+end
+"""
+MOVE_TO_COMPLETED = Script(
+    "moveToCompleted",
+    KEEP_JOBS_FROM_THE_JOB + upstream.bullmq_script("moveToFinished-14"),
+    "written",
+)
 MOVE_TO_DELAYED = Script("moveToDelayed", upstream.bullmq_script("moveToDelayed-11"), "written")
 RETRY_JOB = Script("retryJob", upstream.bullmq_script("retryJob-11"), "written")
 MOVE_STALLED = Script(
@@ -250,12 +279,13 @@ class JobLife:
         """Move a job the caller holds to completed as BullMQ's worker does, with its
         return value (JSON as JSON.stringify writes it, as BullMQ's Node worker stores
         it); the job's own removeOnComplete applies, and a flow parent learns of it."""
-        job, scripts = self.job(queue, job_id)
-        keys, args = scripts.moveToCompletedArgs(
-            job, None, job.opts.get("removeOnComplete", False), token, fetchNext=False
-        )
+        scripts = upstream.bullmq_scripts(self.store.prefix, queue)
+        # Packed by bullmq's own code for a job of no options of its own; the script
+        # sets keepJobs from the job's (KEEP_JOBS_FROM_THE_JOB).
+        job = upstream.bullmq_job(self.store.prefix, queue, job_id, {}, self.worker_opts())
+        keys, args = scripts.moveToCompletedArgs(job, None, False, token, fetchNext=False)
         args[3] = returnvalue
-        self.finish(MOVE_TO_FINISHED, queue, job_id, keys, args)
+        self.finish(MOVE_TO_COMPLETED, queue, job_id, keys, args)
         JOB_OUTCOMES.labels("completed").inc()
 
     def fail(
@@ -313,8 +343,12 @@ class JobLife:
         if not raw:
             raise NoSuchJob(queue, job_id)
         fields = {as_text(k): as_text(v) for k, v in raw.items()}
-        opts = {"lockDuration": self.lock_ms, "limiter": None}
-        return upstream.bullmq_job(self.store.prefix, queue, job_id, fields, opts), scripts
+        job = upstream.bullmq_job(self.store.prefix, queue, job_id, fields, self.worker_opts())
+        return job, scripts
+
+    def worker_opts(self) -> dict[str, Any]:
+        """Return the options of the BullMQ worker the service is to BullMQ's code."""
+        return {"lockDuration": self.lock_ms, "limiter": None}
 
     def finish(
         self, script: Script, queue: str, job_id: str, keys: list[str], args: list[Any]

@@ -217,6 +217,13 @@ def test_complete_with_no_body_is_null_and_remove_on_complete_is_honoured(worker
     token = claim(worker).json["token"]
     assert as_holder(worker, kept, "complete", token).status_code == 200
     assert r.hget(f"bull:orders:{kept}", "returnvalue") == "null"
+    # A number keeps that many of the newest completed jobs, as BullMQ's worker does.
+    newest = [add(redis_url, "orders", removeOnComplete=1) for _ in range(2)]
+    for job_id in newest:
+        token = claim(worker).json["token"]
+        assert as_holder(worker, job_id, "complete", token).status_code == 200
+    assert r.zrange("bull:orders:completed", 0, -1) == [newest[-1]]
+    assert not r.exists(f"bull:orders:{kept}") and not r.exists(f"bull:orders:{newest[0]}")
 
 
 def test_fail_retries_after_the_backoff_then_fails_for_good(worker, r, redis_url):
