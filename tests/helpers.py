@@ -156,3 +156,21 @@ def readme_snippet(language: str, holding: str) -> str:
     blocks = re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
     [snippet] = [block for block in blocks if holding in block]
     return snippet
+
+
+@contextmanager
+def one_crowded_worker(directory: Path, **settings: str) -> Iterator[tuple[Gunicorn, redis.Redis]]:
+    """Serve the app on one gunicorn worker of 1,200 connections, holding up to 1,000
+    long requests, with a pool of 10 Redis connections to a Redis server of its own;
+    yield the server and a client of that Redis."""
+    with RedisServer(directory / "redis") as redis_server:
+        data = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        env = {"REDIS_URL": redis_server.url, "AUTH_TOKENS": API_TOKEN,
+               "WEB_CONCURRENCY": "1", "WORKER_CONNECTIONS": "1200", "MAX_STREAMS": "1000",
+               "REDIS_MAX_CONNECTIONS": "10", **settings}  # fmt: skip
+        (directory / "service").mkdir()
+        try:
+            with Gunicorn(directory / "service", env) as server:
+                yield server, data
+        finally:
+            data.close()

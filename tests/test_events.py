@@ -12,14 +12,13 @@ import time
 import uuid
 
 import pytest
-import redis
 from bullmq import Queue, Worker
 from prometheus_client import REGISTRY
 
 from bullmq_http import event_stream
 from bullmq_http.event_stream import parse_cursor
 from harness.clients import EventStream, ServerSentEvent, add_active_job, open_raw_stream
-from harness.servers import Gunicorn, RedisServer, wait_until
+from harness.servers import Gunicorn, wait_until
 from tests.helpers import (
     API_TOKEN,
     JOB_TOKEN,
@@ -27,6 +26,7 @@ from tests.helpers import (
     StreamedBody,
     bearer,
     kinds,
+    one_crowded_worker,
     take,
 )
 
@@ -348,39 +348,31 @@ def test_a_new_event_source_resumes_from_the_cursor_in_its_query(service, job_id
 @pytest.mark.server  # starts its own servers
 def test_a_thousand_subscribers_share_a_bounded_number_of_connections(tmp_path):
     subscribers = 1000
-    with RedisServer(tmp_path / "redis") as redis_server:
-        data = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    with one_crowded_worker(tmp_path, MAX_STREAMS_PER_TOKEN="1000") as (server, data):
         add_active_job(data, "orders", "1", JOB_TOKEN)
-        env = {"REDIS_URL": redis_server.url, "AUTH_TOKENS": API_TOKEN,
-               "WEB_CONCURRENCY": "1", "WORKER_CONNECTIONS": "1200",
-               "MAX_STREAMS": "1000", "MAX_STREAMS_PER_TOKEN": "1000",
-               "REDIS_MAX_CONNECTIONS": "10"}  # fmt: skip
-        (tmp_path / "service").mkdir()
-        with Gunicorn(tmp_path / "service", env) as server:
 
-            async def subscriber(opened: asyncio.Event, go: asyncio.Event) -> bytes:
-                path = "/queues/orders/jobs/1/events?tail=0"
-                head, reader, writer = await open_raw_stream(server, path, API_TOKEN)
-                opened.set()
-                await go.wait()
-                event = await reader.readuntil(b"\n\n")  # inside a chunk of the body
-                writer.close()
-                found = re.search(rb"event: \w+\ndata: .*", event)
-                return head.split(b"\r\n", 1)[0] + b" " + (found[0] if found else event)
+        async def subscriber(opened: asyncio.Event, go: asyncio.Event) -> bytes:
+            path = "/queues/orders/jobs/1/events?tail=0"
+            head, reader, writer = await open_raw_stream(server, path, API_TOKEN)
+            opened.set()
+            await go.wait()
+            event = await reader.readuntil(b"\n\n")  # inside a chunk of the body
+            writer.close()
+            found = re.search(rb"event: \w+\ndata: .*", event)
+            return head.split(b"\r\n", 1)[0] + b" " + (found[0] if found else event)
 
-            async def crowd() -> tuple[list[bytes], int]:
-                go = asyncio.Event()
-                opened = [asyncio.Event() for _ in range(subscribers)]
-                tasks = [asyncio.create_task(subscriber(o, go)) for o in opened]
-                await asyncio.wait_for(asyncio.gather(*(o.wait() for o in opened)), 60)
-                clients = len(data.client_list()) - 1  # all but this test's own
-                path = "/queues/orders/jobs/1/progress"
-                await asyncio.to_thread(server.send, "POST", path, b"99", JOB_TOKEN)
-                go.set()
-                return await asyncio.wait_for(asyncio.gather(*tasks), 60), clients
+        async def crowd() -> tuple[list[bytes], int]:
+            go = asyncio.Event()
+            opened = [asyncio.Event() for _ in range(subscribers)]
+            tasks = [asyncio.create_task(subscriber(o, go)) for o in opened]
+            await asyncio.wait_for(asyncio.gather(*(o.wait() for o in opened)), 60)
+            clients = len(data.client_list()) - 1  # all but this test's own
+            path = "/queues/orders/jobs/1/progress"
+            await asyncio.to_thread(server.send, "POST", path, b"99", JOB_TOKEN)
+            go.set()
+            return await asyncio.wait_for(asyncio.gather(*tasks), 60), clients
 
-            answers, clients = asyncio.run(crowd())
-        data.close()
+        answers, clients = asyncio.run(crowd())
     assert answers == [b"HTTP/1.1 200 OK event: progress\ndata: 99"] * subscribers
     # The pool (at most REDIS_MAX_CONNECTIONS) and the event reader's one: never one each.
     assert clients <= 10 + 1

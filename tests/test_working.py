@@ -17,15 +17,15 @@ import time
 from typing import Any
 
 import pytest
-import redis
 from bullmq import Queue
 
 from harness.clients import http_call, raw_request
-from harness.servers import Gunicorn, RedisServer, wait_until
+from harness.servers import wait_until
 from tests.helpers import (
     API_TOKEN,
     bearer,
     kinds,
+    one_crowded_worker,
     readme_snippet,
     snapshot,
     take,
@@ -442,36 +442,28 @@ def test_waiting_claims_are_capped_per_token_and_counted_with_streams(make_app, 
 @pytest.mark.server  # starts its own servers
 def test_a_thousand_waiting_claims_share_a_bounded_number_of_connections(tmp_path):
     claims = 1000
-    with RedisServer(tmp_path / "redis") as redis_server:
-        data = redis.Redis.from_url(redis_server.url, decode_responses=True)
-        env = {"REDIS_URL": redis_server.url, "AUTH_TOKENS": API_TOKEN,
-               "WEB_CONCURRENCY": "1", "WORKER_CONNECTIONS": "1200",
-               "MAX_STREAMS": "1000", "MAX_WAITING_CLAIMS_PER_TOKEN": "1000",
-               "REDIS_MAX_CONNECTIONS": "10"}  # fmt: skip
-        (tmp_path / "service").mkdir()
-        with Gunicorn(tmp_path / "service", env) as server:
+    with one_crowded_worker(tmp_path, MAX_WAITING_CLAIMS_PER_TOKEN="1000") as (server, data):
 
-            async def claimer(sent: asyncio.Event) -> bytes:
-                path = server.bind.removeprefix("unix:")
-                reader, writer = await asyncio.open_unix_connection(path)
-                writer.write(raw_request("POST", "/queues/orders/claim?wait=30", API_TOKEN, b""))
-                await writer.drain()
-                sent.set()
-                head = await reader.readuntil(b"\r\n\r\n")
-                writer.close()
-                return head.split(b"\r\n", 1)[0]
+        async def claimer(sent: asyncio.Event) -> bytes:
+            path = server.bind.removeprefix("unix:")
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(raw_request("POST", "/queues/orders/claim?wait=30", API_TOKEN, b""))
+            await writer.drain()
+            sent.set()
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.close()
+            return head.split(b"\r\n", 1)[0]
 
-            async def crowd() -> tuple[list[bytes], int]:
-                sent = [asyncio.Event() for _ in range(claims)]
-                tasks = [asyncio.create_task(claimer(event)) for event in sent]
-                await asyncio.wait_for(asyncio.gather(*(event.wait() for event in sent)), 60)
-                await asyncio.sleep(2)  # each is waiting by now
-                clients = len(data.client_list()) - 1  # all but this test's own
-                await add_many(redis_server.url, "orders", claims)
-                return await asyncio.wait_for(asyncio.gather(*tasks), 120), clients
+        async def crowd() -> tuple[list[bytes], int]:
+            sent = [asyncio.Event() for _ in range(claims)]
+            tasks = [asyncio.create_task(claimer(event)) for event in sent]
+            await asyncio.wait_for(asyncio.gather(*(event.wait() for event in sent)), 60)
+            await asyncio.sleep(2)  # each is waiting by now
+            clients = len(data.client_list()) - 1  # all but this test's own
+            await add_many(server.env["REDIS_URL"], "orders", claims)
+            return await asyncio.wait_for(asyncio.gather(*tasks), 120), clients
 
-            answers, clients = asyncio.run(crowd())
-        data.close()
+        answers, clients = asyncio.run(crowd())
     assert answers == [b"HTTP/1.1 200 OK"] * claims
     # The pool (at most REDIS_MAX_CONNECTIONS), the stalled check's turns on it, no more.
     assert clients <= 10
