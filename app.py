@@ -61,6 +61,7 @@ from bullmq_http.settings import (
 from bullmq_http.store import CrossSlot, JobStore, NoSuchJob, NotBullmqLayout, NotLockHolder
 from bullmq_http.stream_limits import StreamLimits, TooManyStreams
 from bullmq_http.tokens import (
+    NOT_THIS_JOB,
     READ,
     WORK,
     ApiTokens,
@@ -185,7 +186,7 @@ def cookie_session(queue: str, job_id: str) -> WatchToken:
     job's whose Path is a prefix of this job's comes too, as a cut Path is), the first
     that opens this job. Stop with 401 if none does."""
     secret, longest = watch_secret()
-    refusal = "the watch token is not valid for this job"
+    refusal = NOT_THIS_JOB
     for cookie in request.cookies.getlist(WATCH_COOKIE):
         try:
             return check_session_token(secret, cookie, queue, job_id, longest)

@@ -77,10 +77,6 @@ class Token:
         (a hash of its digest)."""
         return hashlib.sha256(b"bullmq-http identity\0" + self.digest).hexdigest()[:32]
 
-    def reads(self, queue: str) -> bool:
-        """Say whether the token may read this queue."""
-        return self.may(READ, queue)
-
     def may(self, right: str, queue: str) -> bool:
         """Say whether the token has this right (READ, WORK) on this queue."""
         return right in self.rights and self.queues.fullmatch(queue) is not None
@@ -298,6 +294,10 @@ def watch_token(
     return f"{expires}.{signature}" if minter is None else f"{expires}.{minter}.{signature}"
 
 
+# Why a watch token, or a page's session, that is not one of this job's is refused.
+NOT_THIS_JOB = "the watch token is not valid for this job"
+
+
 class BadWatchToken(ValueError):
     """A watch token that does not open a job's events now; its message says why."""
 
@@ -328,11 +328,11 @@ def check_watch_token(secret: str, token: str, queue: str, job_id: str, longest:
         and len(middle) <= 1
         and all(MINTER.fullmatch(minter) for minter in middle)
     ):
-        raise BadWatchToken("the watch token is not valid for this job")
+        raise BadWatchToken(NOT_THIS_JOB)
     minter = middle[0] if middle else None
     expected = watch_token(secret, queue, job_id, int(expires), minter)
     if not hmac.compare_digest(token.encode(), expected.encode()):
-        raise BadWatchToken("the watch token is not valid for this job")
+        raise BadWatchToken(NOT_THIS_JOB)
     check_lifetime(int(expires), longest)
     share = hashlib.sha256(b"bullmq-http share\0" + token.encode()).hexdigest()[:32]
     return WatchToken(int(expires), minter, share)
@@ -384,11 +384,11 @@ def check_session_token(
     it is one and neither it nor its link has ended."""
     match = SESSION.fullmatch(session)
     if match is None:
-        raise BadWatchToken("the watch token is not valid for this job")
+        raise BadWatchToken(NOT_THIS_JOB)
     ends, expires, share, minter, signature = match.groups()
     expected = session_signature(secret, queue, job_id, [ends, expires, share, minter])
     if not hmac.compare_digest(signature.encode(), expected.encode()):
-        raise BadWatchToken("the watch token is not valid for this job")
+        raise BadWatchToken(NOT_THIS_JOB)
     if int(ends) <= time.time():
         raise BadWatchToken("the page's session has ended: open its link again")
     check_lifetime(int(expires), longest)
