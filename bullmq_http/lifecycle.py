@@ -9,6 +9,7 @@ its own (upstream.py), so that a job ends exactly as BullMQ's worker would end i
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -178,7 +179,7 @@ class JobLife:
         BullMQ worker's getNextJob does; return it, or None when no job is ready."""
         lock_ms = lock_ms or self.lock_ms
         token = secrets.token_hex(16)
-        scripts = upstream.bullmq_scripts(self.store.prefix, queue)
+        scripts = queue_scripts(self.store.prefix, queue)
         keys = scripts.getKeys(
             ["wait", "active", "prioritized", "events", "stalled", "limiter", "delayed",
              "paused", "meta", "pc", "marker"]
@@ -263,7 +264,7 @@ class JobLife:
         """Extend the caller's lock of a job as BullMQ's extendLock does (taking it out
         of the stalled set); raise NotLockHolder if the caller does not hold it, and
         NoSuchJob for a job that is gone."""
-        scripts = upstream.bullmq_scripts(self.store.prefix, queue)
+        scripts = queue_scripts(self.store.prefix, queue)
         job_key = scripts.toKey(job_id)
         keys = (f"{job_key}:lock", scripts.keys["stalled"])
         args = (token, duration_ms or self.lock_ms, job_id)
@@ -279,7 +280,7 @@ class JobLife:
         """Move a job the caller holds to completed as BullMQ's worker does, with its
         return value (JSON as JSON.stringify writes it, as BullMQ's Node worker stores
         it); the job's own removeOnComplete applies, and a flow parent learns of it."""
-        scripts = upstream.bullmq_scripts(self.store.prefix, queue)
+        scripts = queue_scripts(self.store.prefix, queue)
         # Packed by bullmq's own code for a job of no options of its own; the script
         # sets keepJobs from the job's (KEEP_JOBS_FROM_THE_JOB).
         job = upstream.bullmq_job(self.store.prefix, queue, job_id, {}, self.worker_opts())
@@ -337,7 +338,7 @@ class JobLife:
     def job(self, queue: str, job_id: str) -> tuple[Any, Any]:
         """Return bullmq's Job of a job as its hash holds it now, and its queue's
         Scripts; raise NoSuchJob for a job that is gone."""
-        scripts = upstream.bullmq_scripts(self.store.prefix, queue)
+        scripts = queue_scripts(self.store.prefix, queue)
         flat = self.store.redis.execute_command("HGETALL", scripts.toKey(job_id))
         raw = dict(zip(flat[::2], flat[1::2], strict=True)) if isinstance(flat, list) else flat
         if not raw:
@@ -395,7 +396,7 @@ class JobLife:
 
     def run_stalled_check(self, queue: str) -> None:
         """Run BullMQ's moveStalledJobsToWait on a queue, as its worker does."""
-        scripts = upstream.bullmq_scripts(self.store.prefix, queue)
+        scripts = queue_scripts(self.store.prefix, queue)
         keys = scripts.getKeys(
             ["stalled", "wait", "active", "stalled-check", "meta", "paused", "marker",
              "events", "repeat"]
@@ -416,6 +417,13 @@ def stop_all() -> None:
     """End every claim waiting in this process within a second (it is stopping)."""
     for life in list(LIVES):
         life.stop()
+
+
+@functools.lru_cache(maxsize=1024)
+def queue_scripts(prefix: str, queue: str) -> Any:
+    """Return bullmq's Scripts of a queue, made once per queue rather than per request:
+    its keys are the queue's, and the methods used here only read them."""
+    return upstream.bullmq_scripts(prefix, queue)
 
 
 def backoff_delay(backoff: Any, attempts_made: int, given_ms: int | None) -> int:

@@ -23,7 +23,7 @@ class StreamLimits:
     claims; a watch token's share), within the limits its settings set."""
 
     def __init__(
-        self, most: int, per_api_token: int, per_watch_token: int, per_claimer: int = 100
+        self, most: int, per_api_token: int, per_watch_token: int, per_claimer: int
     ) -> None:
         self.most = most
         self.per_kind = {"api": per_api_token, "watch": per_watch_token, "claim": per_claimer}
