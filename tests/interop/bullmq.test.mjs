@@ -42,10 +42,15 @@ async function release(options) {
   if (options instanceof Cluster) await options.quit();
 }
 
+// QueueEvents for a queue of the test's own, from the first event: by default it hears
+// only events after its first read, which can come after a worker's first jobs ended.
+const listen = (name, eventsConnection) =>
+  new QueueEvents(name, { connection: eventsConnection, prefix, lastEventId: '0' });
+
 async function call(method, path, token, body, contentType) {
   const headers = { Authorization: `Bearer ${token}` };
   if (contentType) headers['Content-Type'] = contentType;
-  const response = await fetch(`${service}${path}`, { method, headers, body });
+  const response = await fetch(`${service}${path}`, { method, headers, body, signal: AbortSignal.timeout(10000) });
   return { status: response.status, text: await response.text() };
 }
 
@@ -59,6 +64,9 @@ async function getLogs(queue, id, query) {
   assert.equal(response.status, 200, response.text);
   return JSON.parse(response.text);
 }
+
+// Each scenario has a deadline of its own, so that a hang fails and names its test.
+const bounded = { timeout: 30000 };
 
 async function until(condition, what, ms = 5000) {
   const deadline = Date.now() + ms;
@@ -90,10 +98,10 @@ async function openQueue(t, workerOptions = {}) {
   return { name, queue, worker, take };
 }
 
-test('progress over HTTP is what Job.fromId reads and QueueEvents hears', async (t) => {
+test('progress over HTTP is what Job.fromId reads and QueueEvents hears', bounded, async (t) => {
   const { name, queue, take } = await openQueue(t);
   const eventsConnection = connection();
-  const events = new QueueEvents(name, { connection: eventsConnection, prefix });
+  const events = listen(name, eventsConnection);
   t.after(async () => {
     await events.close();
     await release(eventsConnection);
@@ -113,7 +121,7 @@ test('progress over HTTP is what Job.fromId reads and QueueEvents hears', async 
   assert.deepEqual(heard, values.map((data) => ({ jobId: job.id, data })));
 });
 
-test('log lines over HTTP come back from getJobLogs in order', async (t) => {
+test('log lines over HTTP come back from getJobLogs in order', bounded, async (t) => {
   const { name, queue, take } = await openQueue(t);
   const { job, token } = await take();
   const sent = [
@@ -131,7 +139,7 @@ test('log lines over HTTP come back from getJobLogs in order', async (t) => {
   });
 });
 
-test('job.log lines come back from GET logs, paged, in both orders', async (t) => {
+test('job.log lines come back from GET logs, paged, in both orders', bounded, async (t) => {
   const { name, queue, take } = await openQueue(t);
   const { job } = await take();
   for (let n = 0; n < 25; n += 1) await job.log(`line ${n}`);
@@ -147,7 +155,7 @@ test('job.log lines come back from GET logs, paged, in both orders', async (t) =
   assert.deepEqual((await getLogs(name, job.id, 'order=desc&length=2')).logs, ['line 24', 'line 23']);
 });
 
-test('keepLogs keeps the same newest lines over HTTP as with job.log', async (t) => {
+test('keepLogs keeps the same newest lines over HTTP as with job.log', bounded, async (t) => {
   const { name, queue, take } = await openQueue(t);
   const overHttp = await take({ keepLogs: 3 });
   const direct = await take({ keepLogs: 3 });
@@ -160,7 +168,7 @@ test('keepLogs keeps the same newest lines over HTTP as with job.log', async (t)
   assert.deepEqual(await queue.getJobLogs(direct.job.id), kept);
 });
 
-test('a finished job, or another job, refuses the token and keeps its state', async (t) => {
+test('a finished job, or another job, refuses the token and keeps its state', bounded, async (t) => {
   const { name, queue, take } = await openQueue(t);
   const completed = await take();
   const failed = await take();
@@ -189,7 +197,7 @@ test('a finished job, or another job, refuses the token and keeps its state', as
   assert.equal((await postProgress(name, active.job.id, active.token, 1)).status, 200);
 });
 
-test('a lock that BullMQ extends keeps the token valid past its first duration', async (t) => {
+test('a lock that BullMQ extends keeps the token valid past its first duration', bounded, async (t) => {
   const { name, queue, take } = await openQueue(t, { lockDuration: 600 });
   const extended = await take();
   const lapsed = await take();
@@ -209,11 +217,18 @@ async function claim(queue) {
   return JSON.parse(response.text);
 }
 
-test('HTTP workers beside a native Worker complete every job exactly once', async (t) => {
+test('HTTP workers beside a native Worker complete every job exactly once', bounded, async (t) => {
   const name = `interop-${randomUUID().slice(0, 8)}`;
   const connections = [connection(), connection(), connection()];
   const queue = new Queue(name, { connection: connections[0], prefix });
-  const events = new QueueEvents(name, { connection: connections[2], prefix });
+  const events = listen(name, connections[2]);
+  let native;
+  t.after(async () => {
+    await native?.close();
+    await events.close();
+    await queue.close();
+    await Promise.all(connections.map(release));
+  });
   const completedBy = new Map();
   events.on('completed', ({ jobId, returnvalue }) => {
     completedBy.set(jobId, [...(completedBy.get(jobId) ?? []), returnvalue]);
@@ -221,13 +236,7 @@ test('HTTP workers beside a native Worker complete every job exactly once', asyn
   await events.waitUntilReady();
   const total = 60;
   await queue.addBulk(Array.from({ length: total }, (_, n) => ({ name: 'job', data: { n } })));
-  const native = new Worker(name, async () => 'native', { connection: connections[1], prefix, concurrency: 2 });
-  t.after(async () => {
-    await native.close();
-    await events.close();
-    await queue.close();
-    await Promise.all(connections.map(release));
-  });
+  native = new Worker(name, async () => 'native', { connection: connections[1], prefix, concurrency: 2 });
   const overHttp = async () => {
     let job;
     while ((job = await claim(name))) {
@@ -248,7 +257,7 @@ test('HTTP workers beside a native Worker complete every job exactly once', asyn
   }
 });
 
-test('a flow child completed over HTTP releases its parent with its value', async (t) => {
+test('a flow child completed over HTTP releases its parent with its value', bounded, async (t) => {
   const children = `interop-${randomUUID().slice(0, 8)}`;
   const parents = `interop-${randomUUID().slice(0, 8)}`;
   const connections = [connection(), connection(), connection()];
@@ -274,12 +283,12 @@ test('a flow child completed over HTTP releases its parent with its value', asyn
   assert.deepEqual(await parent.getChildrenValues(), { [`${prefix}:${children}:${job.id}`]: { total: 2 } });
 });
 
-test('a job failed over HTTP backs off as BullMQ computes it, then fails once', async (t) => {
+test('a job failed over HTTP backs off as BullMQ computes it, then fails once', bounded, async (t) => {
   const { name, queue } = await openQueue(t);
   const added = await queue.add('flaky', {}, { attempts: 2, backoff: { type: 'fixed', delay: 300 } });
   const failedEvents = [];
   const eventsConnection = connection();
-  const events = new QueueEvents(name, { connection: eventsConnection, prefix });
+  const events = listen(name, eventsConnection);
   t.after(async () => {
     await events.close();
     await release(eventsConnection);
@@ -304,12 +313,12 @@ test('a job failed over HTTP backs off as BullMQ computes it, then fails once', 
   assert.deepEqual(failedEvents, [[added.id, 'for good']]);
 });
 
-test('heartbeats keep a 2-second lock for many seconds; when they stop, BullMQ takes the job back', async (t) => {
+test('heartbeats keep a 2-second lock for many seconds; when they stop, BullMQ takes the job back', bounded, async (t) => {
   // The service runs BullMQ's stalled check every second here (STALLED_INTERVAL_MS).
   const name = `interop-${randomUUID().slice(0, 8)}`;
   const connections = [connection(), connection()];
   const queue = new Queue(name, { connection: connections[0], prefix });
-  const events = new QueueEvents(name, { connection: connections[1], prefix });
+  const events = listen(name, connections[1]);
   t.after(async () => {
     await events.close();
     await queue.close();

@@ -11,8 +11,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def test_node_bullmq_suite(node, service, data):
+    # Each scenario has its own deadline in the suite; --test-force-exit ends node even
+    # when a client a failed scenario opened is still connected.
+    command = [node, "--test", "--test-force-exit", "--test-reporter=tap", "bullmq.test.mjs"]
     result = subprocess.run(
-        [node, "--test", "--test-reporter=tap", "bullmq.test.mjs"],
+        command,
         cwd=HERE,
         env={
             **os.environ,
