@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import random
 import secrets
 import socket
@@ -37,38 +36,163 @@ log = logging.getLogger(__name__)
 
 MOVE_TO_ACTIVE = Script("moveToActive", upstream.bullmq_script("moveToActive-11"), "read")
 EXTEND_LOCK = Script("extendLock", upstream.bullmq_script("extendLock-2"), "written")
-MOVE_TO_FINISHED = Script("moveToFinished", upstream.bullmq_script("moveToFinished-14"), "written")
 
-# Before BullMQ's moveToFinished, unchanged, in the same script: the keepJobs of its
-# packed options (ARGV[8]) from the job's own removeOnComplete, read here, as bullmq's
-# Scripts.moveToFinishedArgs computes it from a job its worker holds (getKeepJobs: a
-# number keeps that many, an object says how, true none, false or unset all). So a
-# completion is one round trip with no read of the job before it.
-KEEP_JOBS_FROM_THE_JOB = """
+# What the scripts below read of a job's own options, as bullmq's Job reads them:
+# jobOptions(the job's stored `opts`) is a table, empty when it is not JSON, and
+# keepJobs(removeOnComplete or removeOnFail) is Scripts.moveToFinishedArgs's getKeepJobs
+# (a number keeps that many, an object says how, true none, false or unset all).
+JOB_OPTIONS = """
+local function jobOptions(stored)
+  local read, opts = pcall(cjson.decode, stored or "{}")
+  return read and type(opts) == "table" and opts or {}
+end
+local function keepJobs(remove)
+  if type(remove) == "number" then
+    return {count = remove}
+  elseif type(remove) == "table" then
+    return remove
+  elseif remove == true then
+    return {count = 0}
+  end
+  return {count = -1}
+end
+"""
+
+# BullMQ's moveToFinished, unchanged, after setting the keepJobs of its packed options
+# (ARGV[8]) from the job's own removeOnComplete, read here, as bullmq's worker computes
+# it from the job it holds. So a completion is one round trip with no read before it.
+MOVE_TO_COMPLETED = Script(
+    "moveToCompleted",
+    JOB_OPTIONS
+    + """
 do
   local packed = cmsgpack.unpack(ARGV[8])
-  local stored = redis.call("HGET", KEYS[12], "opts")
-  local read, jobOpts = pcall(cjson.decode, stored or "{}")
-  local remove = read and type(jobOpts) == "table" and jobOpts["removeOnComplete"]
-  if type(remove) == "number" then
-    packed["keepJobs"] = {count = remove}
-  elseif type(remove) == "table" then
-    packed["keepJobs"] = remove
-  elseif remove == true then
-    packed["keepJobs"] = {count = 0}
-  else
-    packed["keepJobs"] = {count = -1}
-  end
+  local jobOpts = jobOptions(redis.call("HGET", KEYS[12], "opts"))
+  packed["keepJobs"] = keepJobs(jobOpts["removeOnComplete"])
   ARGV[8] = cmsgpack.pack(packed)
 end
 """
-MOVE_TO_COMPLETED = Script(
-    "moveToCompleted",
-    KEEP_JOBS_FROM_THE_JOB + upstream.bullmq_script("moveToFinished-14"),
+    + upstream.bullmq_script("moveToFinished-14"),
     "written",
 )
-MOVE_TO_DELAYED = Script("moveToDelayed", upstream.bullmq_script("moveToDelayed-11"), "written")
-RETRY_JOB = Script("retryJob", upstream.bullmq_script("retryJob-11"), "written")
+
+# Failing a job in one round trip: BullMQ's worker picks one of three of its scripts
+# from the job it holds (Job.moveToFailed: attempts left, the delay its backoff
+# computes, the stack trace it keeps). A job worked over HTTP is read here, in the
+# script, and the one of the three picked runs unchanged. KEYS and ARGV[1..8] are as
+# bullmq's Scripts.moveToFailedArgs packs them (the job's own options are read here),
+# then:
+#   ARGV[9]   "1" when the caller lets the job be retried, "0" when it fails for good
+#   ARGV[10]  the delay (ms) the caller gives, used where the job's backoff is none of
+#             BullMQ's built-in ones; "" for none
+#   ARGV[11]  a uniform random draw in [0, 1), for the backoff's jitter
+#   ARGV[12]  the failure's stack, as JSON; "" for none
+# It answers {what the move answered, "delayed" | "waiting" | "failed", the delay}.
+FAIL_AS_THE_WORKER_DECIDES = r"""
+local retry, givenDelay, draw, stack = ARGV[9], ARGV[10], tonumber(ARGV[11]), ARGV[12]
+local stored = redis.call("HMGET", KEYS[12], "opts", "atm", "stacktrace")
+local jobOpts = jobOptions(stored[1])
+local attemptsMade = tonumber(stored[2]) or 0
+
+-- Backoffs.calculate, for the attempt about to be made; a backoff of the user's own
+-- (or none) takes the caller's delay.
+local function backoffDelay()
+  local backoff = jobOpts["backoff"]
+  if type(backoff) == "number" then
+    backoff = {type = "fixed", delay = backoff}
+  end
+  local kind = type(backoff) == "table" and backoff["type"]
+  if kind ~= "fixed" and kind ~= "exponential" then
+    return tonumber(givenDelay) or 0
+  end
+  local delay = tonumber(backoff["delay"]) or 0
+  if kind == "exponential" then
+    delay = math.floor(2 ^ attemptsMade * delay + 0.5)  -- Math.round(2^(n-1) * delay)
+  end
+  local jitter = tonumber(backoff["jitter"]) or 0
+  if jitter > 0 then
+    return math.floor(draw * delay * jitter + delay * (1 - jitter))
+  end
+  return delay
+end
+
+-- A string as JSON.stringify writes it.
+local escapes = {['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f",
+  ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t", ["\127"] = "\127"}
+local function jsonString(line)
+  return '"' .. line:gsub('[%c"\\]', function(char)
+    return escapes[char] or string.format("\\u%04x", char:byte())
+  end) .. '"'
+end
+
+-- Job.updateStacktrace: the stack joins the job's trace, of which stackTraceLimit
+-- keeps the newest; without a stack the trace is kept as it is.
+local trace = stored[3] or "[]"
+if stack ~= "" then
+  local decoded, lines = pcall(cjson.decode, trace)
+  local parts = {}
+  for _, line in ipairs(decoded and type(lines) == "table" and lines or {}) do
+    parts[#parts + 1] = type(line) == "string" and jsonString(line) or cjson.encode(line)
+  end
+  parts[#parts + 1] = stack
+  local limit, first = jobOpts["stackTraceLimit"], 1
+  if limit == 0 then
+    first = #parts + 1
+  elseif type(limit) == "number" and limit > 0 then
+    first = math.max(1, #parts - limit + 1)
+  end
+  trace = "[" .. table.concat(parts, ",", first) .. "]"
+end
+local fields = cmsgpack.pack({"failedReason", ARGV[4], "stacktrace", trace})
+
+local attempts = tonumber(jobOpts["attempts"]) or 1
+local delay = -1  -- no retry
+if retry == "1" and attemptsMade + 1 < attempts then
+  delay = backoffDelay()
+end
+local packed = cmsgpack.unpack(ARGV[8])
+local token, jobId, timestamp, prefix = packed["token"], ARGV[1], ARGV[2], ARGV[7]
+
+-- Give the script picked its own KEYS and ARGV, taken from moveToFinished's.
+local given = {unpack(KEYS)}
+local function arrange(order, args)
+  for i = 1, #given do
+    KEYS[i] = given[order[i]]
+  end
+  for i = 1, math.max(#ARGV, #args) do
+    ARGV[i] = args[i]
+  end
+end
+if delay > 0 then
+  arrange({14, 2, 3, 7, 12, 4, 9, 5, 1, 6, 10},
+    {prefix, timestamp, jobId, token, string.format("%d", delay), "0", fields, "0"})
+  return {moveToDelayed(), "delayed", delay}
+elseif delay == 0 then
+  local push = jobOpts["lifo"] == true and "RPUSH" or "LPUSH"
+  arrange({2, 1, 8, 12, 9, 4, 7, 3, 10, 14, 5}, {prefix, timestamp, push, jobId, token, fields})
+  return {retryJob(), "waiting", 0}
+end
+-- Fails for good: packed as Scripts.moveToFinishedArgs packs it for this job.
+packed["keepJobs"] = keepJobs(jobOpts["removeOnFail"])
+packed["attempts"] = attempts
+packed["attemptsMade"] = attemptsMade
+for _, option in ipairs({"fpof", "cpof", "idof", "rdof"}) do  -- stored by these names
+  packed[option] = jobOpts[option] == true
+end
+arrange({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14},
+  {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], cmsgpack.pack(packed), fields})
+return {moveToFinished(), "failed", 0}
+"""
+MOVE_TO_FAILED = Script(
+    "moveToFailed",
+    JOB_OPTIONS
+    + "".join(
+        f"local function {name}()\n{upstream.bullmq_script(name + keys)}\nend\n"
+        for name, keys in (("moveToDelayed", "-11"), ("retryJob", "-11"), ("moveToFinished", "-14"))
+    )
+    + FAIL_AS_THE_WORKER_DECIDES,
+    "written",
+)
 MOVE_STALLED = Script(
     "moveStalledJobsToWait", upstream.bullmq_script("moveStalledJobsToWait-9"), "written"
 )
@@ -122,6 +246,10 @@ class Failure:
 
     state: str
     delay: int
+
+
+# The /metrics outcome of each way a failure ends.
+OUTCOME_OF_FAILURE = {"delayed": "delayed", "waiting": "retried", "failed": "failed"}
 
 
 @dataclass(eq=False)
@@ -282,11 +410,11 @@ class JobLife:
         it); the job's own removeOnComplete applies, and a flow parent learns of it."""
         scripts = queue_scripts(self.store.prefix, queue)
         # Packed by bullmq's own code for a job of no options of its own; the script
-        # sets keepJobs from the job's (KEEP_JOBS_FROM_THE_JOB).
+        # sets keepJobs from the job's (MOVE_TO_COMPLETED).
         job = upstream.bullmq_job(self.store.prefix, queue, job_id, {}, self.worker_opts())
         keys, args = scripts.moveToCompletedArgs(job, None, False, token, fetchNext=False)
         args[3] = returnvalue
-        self.finish(MOVE_TO_COMPLETED, queue, job_id, keys, args)
+        check_moved(self.store.run_script(MOVE_TO_COMPLETED, keys, args), queue, job_id)
         JOB_OUTCOMES.labels("completed").inc()
 
     def fail(
@@ -302,66 +430,26 @@ class JobLife:
         """Fail a job the caller holds as BullMQ's worker does: with attempts left, and
         unless `retry` is False (BullMQ's UnrecoverableError), the job is retried after
         its backoff (or `delay_ms`, where its backoff is one of the user's own), else it
-        fails for good. Return what happened."""
-        job, scripts = self.job(queue, job_id)
-        stacktrace = list(job.stacktrace or [])
-        if stack:
-            stacktrace.append(stack)
-        limit = job.opts.get("stackTraceLimit")
-        if limit is not None:
-            stacktrace = stacktrace[-limit:] if limit else []
-        fields = {"failedReason": reason, "stacktrace": compact(stacktrace)}
-        attempts_left = job.attemptsMade + 1 < (job.opts.get("attempts") or 1)
-        delay = -1  # no retry
-        if retry and attempts_left:
-            delay = backoff_delay(job.opts.get("backoff"), job.attemptsMade + 1, delay_ms)
-        if delay >= 0:
-            if delay:
-                keys, args = scripts.moveToDelayedArgs(
-                    job_id, now_ms(), token, delay, {"fieldsToUpdate": fields}
-                )
-                self.finish(MOVE_TO_DELAYED, queue, job_id, keys, args)
-                JOB_OUTCOMES.labels("delayed").inc()
-                return Failure("delayed", delay)
-            lifo = job.opts.get("lifo", False)
-            keys, args = scripts.retryJobArgs(job_id, lifo, token, {"fieldsToUpdate": fields})
-            self.finish(RETRY_JOB, queue, job_id, keys, args)
-            JOB_OUTCOMES.labels("retried").inc()
-            return Failure("waiting", 0)
-        keys, args = scripts.moveToFailedArgs(
-            job, reason, job.opts.get("removeOnFail", False), token, False, fields
-        )
-        self.finish(MOVE_TO_FINISHED, queue, job_id, keys, args)
-        JOB_OUTCOMES.labels("failed").inc()
-        return Failure("failed", 0)
-
-    def job(self, queue: str, job_id: str) -> tuple[Any, Any]:
-        """Return bullmq's Job of a job as its hash holds it now, and its queue's
-        Scripts; raise NoSuchJob for a job that is gone."""
+        fails for good. Return what happened. One round trip: the script reads the
+        job's attempts, backoff and stack trace (FAIL_AS_THE_WORKER_DECIDES)."""
         scripts = queue_scripts(self.store.prefix, queue)
-        flat = self.store.redis.execute_command("HGETALL", scripts.toKey(job_id))
-        raw = dict(zip(flat[::2], flat[1::2], strict=True)) if isinstance(flat, list) else flat
-        if not raw:
-            raise NoSuchJob(queue, job_id)
-        fields = {as_text(k): as_text(v) for k, v in raw.items()}
-        job = upstream.bullmq_job(self.store.prefix, queue, job_id, fields, self.worker_opts())
-        return job, scripts
+        job = upstream.bullmq_job(self.store.prefix, queue, job_id, {}, self.worker_opts())
+        keys, args = scripts.moveToFailedArgs(job, reason, False, token, False)
+        args += [
+            "1" if retry else "0",
+            "" if delay_ms is None else delay_ms,
+            repr(random.random()),  # noqa: S311 - a backoff's jitter, as Math.random
+            "" if stack is None else compact(stack),
+        ]
+        result, state, delay = self.store.run_script(MOVE_TO_FAILED, tuple(keys), tuple(args))
+        check_moved(result, queue, job_id)
+        failure = Failure(as_text(state), int(delay))
+        JOB_OUTCOMES.labels(OUTCOME_OF_FAILURE[failure.state]).inc()
+        return failure
 
     def worker_opts(self) -> dict[str, Any]:
         """Return the options of the BullMQ worker the service is to BullMQ's code."""
         return {"lockDuration": self.lock_ms, "limiter": None}
-
-    def finish(
-        self, script: Script, queue: str, job_id: str, keys: list[str], args: list[Any]
-    ) -> None:
-        """Run one of BullMQ's moves of an active job; raise what its code says."""
-        result = self.store.run_script(script, tuple(keys), tuple(args))
-        if isinstance(result, int) and result < 0:
-            if result == -1:
-                raise NoSuchJob(queue, job_id)
-            if result in (-2, -6):
-                raise NotLockHolder
-            raise NotActive(NOT_IN_STATE.get(result, f"BullMQ refused the move ({result})"))
 
     # ------------------------------------------------------------- stalled check
 
@@ -413,6 +501,16 @@ class JobLife:
 LIVES: weakref.WeakSet[JobLife] = weakref.WeakSet()
 
 
+def check_moved(result: Any, queue: str, job_id: str) -> None:
+    """Raise what a BullMQ move's answer says went wrong (its ErrorCode), if anything."""
+    if isinstance(result, int) and result < 0:
+        if result == -1:
+            raise NoSuchJob(queue, job_id)
+        if result in (-2, -6):
+            raise NotLockHolder
+        raise NotActive(NOT_IN_STATE.get(result, f"BullMQ refused the move ({result})"))
+
+
 def stop_all() -> None:
     """End every claim waiting in this process within a second (it is stopping)."""
     for life in list(LIVES):
@@ -424,21 +522,6 @@ def queue_scripts(prefix: str, queue: str) -> Any:
     """Return bullmq's Scripts of a queue, made once per queue rather than per request:
     its keys are the queue's, and the methods used here only read them."""
     return upstream.bullmq_scripts(prefix, queue)
-
-
-def backoff_delay(backoff: Any, attempts_made: int, given_ms: int | None) -> int:
-    """Return the delay before the next attempt: BullMQ's built-in backoff, with its
-    jitter as BullMQ's Node worker draws it; or, for a backoff of the user's own,
-    `given_ms` (0 without); -1 means no retry (a custom backoff's way to say so)."""
-    delay = upstream.bullmq_backoff(backoff, attempts_made)
-    if delay is None:
-        return given_ms or 0
-    jitter = (backoff or {}).get("jitter", 0) if isinstance(backoff, dict) else 0
-    if jitter and jitter > 0:
-        # bullmq's Python package leaves jitter out; its Node worker draws the delay
-        # between (1 - jitter) and 1 of the full one.
-        return math.floor(random.random() * delay * jitter + delay * (1 - jitter))  # noqa: S311
-    return delay
 
 
 def as_text(value: bytes | str) -> str:

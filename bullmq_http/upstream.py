@@ -155,19 +155,3 @@ def bullmq_next_job(reply: Any) -> tuple[dict[str, Any] | None, Any, Any, Any]:
 
     fields, job_id, limit_until, delay_until = raw2NextJobData(reply)
     return fields, job_id, limit_until, delay_until
-
-
-def bullmq_backoff(backoff: Any, attempts_made: int) -> int | None:
-    """Return the delay before a retry as BullMQ's built-in backoffs compute it (fixed,
-    exponential) for the given number of attempts made, or None for a backoff type of
-    the user's own (which only its own worker can compute)."""
-    from bullmq.backoffs import Backoffs
-
-    backoff = Backoffs.normalize(backoff)
-    if not backoff:
-        return None
-    strategy = Backoffs.builtin_strategies.get(backoff.get("type"))
-    if strategy is None:
-        return None
-    delay: int = strategy(backoff.get("delay"))(attempts_made, backoff.get("type"), None, None)
-    return delay

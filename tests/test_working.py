@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import pytest
-from bullmq import Queue
+from bullmq import FlowProducer, Queue
 
 from harness.clients import http_call, raw_request
 from harness.servers import wait_until
@@ -275,6 +275,74 @@ def test_a_custom_backoff_takes_the_workers_delay(worker, r, redis_url):
     body = json.dumps({"reason": "later", "delay": 5000})
     answer = as_holder(worker, job_id, "fail", token, body, content_type="application/json")
     assert answer.json == {"state": "delayed", "delay": 5000}
+
+
+def test_a_backoffs_jitter_is_drawn_afresh_for_each_failure(worker, r, redis_url):
+    backoff = {"type": "fixed", "delay": 1000, "jitter": 0.5}
+    delays = []
+    for _ in range(12):
+        job_id = add(redis_url, "orders", attempts=2, backoff=backoff)
+        token = claim(worker).json["token"]
+        answer = as_holder(worker, job_id, "fail", token, "flaky")
+        assert answer.json["state"] == "delayed"
+        delays.append(answer.json["delay"])
+        assert r.hget(f"bull:orders:{job_id}", "delay") == str(delays[-1])
+    # Between (1 - jitter) and all of the delay, as BullMQ's Node worker draws it.
+    assert all(500 <= delay <= 1000 for delay in delays) and len(set(delays)) > 1
+
+
+def test_the_stack_trace_is_kept_as_bullmqs_worker_keeps_it(worker, r, redis_url):
+    """The stack joins the job's trace as JSON.stringify writes it, and the job's own
+    stackTraceLimit keeps the newest; a failure without a stack keeps the trace."""
+    job_id = add(redis_url, "orders", attempts=4, stackTraceLimit=2)
+    stacks = ['at "a" (/srv/a.js:1)', "at b\u001b[31m\ttab\\", "at Größe 東京 ✓\u2028"]
+    for stack in [*stacks, None]:
+        token = claim(worker).json["token"]
+        report = {"reason": "broken", **({"stack": stack} if stack else {})}
+        body = json.dumps(report)
+        as_holder(worker, job_id, "fail", token, body, content_type="application/json")
+        r.lrem("bull:orders:wait", 0, job_id)  # retried: back in line for the next claim
+        r.lpush("bull:orders:wait", job_id)
+    trace = r.hget(f"bull:orders:{job_id}", "stacktrace")
+    assert trace == json.dumps(stacks[-2:], separators=(",", ":"), ensure_ascii=False)
+    assert r.hget(f"bull:orders:{job_id}", "atm") == "4"
+    assert r.zscore("bull:orders:failed", job_id) is not None
+
+
+def test_a_flow_child_failed_for_good_fails_its_parent_as_it_asks(worker, r, redis_url):
+    async def adding() -> str:
+        flows = FlowProducer({"connection": redis_url})
+        try:
+            child = {"name": "child", "queueName": "orders", "data": {},
+                     "opts": {"failParentOnFailure": True}}  # fmt: skip
+            tree = await flows.add({"name": "parent", "queueName": "parents", "children": [child]})
+            return str(tree["job"].id)
+        finally:
+            await flows.close()
+
+    parent = asyncio.run(adding())
+    job = claim(worker).json
+    assert as_holder(worker, job["id"], "fail", job["token"], "broken").json["state"] == "failed"
+    # BullMQ moves the parent on, to fail when a worker takes it (its deferred failure).
+    child = f"bull:orders:{job['id']}"
+    assert r.lrange("bull:parents:wait", 0, -1) == [parent]
+    assert r.hget(f"bull:parents:{parent}", "defa") == f"child {child} failed"
+    assert r.zrange(f"bull:parents:{parent}:unsuccessful", 0, -1) == [child]
+
+
+def test_a_retried_lifo_job_is_next_and_remove_on_fail_is_honoured(worker, r, redis_url):
+    lifo = add(redis_url, "orders", attempts=2, lifo=True, removeOnFail=True)
+    token = claim(worker).json["token"]
+    other = add(redis_url, "orders")
+    assert as_holder(worker, lifo, "fail", token, "again").json == {"state": "waiting", "delay": 0}
+    # Pushed to the front of the line, as BullMQ's retryJob pushes a lifo job.
+    again = claim(worker).json
+    assert again["id"] == lifo and again["attemptsMade"] == 1
+    assert as_holder(worker, lifo, "fail", again["token"], "gone").json["state"] == "failed"
+    # removeOnFail: the job is gone, and not in the failed set.
+    assert not r.exists(f"bull:orders:{lifo}")
+    assert r.zrange("bull:orders:failed", 0, -1) == []
+    assert r.lrange("bull:orders:wait", 0, -1) == [other]
 
 
 @pytest.mark.parametrize(
