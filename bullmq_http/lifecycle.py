@@ -35,7 +35,22 @@ from .store import JobStore, NoSuchJob, NotLockHolder, Script
 log = logging.getLogger(__name__)
 
 MOVE_TO_ACTIVE = Script("moveToActive", upstream.bullmq_script("moveToActive-11"), "read")
-EXTEND_LOCK = Script("extendLock", upstream.bullmq_script("extendLock-2"), "written")
+# BullMQ's extendLock, unchanged; when it refuses, whether the job (KEYS[3]) is gone,
+# so that a refusal says 404 or 401 in the same round trip: 1 extended, 0 not the
+# caller's lock, -1 no such job.
+EXTEND_LOCK = Script(
+    "extendLock",
+    f"""local function extendLock()
+{upstream.bullmq_script("extendLock-2")}
+end
+local extended = extendLock()
+if extended ~= 1 and redis.call("EXISTS", KEYS[3]) == 0 then
+  return -1
+end
+return extended
+""",
+    "written",
+)
 
 # What the scripts below read of a job's own options, as bullmq's Job reads them:
 # jobOptions(the job's stored `opts`) is a table, empty when it is not JSON, and
@@ -394,13 +409,12 @@ class JobLife:
         NoSuchJob for a job that is gone."""
         scripts = queue_scripts(self.store.prefix, queue)
         job_key = scripts.toKey(job_id)
-        keys = (f"{job_key}:lock", scripts.keys["stalled"])
+        keys = (f"{job_key}:lock", scripts.keys["stalled"], job_key)
         args = (token, duration_ms or self.lock_ms, job_id)
-        if self.store.run_script(EXTEND_LOCK, keys, args) != 1:
-            # Refused: a second round trip says whether the job is gone or the lock
-            # another's (or lapsed).
-            if not self.store.redis.execute_command("EXISTS", job_key):
-                raise NoSuchJob(queue, job_id)
+        extended = self.store.run_script(EXTEND_LOCK, keys, args)
+        if extended == -1:
+            raise NoSuchJob(queue, job_id)
+        if extended != 1:
             raise NotLockHolder
         self.watch(queue)
 
