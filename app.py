@@ -929,7 +929,7 @@ def redis_unavailable(error: redis.exceptions.RedisError) -> Response:
         loggable(request_record().credential),
         request_record().request_id,
         error,
-        error_hint(error),
+        error_hint(error, current_app.config),
     )
     return Response(
         "Redis is unavailable; retry shortly",

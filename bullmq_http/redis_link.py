@@ -24,7 +24,7 @@ from redis.connection import ConnectionInterface
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from .settings import redis_tls
+from .settings import redis_tls, url_credentials
 from .upstream import connection_socket
 
 # Redis trouble: the caller may retry, and the connections recover by themselves.
@@ -42,19 +42,25 @@ UNAVAILABLE = (
     redis.exceptions.RedisClusterException,
 )
 
-# What to fix, where the error is the settings' or the Redis user's, not an outage.
-ERROR_HINTS = (
-    (redis.exceptions.AuthenticationError, " (check REDIS_USERNAME and REDIS_PASSWORD)"),
-    (
-        redis.exceptions.NoPermissionError,
-        " (grant the Redis user what deploy/redis-acl.conf grants)",
-    ),
-)
+
+def error_hint(error: redis.exceptions.RedisError, config: Mapping[str, Any]) -> str:
+    """Return what to fix for a Redis error the settings cause, naming the settings in
+    use; or ""."""
+    if isinstance(error, redis.exceptions.AuthenticationError):
+        return f" (check {credentials_source(config)})"
+    if isinstance(error, redis.exceptions.NoPermissionError):
+        return " (grant the Redis user what deploy/redis-acl.conf grants)"
+    return ""
 
 
-def error_hint(error: redis.exceptions.RedisError) -> str:
-    """Return what to fix for a Redis error the settings cause, or ""."""
-    return next((hint for kind, hint in ERROR_HINTS if isinstance(error, kind)), "")
+def credentials_source(config: Mapping[str, Any]) -> str:
+    """Return the settings the Redis user and password come from, as the user set them."""
+    if url_credentials(config):
+        return "the user and password in REDIS_URL"
+    password = "REDIS_PASSWORD_FILE" if config["REDIS_PASSWORD_FILE"] else "REDIS_PASSWORD"
+    if not config["REDIS_PASSWORD"]:
+        return f"{password}: none is set"
+    return f"REDIS_USERNAME and {password}" if config["REDIS_USERNAME"] else password
 
 
 class RedisCommands(Protocol):
@@ -190,7 +196,10 @@ def redis_client(config: Mapping[str, Any]) -> RedisCommands:
             **options,
         )
     elif config["REDIS_URL"]:
-        pool = redis.ConnectionPool.from_url(config["REDIS_URL"], **options)
+        # The URL's own user and password, or else the settings' (never both: see
+        # settings.check_settings).
+        credentials = {"username": config["REDIS_USERNAME"], "password": config["REDIS_PASSWORD"]}
+        pool = redis.ConnectionPool.from_url(config["REDIS_URL"], **credentials, **options)
     else:
         pool = redis.ConnectionPool(
             host=config["REDIS_HOST"],
@@ -264,7 +273,8 @@ def cluster_client(config: Mapping[str, Any], options: dict[str, Any]) -> RedisC
         if url.strip():
             parts = urlsplit(url.strip())
             seeds.append(ClusterNode(parts.hostname or "localhost", parts.port or 6379))
-            credentials = {"username": parts.username, "password": parts.password}
+            if parts.username or parts.password:
+                credentials = {"username": parts.username, "password": parts.password}
     if not seeds:
         seeds = [ClusterNode(config["REDIS_HOST"], config["REDIS_PORT"])]
     first, *others = seeds

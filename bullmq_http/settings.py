@@ -301,6 +301,7 @@ def check_settings(config: Mapping[str, Any]) -> None:
         raise ConfigError("REDIS_CLUSTER and REDIS_SENTINELS are set: choose one")
     if config["REDIS_SENTINELS"] and not config["REDIS_SENTINEL_MASTER"]:
         raise ConfigError("REDIS_SENTINELS is set without REDIS_SENTINEL_MASTER, the master's name")
+    check_credentials(config)
     if "," in (config["REDIS_URL"] or "") and not config["REDIS_CLUSTER"]:
         raise ConfigError("REDIS_URL names several servers: set REDIS_CLUSTER=1 for a cluster")
     check_tls_files(config)
@@ -316,6 +317,27 @@ def check_settings(config: Mapping[str, Any]) -> None:
             "one, like {orders}; QUEUE_PREFIX={bull} covers every queue",
             config["QUEUE_PREFIX"],
         )
+
+
+def check_credentials(config: Mapping[str, Any]) -> None:
+    """Raise ConfigError when REDIS_URL holds a user or password and the settings give
+    one too: neither silently wins."""
+    given = [name for name in ("REDIS_USERNAME", "REDIS_PASSWORD") if config[name]]
+    if config["REDIS_PASSWORD_FILE"]:
+        given = [name + "_FILE" if name == "REDIS_PASSWORD" else name for name in given]
+    if given and url_credentials(config):
+        raise ConfigError(
+            f"REDIS_URL holds a user or password, and {' and '.join(given)} "
+            f"{'are' if len(given) > 1 else 'is'} set too: give the credentials in one place"
+        )
+
+
+def url_credentials(config: Mapping[str, Any]) -> bool:
+    """Return whether REDIS_URL, where it names the servers, holds a user or password."""
+    if config["REDIS_SENTINELS"] or not config["REDIS_URL"]:
+        return False
+    parts = [urlsplit(url.strip()) for url in config["REDIS_URL"].split(",")]
+    return any(part.username or part.password for part in parts)
 
 
 def redis_tls(config: Mapping[str, Any]) -> bool:

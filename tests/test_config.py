@@ -162,6 +162,37 @@ def test_a_bad_secret_file_stops_the_factory(tmp_path, monkeypatch, content, als
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "also", "named"),
+    [
+        ("redis://:pw@cache:6379", {"REDIS_PASSWORD_FILE": "file"}, "REDIS_PASSWORD_FILE is"),
+        ("redis://app:pw@cache:6379", {"REDIS_PASSWORD": "pw"}, "REDIS_PASSWORD is"),
+        ("redis://app@cache:6379", {"REDIS_USERNAME": "app"}, "REDIS_USERNAME is"),
+        (
+            "redis://app:pw@a:1,redis://b:2",
+            {"REDIS_USERNAME": "app", "REDIS_PASSWORD": "pw", "REDIS_CLUSTER": "1"},
+            "REDIS_USERNAME and REDIS_PASSWORD are",
+        ),
+    ],
+)
+def test_credentials_in_the_url_and_in_settings_stop_the_factory(
+    tmp_path, monkeypatch, url, also, named
+):
+    """Neither silently wins: the one line names both places."""
+    monkeypatch.setenv("REDIS_URL", url)
+    for name, value in also.items():
+        if name.endswith("_FILE"):
+            (tmp_path / value).write_text("pw\n")
+            value = str(tmp_path / value)
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as raised:
+        create_app()
+    assert str(raised.value) == (
+        f"REDIS_URL holds a user or password, and {named} set too: "
+        "give the credentials in one place"
+    )
+
+
 def test_the_factory_reads_the_environment_and_overrides_win(monkeypatch):
     monkeypatch.setenv("QUEUE_PREFIX", "from-env")
     monkeypatch.setenv("MAX_BODY_BYTES", "100")

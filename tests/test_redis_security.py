@@ -344,7 +344,7 @@ def test_a_wrong_password_is_503_until_redis_accepts_it(
     assert (response.status_code, response.headers["Retry-After"]) == (503, "1")
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "invalid username-password pair" in warning
-    assert "check REDIS_USERNAME and REDIS_PASSWORD" in warning
+    assert "(check the user and password in REDIS_URL)" in warning
     assert data.hget("bull:orders:1", "progress") is None
     # The operator adds the new password to the user: served, without a restart.
     data.execute_command("ACL", "SETUSER", USER, ">rotated-secret")
@@ -438,6 +438,33 @@ def test_mutual_tls_refuses_a_client_without_a_certificate_the_ca_signed(
     client = make_app(**link).test_client()
     assert client.post(f"{JOB}/progress", json=60, headers=bearer(JOB_TOKEN)).status_code == 503
     assert data.hget("bull:orders:1", "progress") == "50"
+
+
+def test_a_password_file_beside_a_url_without_one_is_used_and_named_when_wrong(
+    tls_server, certificates, make_app, admin, caplog, tmp_path
+):
+    """REDIS_URL names the server, REDIS_USERNAME and REDIS_PASSWORD_FILE the user."""
+    data = admin(tls_server)
+    add_active_job(data, "orders", "1", JOB_TOKEN)
+    password = tmp_path / "redis-password"
+    link = {
+        "REDIS_URL": f"rediss://localhost:{tls_server.port}/0",
+        "REDIS_USERNAME": USER,
+        "REDIS_PASSWORD_FILE": str(password),
+        "REDIS_TLS_CA_FILE": str(certificates.ca),
+    }
+    password.write_text(PASSWORD + "\n")
+    client = make_app(**link).test_client()
+    assert client.post(f"{JOB}/progress", json=10, headers=bearer(JOB_TOKEN)).status_code == 200
+    assert data.hget("bull:orders:1", "progress") == "10"
+    password.write_text("not-the-password\n")
+    client = make_app(**link).test_client()
+    with caplog.at_level(logging.WARNING, logger="app"):
+        response = client.post(f"{JOB}/progress", json=20, headers=bearer(JOB_TOKEN))
+    assert response.status_code == 503
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "(check REDIS_USERNAME and REDIS_PASSWORD_FILE)" in warning
+    assert data.hget("bull:orders:1", "progress") == "10"
 
 
 def test_the_host_name_is_checked_unless_turned_off(
