@@ -80,7 +80,7 @@
   // --------------------------------------------------------------- progress
 
   // A percentage from the shapes workers report: 42, "42", {progress: 42},
-  // {percent: 42}, {current: 21, total: 50}; null for anything else.
+  // {percent: 42}, {current: 21, total: 50}, {step: 3, of: 10}; null for anything else.
   function percentOf(value) {
     const number = (v) =>
       typeof v === "number" ? v : typeof v === "string" && v.trim() !== "" ? Number(v) : NaN;
@@ -88,8 +88,10 @@
     if (value !== null && typeof value === "object" && !Array.isArray(value)) {
       percent = number(value.progress);
       if (!Number.isFinite(percent)) percent = number(value.percent);
-      if (!Number.isFinite(percent) && number(value.total) > 0) {
-        percent = (number(value.current) / number(value.total)) * 100;
+      for (const [part, whole] of [["current", "total"], ["step", "of"]]) {
+        if (!Number.isFinite(percent) && number(value[whole]) > 0) {
+          percent = (number(value[part]) / number(value[whole])) * 100;
+        }
       }
     }
     return Number.isFinite(percent) ? Math.min(100, Math.max(0, percent)) : null;

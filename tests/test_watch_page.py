@@ -29,7 +29,7 @@ from bullmq_http.tokens import watch_token
 from harness.clients import add_active_job, http_call
 from harness.screenshot import CHROMIUM_ARGS
 from harness.servers import Gunicorn, free_port, wait_until
-from tests.helpers import API_TOKEN, unavailable
+from tests.helpers import API_TOKEN, readme_snippet, unavailable
 from tests.nginx_front import nginx_binary, start_nginx
 
 pytestmark = pytest.mark.once
@@ -258,6 +258,12 @@ def test_the_page_shows_a_bullmq_job_live_until_it_completes(site, page, bull_jo
         assert site.post(job.queue_name, job.id, "logs", job.token, f"service line {n}".encode())
     assert site.post(job.queue_name, job.id, "progress", job.token, b"60") == 200
     until_shown(page, lambda: "60%", lambda: text_of(page, "#progress-text"))
+    # The README's own progress example draws as a bar too.
+    example = readme_snippet("sh", "jobs/42/progress \\")
+    body = example.split("-d '")[1].split("'")[0].encode()
+    assert site.post(job.queue_name, job.id, "progress", job.token, body) == 200
+    until_shown(page, lambda: "30%", lambda: text_of(page, "#progress-text"))
+    assert page.get_attribute("#bar", "aria-valuenow") == "30"
     until_shown(page, lambda: the_jobs_logs(site, job), lambda: shown_lines(page))
 
     job.end("completed", {"thumbnails": 3})
