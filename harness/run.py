@@ -1,13 +1,17 @@
-"""`make run`: serve the app under gunicorn; without REDIS_URL, with a throwaway Redis
-server holding a demo job, and print curl lines and a watch link that work as printed.
+"""`make run`: serve the app under gunicorn. Without REDIS_URL, with a throwaway Redis
+server holding a demo job, and print curl lines and a watch link that work as printed;
+with it, against that Redis, writing nothing to it. Either way with an API token and a
+watch secret made up when unset, and their exports printed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,10 +24,38 @@ from harness.clients import add_active_job
 from harness.servers import GUNICORN, ROOT, RedisServer, dying_with_this_process
 
 
+def binds() -> list[str]:
+    """Return where gunicorn.conf.py binds: BIND, else 127.0.0.1:PORT."""
+    if os.environ.get("BIND"):
+        return [bind.strip() for bind in os.environ["BIND"].split(",")]
+    return [f"127.0.0.1:{os.environ.get('PORT', '8080')}"]
+
+
+def taken_port() -> str | None:
+    """Return why gunicorn cannot listen where it binds, in one line naming the setting
+    to change; None when it can."""
+    setting, example = (
+        ("BIND", "BIND=127.0.0.1:8081") if os.environ.get("BIND") else ("PORT", "PORT=8081")
+    )
+    for bind in binds():
+        host, _, port = bind.rpartition(":")
+        if bind.startswith("unix:") or not port.isdigit():
+            continue
+        host = host.strip("[]")
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn does
+            try:
+                probe.bind((host, int(port)))
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    raise
+                return f"{bind} is in use: set {setting} to a free one, e.g. {example} make run"
+    return None
+
+
 def address() -> tuple[str, str]:
     """Return (base URL, extra curl options) for where gunicorn.conf.py binds."""
-    binds = os.environ.get("BIND") or f"127.0.0.1:{os.environ.get('PORT', '8080')}"
-    bind = binds.split(",")[0].strip()
+    bind = binds()[0]
     if bind.startswith("unix:"):
         return "http://localhost", f"--unix-socket {bind.removeprefix('unix:')} "
     # A server listening on every interface is reached on loopback.
@@ -52,16 +84,45 @@ def stop(signum: int, frame: object) -> None:
     raise Stop(signum)
 
 
+def made_up_secrets(env: dict[str, str]) -> str | None:
+    """Make up an API token and a watch secret where none is set; return the API token
+    to print (None when API tokens come from a file)."""
+    env.setdefault("WATCH_TOKEN_SECRET", secrets.token_urlsafe(32))
+    if env.get("AUTH_TOKENS_FILE"):
+        return None
+    env.setdefault("AUTH_TOKENS", secrets.token_urlsafe(24))
+    return env["AUTH_TOKENS"].split(",")[0]
+
+
+def your_redis(env: dict[str, str]) -> None:
+    """Print, for the Redis of REDIS_URL, what to paste, and how to watch any of its
+    jobs; write nothing to it."""
+    api = made_up_secrets(env)
+    base, curl = address()
+    api_auth = f"-H 'Authorization: Bearer {api if api else '<an API token of the file>'}'"
+    exports = f"  export API_TOKEN='{api}'\n" if api else ""
+    secret = f"  export WATCH_TOKEN_SECRET='{env['WATCH_TOKEN_SECRET']}'\n"
+    print(
+        f"Serving the jobs of REDIS_URL; nothing is written to it but what you send.\n"
+        f"For the README's examples, in another shell:\n{exports}{secret}"
+        f"A job's worker reports with the job's own lock token (JOB_TOKEN).\n"
+        f"Watch any job in a browser: mint a link for it, then open\n"
+        f"  {base}/queues/<queue>/jobs/<id>/watch#token=<the token minted>\n"
+        f"  curl {curl}-X POST {api_auth} \\\n"
+        f"    '{base}/queues/<queue>/jobs/<id>/events/token?seconds=3600'\n"
+        f"Ctrl-C stops the service.",
+        flush=True,
+    )
+
+
 def throwaway_redis(env: dict[str, str]) -> RedisServer:
     """Start a Redis server holding the README's job, point env at it, and print what
     to paste for the README's examples, and curl lines that work as printed."""
     server = RedisServer().start()
     env["REDIS_URL"] = server.url
-    env.setdefault("AUTH_TOKENS", secrets.token_urlsafe(24))
-    env.setdefault("WATCH_TOKEN_SECRET", secrets.token_urlsafe(32))
+    api = made_up_secrets(env) or "<an API token of the file>"
     queue, job_id, job_token = seed_demo_job(server.url)
     base, curl = address()
-    api = env["AUTH_TOKENS"].split(",")[0]
     job_url = f"{base}/queues/{queue}/jobs/{job_id}"
     job_auth, api_auth = (
         f"-H 'Authorization: Bearer {job_token}'",
@@ -85,14 +146,20 @@ def throwaway_redis(env: dict[str, str]) -> RedisServer:
 
 
 def main() -> int:
-    """Serve the app under gunicorn; without REDIS_URL, with a throwaway Redis too.
+    """Serve the app under gunicorn; without REDIS_URL, with a throwaway Redis too; not
+    at all, in one line saying which setting to change, when the port is taken.
     Stop both, leaving nothing behind, on SIGINT, SIGTERM or SIGHUP."""
     env = dict(os.environ)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
+    if taken := taken_port():
+        print(taken, file=sys.stderr)
+        return 1
     server = None
     try:
-        if not env.get("REDIS_URL"):
+        if env.get("REDIS_URL"):
+            your_redis(env)
+        else:
             server = throwaway_redis(env)
         # In a session of its own: Ctrl-C reaches gunicorn's master once, from here, and
         # it stops its workers; they are not signalled twice. It dies with this process.

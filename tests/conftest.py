@@ -21,13 +21,17 @@ from tests.helpers import API_TOKEN, JOB_TOKEN, WATCH_SECRET, Service
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Yield the URL of a Redis server: REDIS_URL if set, else a throwaway one."""
+    """Yield the URL of a Redis server: REDIS_URL if set (an empty database, left as
+    empty as it was found), else a throwaway one."""
     url = os.environ.get("REDIS_URL")
     if url:
         with redis.Redis.from_url(url) as client:
             if client.dbsize():
                 pytest.exit(f"REDIS_URL={url} is not empty, and the tests flush it", 2)
-        yield url
+            try:
+                yield url
+            finally:
+                client.flushdb()
         return
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server.url

