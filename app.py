@@ -165,6 +165,12 @@ def watch_or_api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+# The refusal of a bearer token that is no API token: a job's lock token, most often.
+WRONG_CREDENTIAL = (
+    "not a valid API token: this route takes an API token (AUTH_TOKENS), not a job's lock token"
+)
+
+
 def check_api_token(queue: str | None, right: str = READ) -> None:
     """Stop with 401 unless the request has a valid API token, 403 unless it has the
     right (READ, WORK) on the queue."""
@@ -173,7 +179,7 @@ def check_api_token(queue: str | None, right: str = READ) -> None:
     if token is None:
         if not len(tokens.current):
             abort(401, "this server has no API token configured (AUTH_TOKENS)")
-        abort(401, "the API token is not valid")
+        abort(401, WRONG_CREDENTIAL)
     request_record().credential = token.name
     g.api_token = token
     if queue is not None and not token.may(right, queue):

@@ -23,6 +23,7 @@ from typing import Any, Self
 import redis
 from redis.crc import key_slot
 
+from bullmq_http.healthcheck import connection
 from bullmq_http.settings import SETTINGS
 from harness.clients import http_call
 
@@ -421,19 +422,6 @@ def cluster_port(taken: set[int]) -> int:
         return port
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """An HTTP/1.1 keep-alive connection over a unix socket."""
-
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
-
-
 class Gunicorn(Server):
     """gunicorn with the production config (gunicorn.conf.py), in a directory of its own.
 
@@ -458,11 +446,7 @@ class Gunicorn(Server):
 
     def connect(self) -> http.client.HTTPConnection:
         """Open a keep-alive HTTP connection to the server (its first address)."""
-        bind = self.bind.split(",")[0]
-        if bind.startswith("unix:"):
-            return UnixHTTPConnection(bind.removeprefix("unix:"))
-        host, port = bind.rsplit(":", 1)
-        return http.client.HTTPConnection(host, int(port), timeout=10)
+        return connection(self.bind.split(",")[0], timeout=10)
 
     def start(self, timeout: float = 20.0) -> Gunicorn:
         """Start the server and wait until it answers /healthz."""

@@ -22,6 +22,10 @@ from harness.clients import EventStream, ServerSentEvent, http_call
 from harness.servers import Gunicorn, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
+# What a bearer token that is not an API token is told on an API token's route.
+NOT_AN_API_TOKEN = (
+    "not a valid API token: this route takes an API token (AUTH_TOKENS), not a job's lock token"
+)
 API_TOKEN = "test-api-token"
 JOB_TOKEN = "0b5d8a34-6c2e-4c44-9a4e-3f0f1f6b1e2a:1"  # what a BullMQ worker sets
 

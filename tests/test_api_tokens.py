@@ -17,7 +17,7 @@ from app import create_app
 from bullmq_http import tokens
 from bullmq_http.settings import ConfigError
 from harness.servers import Gunicorn, free_port, wait_until
-from tests.helpers import bearer, snapshot
+from tests.helpers import NOT_AN_API_TOKEN, bearer, snapshot
 
 DASHBOARD, BILLING, REPORTS = "d4shb0ard-token", "b1ll1ng-s3cret-token", "r3ports-token"
 HASHED = "h4shed-token"
@@ -89,7 +89,7 @@ def test_an_unknown_token_or_a_hash_sent_as_the_token_is_a_401(scoped, r, job, t
     response = read(scoped, "orders", token)
     assert (response.status_code, response.get_data(as_text=True)) == (
         401,
-        "the API token is not valid",
+        NOT_AN_API_TOKEN,
     )
     assert response.headers["WWW-Authenticate"] == "Bearer"
 

@@ -5,16 +5,17 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from bullmq_http.gunicorn_worker import DeadlineWorker
+from bullmq_http.healthcheck import UnixHTTPConnection
 from harness.servers import (
     GUNICORN,
     Gunicorn,
-    UnixHTTPConnection,
     free_port,
     harness_environ,
     wait_until,
@@ -154,6 +155,27 @@ def test_bind_takes_several_addresses(tmp_path, redis_url):
             conn.request("GET", path)
             assert conn.getresponse().status == 200
             conn.close()
+
+
+def healthcheck(env: dict[str, str]) -> tuple[int, str]:
+    """Run the image's HEALTHCHECK command with `env`; return its exit status and stderr."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bullmq_http.healthcheck"], cwd=ROOT,
+        env={**harness_environ(), **env}, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize("where", ["unix", "every address", "PORT"])
+def test_the_healthcheck_asks_where_bind_or_port_says(tmp_path, redis_url, where):
+    port = free_port()
+    bind = {"unix": f"unix:{tmp_path / 'service.sock'}", "every address": f"0.0.0.0:{port}",
+            "PORT": f"127.0.0.1:{port}"}[where]  # fmt: skip
+    told = {"PORT": str(port)} if where == "PORT" else {"BIND": bind}
+    with Gunicorn(tmp_path, {"REDIS_URL": redis_url, "WEB_CONCURRENCY": "1"}, bind=bind):
+        assert healthcheck(told) == (0, "")
+    status, said = healthcheck(told)
+    assert status == 1 and said.startswith(f"{bind}: ")  # nothing listens there now
 
 
 def test_sigterm_lets_requests_in_flight_finish(tmp_path, redis_url, r, job):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.helpers import API_TOKEN, JOB_TOKEN, bearer, snapshot
+from tests.helpers import API_TOKEN, JOB_TOKEN, NOT_AN_API_TOKEN, bearer, snapshot
 
 URL = "/queues/orders/jobs/1/logs"
 LINES = [f"line {n}" for n in range(25)]
@@ -109,7 +109,7 @@ def test_bad_parameters_are_a_400(client, r, logged, query, reason):
 def test_job_token_is_not_an_api_token(client, logged):
     response = get(client, token=JOB_TOKEN)
     assert response.status_code == 401
-    assert response.data == b"the API token is not valid"
+    assert response.data == NOT_AN_API_TOKEN.encode()
 
 
 @pytest.mark.parametrize(

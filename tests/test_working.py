@@ -23,6 +23,7 @@ from harness.clients import http_call, raw_request
 from harness.servers import wait_until
 from tests.helpers import (
     API_TOKEN,
+    NOT_AN_API_TOKEN,
     bearer,
     kinds,
     one_crowded_worker,
@@ -123,7 +124,7 @@ def test_delayed_and_paused_jobs_are_not_claimed(worker, r, redis_url):
     [
         ("orders", "reader-token", 403, "this token may not work jobs of queue 'orders'"),
         ("billing", WORKER, 403, "this token may not work jobs of queue 'billing'"),
-        ("orders", "nobody", 401, "the API token is not valid"),
+        ("orders", "nobody", 401, NOT_AN_API_TOKEN),
     ],
 )
 def test_a_claim_without_the_right_to_work_claims_nothing(
