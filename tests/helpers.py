@@ -155,9 +155,15 @@ def kinds(events: list[ServerSentEvent]) -> list[tuple[str, str]]:
     return [(event.event, event.data) for event in events]
 
 
+# What a user reads: the README, and the documents it links to.
+DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
+
+
 def readme_snippet(language: str, holding: str) -> str:
-    """Return the README's one code block in a language that holds `holding`."""
-    blocks = re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    """Return the one code block in a language, of the README and docs/, that holds
+    `holding`."""
+    text = "\n".join(path.read_text() for path in DOCS)
+    blocks = re.findall(rf"```{language}\n(.*?)```", text, re.DOTALL)
     [snippet] = [block for block in blocks if holding in block]
     return snippet
 

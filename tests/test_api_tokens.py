@@ -200,7 +200,7 @@ def test_a_token_in_the_file_and_the_environment_is_refused(tmp_path, monkeypatc
 
 
 def replace(path: Path, text: str) -> None:
-    """Replace the file as the README says to: write a new one, then rename it over."""
+    """Replace the file as docs/operations.md says to: write a new one, then rename it over."""
     new = path.with_suffix(".new")
     new.write_text(text)
     os.replace(new, path)

@@ -290,15 +290,16 @@ def test_an_unreachable_cluster_at_start_up_answers_503_not_a_failed_start():
 
 
 def readme_settings() -> dict[str, str]:
-    """Return the README's Configuration table: each variable's default as written."""
-    readme = (ROOT / "README.md").read_text()
+    """Return the Configuration table (docs/operations.md): each variable's default as
+    written."""
+    readme = (ROOT / "docs" / "operations.md").read_text()
     section = readme.split("\n## Configuration\n", 1)[1].split("\n### ", 1)[0]
     rows = re.findall(r"^\| `([A-Z_]+)` \|([^|]*)\|", section, re.MULTILINE)
     return {name: default.strip() for name, default in rows}
 
 
 def test_the_readmes_settings_table_is_the_settings_table():
-    """Every setting, and nothing else, in the README, with the default the service
+    """Every setting, and nothing else, in docs/operations.md, with the default the service
     has: a default in backticks reads, as the variable would, as the default; one in
     words is worked out at start-up (the setting's default is None); none, unset."""
     documented = readme_settings()
@@ -313,5 +314,5 @@ def test_the_readmes_settings_table_is_the_settings_table():
             assert (written == "") == (name not in COMPUTED_DEFAULTS), name
 
 
-# The settings whose default is worked out at start-up, which the README says in words.
+# The settings whose default is worked out at start-up, which the manual says in words.
 COMPUTED_DEFAULTS = {"WEB_CONCURRENCY", "MAX_STREAMS"}

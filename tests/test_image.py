@@ -151,7 +151,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
 def image(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Build the image with `make image`, on the local base."""
     base = base_image(podman, tmp_path_factory.mktemp("base"))
-    # As the README builds behind a proxy: the base made locally, and the build's pip
+    # As docs/operations.md builds behind a proxy: the base made locally, and the build's pip
     # reaching PyPI as this machine's pip does, with its config and CA bundle as build
     # secrets, on the host's network.
     secrets = [

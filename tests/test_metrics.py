@@ -268,7 +268,7 @@ def test_json_warnings(tmp_path):
 
 def test_the_series_the_alerts_read_exist_at_zero_before_the_first_error(stack):
     """Prometheus's rate() sees no increase in a series that is born counting: the first
-    outage would pass unseen by the README's alerts."""
+    outage would pass unseen by the manual's alerts."""
     redis_server, _, server = stack
     samples = scrape(server)
     first_503 = (

@@ -1,4 +1,4 @@
-"""The README's alert rules, loaded into a real Prometheus scraping the service."""
+"""The alert rules of docs/operations.md, loaded into a real Prometheus scraping the service."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ from tests.helpers import JOB_TOKEN, ROOT, unavailable
 
 pytestmark = pytest.mark.server  # every test here starts its own servers
 
-README = ROOT / "README.md"
+MANUAL = ROOT / "docs" / "operations.md"
 
 
 def readme_alert_rules() -> str:
-    """Return the alert rules as the README gives them."""
-    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), re.DOTALL)
+    """Return the alert rules as the operator's manual gives them."""
+    blocks = re.findall(r"```yaml\n(.*?)```", MANUAL.read_text(), re.DOTALL)
     [rules] = [block for block in blocks if block.startswith("groups:")]
     return rules
 

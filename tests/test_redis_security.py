@@ -293,8 +293,8 @@ def test_every_route_works_with_the_least_privilege_user_and_needs_all_it_grants
     assert granted_commands() - CLUSTER_ONLY <= commands_run(data)
 
 
-def test_the_readme_quotes_the_acl_file():
-    readme = (ROOT / "README.md").read_text()
+def test_the_manual_quotes_the_acl_file():
+    readme = (ROOT / "docs" / "operations.md").read_text()
     assert ACL_FILE.read_text().strip() in readme
 
 
