@@ -15,7 +15,7 @@ import redis
 
 from harness.clients import add_active_job, http_call
 from harness.servers import RedisServer, free_port, harness_environ, wait_until
-from tests.helpers import ROOT
+from tests.helpers import ROOT, readme_snippet
 
 pytestmark = pytest.mark.server  # every test here starts its own servers
 
@@ -62,6 +62,8 @@ def test_make_run_serves_the_readme_and_stops_everything(tmp_path, stop, group):
         ]
         assert [answer.stdout for answer in answers[:2]] == ["OK 200", "OK 200"]
         assert answers[2].stdout == '{"count":1,"logs":["hello"]} 200'
+        # The README shows the page those lines give.
+        assert readme_snippet("json", '"hello"').strip() == '{"count":1,"logs":["hello"]}'
         # With the printed exports, the README's examples work as written.
         exports = "\n".join(line for line in printed.splitlines() if "  export " in line)
         readme = (
@@ -248,3 +250,12 @@ def test_the_suite_on_your_own_redis_leaves_it_empty_for_the_next_pass(tmp_path)
                 assert data.dbsize() == 0
         finally:
             data.close()
+
+
+def test_make_help_lists_every_target_in_aligned_columns():
+    listed = subprocess.run(
+        ["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert {line.split()[1] for line in listed} >= {"run", "test", "check", "image", "screenshot"}
+    columns = {len(line) - len(line.split(maxsplit=2)[2]) for line in listed}
+    assert len(columns) == 1, listed
