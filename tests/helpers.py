@@ -135,6 +135,10 @@ class Service:
             response = conn.getresponse()
             assert response.status == 200, response.read()
             assert response.getheader("Content-Type") == "text/event-stream; charset=utf-8"
+            # What a proxy in front relies on: nginx passes each event at once, on
+            # X-Accel-Buffering (deploy/nginx.conf), and no cache keeps one.
+            assert response.getheader("X-Accel-Buffering") == "no"
+            assert response.getheader("Cache-Control") == "no-cache"
             yield EventStream(response)
         finally:
             conn.close()

@@ -135,6 +135,16 @@ def test_a_line_larger_than_a_page_is_still_returned_whole(make_app, r, job):
     assert response.get_json() == {"count": 2, "logs": ["x" * 500]}
 
 
+def test_a_page_holds_at_most_the_documented_1_mib_by_default(make_app, r, job):
+    """MAX_PAGE_BYTES unset: 1,048,576 bytes of whole lines, as docs/operations.md's
+    table says: five lines of 200 KiB, not six."""
+    job()
+    lines = [chr(ord("a") + n) * 200 * 1024 for n in range(12)]
+    r.rpush("bull:orders:1:logs", *lines)
+    response = get(make_app().test_client())
+    assert response.get_json() == {"count": 12, "logs": lines[:5]}
+
+
 @pytest.fixture
 def out_of_memory(r):
     """Make Redis refuse writes as at maxmemory, for the length of a test."""

@@ -242,6 +242,40 @@ def test_a_worker_at_its_own_limit_answers_503_at_once(make_app, job, opened):
     )
 
 
+# ------------------------------------------------------------- the documented defaults
+
+
+@pytest.mark.parametrize(
+    ("credential", "setting", "default"),
+    [("api", "MAX_STREAMS_PER_TOKEN", 100), ("watch", "MAX_STREAMS_PER_WATCH_TOKEN", 10)],
+)
+def test_a_credentials_streams_are_capped_at_the_documented_default(
+    make_app, job, opened, credential, setting, default
+):
+    """No setting given: the cap is the default docs/operations.md's table states."""
+    job()
+    client = make_app(WATCH_TOKEN_SECRET=SECRET).test_client()
+    token = watch_token(SECRET, "orders", "1", int(time.time()) + 300)
+    path, headers = (EVENTS, api()) if credential == "api" else (f"{EVENTS}?token={token}", {})
+    assert [opened(client, path, **headers)[0] for _ in range(default)] == [200] * default
+    status, refused = opened(client, path, **headers)
+    assert (status, f"({setting}={default})" in refused.text) == (429, True)
+
+
+@pytest.mark.parametrize(("worker_class", "held"), [("gthread", 4), ("sync", 0)])
+def test_a_workers_streams_are_capped_as_documented_for_its_class(
+    make_app, job, opened, worker_class, held
+):
+    """MAX_STREAMS unset: half of THREADS (8) under gthread, none under sync, as
+    docs/operations.md's table says (and four fifths of WORKER_CONNECTIONS under gevent:
+    the table's test checks the words, test_crowds a thousand streams)."""
+    job()
+    client = make_app(WORKER_CLASS=worker_class).test_client()
+    assert [opened(client, **api())[0] for _ in range(held)] == [200] * held
+    status, refused = opened(client, **api())
+    assert (status, f"(MAX_STREAMS={held})" in refused.text) == (503, True)
+
+
 # ------------------------------------------------------------- hostile input
 
 

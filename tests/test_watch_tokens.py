@@ -12,9 +12,9 @@ from urllib.parse import quote
 
 import pytest
 
-from app import create_app
+from app import WATCH_COOKIE, create_app
 from bullmq_http.settings import ConfigError
-from bullmq_http.tokens import watch_token
+from bullmq_http.tokens import WatchToken, session_token, watch_token
 from harness.clients import EventStream, add_active_job
 from tests.helpers import (
     API_TOKEN,
@@ -94,6 +94,39 @@ def test_an_expired_watch_token_is_refused(make_app, job):
     assert (response.status_code, response.text) == (
         401, "the watch token has expired: ask for a new one"
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("minter", [None, "0123456789abcdef" * 2], ids=["signed offline", "minted"])
+@pytest.mark.parametrize(
+    ("method", "route"),
+    [("GET", "events"), ("GET", "logs.txt"), ("GET", "watch/session"), ("POST", "watch/session")],
+)
+def test_an_expired_watch_token_opens_no_route_that_takes_one(make_app, job, minter, method, route):
+    job()
+    client = make_app(WATCH_TOKEN_SECRET=WATCH_SECRET).test_client()
+    token = watch_token(WATCH_SECRET, "orders", "1", int(time.time()) - 1, minter)
+    path = f"/queues/orders/jobs/1/{route}"
+    if method == "POST":
+        response = client.post(path, data=token)
+    else:
+        response = client.get(f"{path}?token={token}")
+    assert (response.status_code, response.text) == (
+        401, "the watch token has expired: ask for a new one"
+    )  # fmt: skip
+    assert "Set-Cookie" not in response.headers
+
+
+@pytest.mark.parametrize("route", ["events", "logs.txt", "watch/session"])
+def test_a_page_session_whose_link_expired_opens_nothing(make_app, job, route):
+    """The page's cookie ends with its link: signed for a link that has expired, it is
+    refused on every route the cookie goes to."""
+    job()
+    client = make_app(WATCH_TOKEN_SECRET=WATCH_SECRET).test_client()
+    lapsed = WatchToken(int(time.time()) - 1, None, "a-share")
+    cookie, _ = session_token(WATCH_SECRET, "orders", "1", lapsed, 3600)
+    client.set_cookie(WATCH_COOKIE, cookie, path="/queues/orders/jobs/1/")
+    response = client.get(f"/queues/orders/jobs/1/{route}")
+    assert response.status_code == 401, response.text
 
 
 def test_without_a_secret_watch_tokens_are_off(client, job):
