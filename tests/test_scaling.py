@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 
 import pytest
@@ -194,6 +195,55 @@ def test_a_master_failover_answers_503_then_200_and_loses_nothing(cluster_app, c
     response = client.get(f"/queues/{queue}/jobs/1/logs?length=100", headers=bearer(API_TOKEN))
     assert response.status_code == 200
     assert response.get_json()["logs"] == before + during
+
+
+def test_a_write_whose_reply_is_lost_is_never_sent_again(cluster_app, cluster, data):
+    """Every master cuts its clients' connections every 20 ms while twelve writers post
+    lines to a job on each: a line is stored at most once, and every one answered 200
+    is stored exactly once; a reply lost in flight is a 503, never a second write."""
+    client = cluster_app(REDIS_TIMEOUT=1).test_client()
+    queues = cluster.queues_per_master()
+    for queue in queues:
+        add_active_job(data, queue, "1", JOB_TOKEN)
+    stop = threading.Event()
+    acknowledged: list[list[str]] = [[] for _ in range(12)]
+    answered: list[list[int]] = [[] for _ in range(12)]
+
+    def write(writer: int) -> None:
+        url = f"/queues/{queues[writer % 3]}/jobs/1/logs"
+        n = 0
+        while not stop.is_set():
+            line = f"writer {writer} line {n}"
+            status = client.post(url, data=line.encode(), headers=bearer(JOB_TOKEN)).status_code
+            answered[writer].append(status)
+            if status == 200:
+                acknowledged[writer].append(line)
+            n += 1
+
+    def cut() -> None:
+        masters = [node.admin() for node in cluster.masters]
+        try:
+            while not stop.wait(0.02):
+                for master in masters:
+                    master.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        finally:
+            for master in masters:
+                master.close()
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(12)]
+    threads.append(threading.Thread(target=cut))
+    for thread in threads:
+        thread.start()
+    time.sleep(3)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    stored = [line for queue in queues for line in data.lrange(f"bull:{queue}:1:logs", 0, -1)]
+    twice = {line for line in stored if stored.count(line) > 1}
+    assert not twice, f"{len(twice)} lines stored twice"
+    assert {line for lines in acknowledged for line in lines} <= set(stored)
+    statuses = [status for writer in answered for status in writer]
+    assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses
 
 
 @pytest.fixture
