@@ -319,6 +319,7 @@ class StreamReport:
     clients: int  # Redis connections of the worker while they were open
     memory_per_stream_kb: float
     delays_ms: dict[str, tuple[float, float]]  # kind of event -> (p50, p99)
+    ended_after_sigterm_s: float  # from SIGTERM until the last stream had ended
 
 
 @dataclass(frozen=True)
@@ -405,7 +406,41 @@ async def hold_streams(
         clients,
         (holding - before) * 1024 / streams,
         {kind: (percentile(ms, 0.5), percentile(ms, 0.99)) for kind, ms in delays.items()},
+        await ended_after_sigterm(service, streams),
     )
+
+
+async def ended_after_sigterm(service: Gunicorn, streams: int) -> float:
+    """Open the streams again, stop the service gracefully (SIGTERM), and return the
+    seconds until every one of them had ended."""
+    path = "/queues/bench/jobs/watched/events?tail=0"
+
+    async def reopen() -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+        for _ in range(100):  # refused while the worker has not yet let the last ones go
+            try:
+                return await open_raw_stream(service, path, API_TOKEN)
+            except asyncio.IncompleteReadError:
+                await asyncio.sleep(0.1)
+        raise RuntimeError("the streams could not be opened again")
+
+    opened = await asyncio.gather(*(reopen() for _ in range(streams)))
+    started = time.monotonic()
+    stopping = asyncio.create_task(asyncio.to_thread(service.stop))  # SIGTERM, then waits
+
+    # Each ends with the chunked body's last chunk (the connection may stay open).
+    async def ended(reader: asyncio.StreamReader) -> bytes:
+        try:
+            return await reader.readuntil(b"\r\n0\r\n\r\n")
+        except asyncio.IncompleteReadError as error:
+            return error.partial  # or the connection closed
+
+    ending = (ended(reader) for _, reader, _ in opened)
+    await asyncio.wait_for(asyncio.gather(*ending), 60)
+    ended = time.monotonic() - started
+    await stopping
+    for _, _, writer in opened:
+        writer.close()
+    return ended
 
 
 def flood_report(workdir: Path) -> FloodReport:
@@ -786,11 +821,12 @@ def render(
         "Streams of events on one worker, each a client of one job's events: Redis "
         "connections of the worker while they were open, its resident memory per stream, "
         f"and the delay from a write to its event at every stream ({STREAM_WRITES} writes "
-        "of each kind, 50 ms apart):",
+        "of each kind, 50 ms apart); then, opened again, how long after SIGTERM the last "
+        "of them had ended:",
         "",
         "| streams | WORKER_CONNECTIONS | Redis connections | memory/stream | progress p50 "
-        "| progress p99 | line p50 | line p99 |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| progress p99 | line p50 | line p99 | ended after SIGTERM |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for report in streams:
         (progress50, progress99), (log50, log99) = (
@@ -800,7 +836,7 @@ def render(
         lines.append(
             f"| {report.streams:,} | {report.worker_connections:,} | {report.clients} "
             f"| {report.memory_per_stream_kb:.0f} KB | {progress50:.0f} ms | {progress99:.0f} ms "
-            f"| {log50:.0f} ms | {log99:.0f} ms |"
+            f"| {log50:.0f} ms | {log99:.0f} ms | {report.ended_after_sigterm_s:.2f} s |"
         )
     quiet, loud = flooded.quiet, flooded.flooded
     refusals = sorted(flooded.refusals.items())

@@ -78,7 +78,7 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 def test_hundreds_of_slow_clients_neither_block_others_nor_outstay_the_deadline(serve, r, job):
     key = job()
-    deadline, slow = 2.0, 400
+    deadline, slow = 4.0, 400  # generous: the others must be served within it
     server = serve(REQUEST_TIMEOUT=str(deadline), WEB_CONCURRENCY="2")
 
     async def trickle(client: Client) -> tuple[bytes, float]:
@@ -100,21 +100,23 @@ def test_hundreds_of_slow_clients_neither_block_others_nor_outstay_the_deadline(
         client.close()
         return received, time.monotonic() - started
 
-    async def scenario() -> tuple[list[Answer], list[tuple[bytes, float]]]:
+    async def scenario() -> tuple[list[Answer], bool, list[tuple[bytes, float]]]:
         clients = [await Client(server).open() for _ in range(slow)]
-        trickles = asyncio.gather(*(trickle(client) for client in clients))
-        await asyncio.sleep(0.5)
+        trickles = [asyncio.create_task(trickle(client)) for client in clients]
         served = [
             await ask_once(server, HEALTHZ),
             await ask_once(server, raw_post("progress", b"42")),
             await ask_once(server, HEALTHZ),
         ]
-        return served, await trickles
+        # Served while every slow client still held its connection, not after the
+        # deadline freed the workers of them.
+        held = not any(task.done() for task in trickles)
+        return served, held, await asyncio.gather(*trickles)
 
-    served, endings = run(scenario())
+    served, held, endings = run(scenario())
 
     assert [(answer.status, answer.body) for answer in served] == [(200, b"OK")] * 3
-    assert all(answer.seconds < deadline for answer in served)
+    assert held
     assert r.hget(key, "progress") == "42"
     # Each slow client was answered 408 and closed at its deadline, not before.
     assert all(answer.startswith(b"HTTP/1.1 408 ") for answer, _ in endings)

@@ -197,9 +197,12 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path, redis_url, r, job):
                 + b"5\r\nline-\r\n"
             )
             clients.append((n, sock))
-        time.sleep(0.5)
+        # A request after them answered: the six were accepted before it (a listening
+        # socket hands out connections in the order they came), each by a worker.
+        assert server.send("GET", "/healthz") == 200
         server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.5)  # the workers have stopped accepting and are draining
+        # The master closes the socket, then tells the workers to finish what they hold.
+        wait_until(lambda: not os.path.exists(path), 10, "gunicorn to stop listening")
         answers = []
         for n, sock in clients:
             sock.sendall(f"1\r\n{n}\r\n0\r\n\r\n".encode())
