@@ -428,13 +428,13 @@ async def ended_after_sigterm(service: Gunicorn, streams: int) -> float:
     stopping = asyncio.create_task(asyncio.to_thread(service.stop))  # SIGTERM, then waits
 
     # Each ends with the chunked body's last chunk (the connection may stay open).
-    async def ended(reader: asyncio.StreamReader) -> bytes:
+    async def body_ended(reader: asyncio.StreamReader) -> bytes:
         try:
             return await reader.readuntil(b"\r\n0\r\n\r\n")
         except asyncio.IncompleteReadError as error:
             return error.partial  # or the connection closed
 
-    ending = (ended(reader) for _, reader, _ in opened)
+    ending = (body_ended(reader) for _, reader, _ in opened)
     await asyncio.wait_for(asyncio.gather(*ending), 60)
     ended = time.monotonic() - started
     await stopping

@@ -482,6 +482,20 @@ class JobLife:
                 )
                 self.checker.start()
 
+    def resume(self) -> None:
+        """Run the stalled check for every queue with jobs active, found in Redis once,
+        in the background: after a restart, a job whose HTTP worker vanished before it is
+        taken back even if no worker asks for a job of its queue again."""
+
+        def find() -> None:
+            try:
+                for queue in self.store.queues_with_active_jobs():
+                    self.watch(queue)
+            except redis.exceptions.RedisError as error:
+                log.warning("the queues with active jobs could not be listed: %s", error)
+
+        threading.Thread(target=find, name="stalled-check-resume", daemon=True).start()
+
     def check_stalled(self) -> None:
         """Every stalled interval, run BullMQ's stalled check for each queue worked
         here: a job whose lock lapsed goes back to wait (or fails, past
@@ -529,6 +543,12 @@ def stop_all() -> None:
     """End every claim waiting in this process within a second (it is stopping)."""
     for life in list(LIVES):
         life.stop()
+
+
+def resume_all() -> None:
+    """Resume the stalled check of every queue with jobs active (a worker has started)."""
+    for life in list(LIVES):
+        life.resume()
 
 
 @functools.lru_cache(maxsize=1024)

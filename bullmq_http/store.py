@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -308,6 +308,30 @@ class JobStore:
             if self._redis is not None:
                 self._redis.close()
                 self._redis = None
+
+    def queues_with_active_jobs(self) -> Iterator[str]:
+        """Yield the name of every queue that has jobs active, found by SCAN (every
+        master of a cluster), a page of keys a round trip."""
+        pattern, head, tail = f"{self.prefix}:*:active", len(self.prefix) + 1, -len(":active")
+        if self.one_slot:
+            keys = self.redis.scan_iter(match=pattern, count=1000, _type="list")  # type: ignore[attr-defined]
+        else:
+            keys = self.scan(pattern)
+        for found in keys:
+            queue = text(found)[head:tail]
+            if queue and ":" not in queue:
+                yield queue
+
+    def scan(self, pattern: str) -> Iterator[bytes]:
+        """Yield the lists whose keys match `pattern` on one server, a page at a time."""
+        cursor = b"0"
+        while True:
+            cursor, keys = self.redis.execute_command(
+                "SCAN", cursor, "MATCH", pattern, "COUNT", 1000, "TYPE", "list"
+            )
+            yield from keys
+            if cursor in (0, b"0", "0"):
+                return
 
     def ping(self) -> None:
         """Raise a RedisError unless Redis answers."""

@@ -197,6 +197,15 @@ def test_a_master_failover_answers_503_then_200_and_loses_nothing(cluster_app, c
     assert response.get_json()["logs"] == before + during
 
 
+def test_the_queues_with_active_jobs_are_found_on_every_master(cluster_app, cluster, data):
+    """What a restarted process resumes the stalled check for: a queue on each master."""
+    queues = cluster.queues_per_master()
+    for queue in queues:
+        add_active_job(data, queue, "1", JOB_TOKEN)
+    store = cluster_app().extensions["bullmq_http"].store
+    assert sorted(store.queues_with_active_jobs()) == sorted(queues)
+
+
 def test_a_write_whose_reply_is_lost_is_never_sent_again(cluster_app, cluster, data):
     """Every master cuts its clients' connections every 20 ms while twelve writers post
     lines to a job on each: a line is stored at most once, and every one answered 200
