@@ -216,11 +216,20 @@
 
   // ------------------------------------------------------------------ the end
 
+  // Nothing moves once the job has ended: a bar still waiting for a number stops, full
+  // for a completed job, empty otherwise.
+  function settleBar(kind) {
+    if (!ui.bar.classList.contains("indeterminate")) return;
+    ui.bar.classList.remove("indeterminate");
+    ui.fill.style.width = kind === "completed" ? "100%" : "0";
+  }
+
   function finish(kind, data) {
     ended = true;
     closeStream();
     setStatus(kind);
     setConnection("ended");
+    settleBar(kind);
     ui.outcome.hidden = false;
     ui.outcome.dataset.kind = kind;
     if (kind === "completed") {
@@ -235,13 +244,16 @@
     }
   }
 
+  // The link no longer opens the job: its message, and none of the job's controls.
   function giveUp(message, state) {
     ended = true;
     closeStream();
     clearTimeout(retryTimer);
     setConnection("ended");
+    settleBar(state);
     if (state) setStatus(state);
     showProblem(message);
+    document.body.dataset.refused = "";
   }
 
   // ----------------------------------------------------------------- the link

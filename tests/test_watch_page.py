@@ -331,6 +331,16 @@ def test_a_job_worked_over_http_shows_from_claim_to_completion(site, page, redis
     assert json.loads(text_of(page, "#outcome-body")) == {"thumbnails": 4}
 
 
+def assert_still(page: Any) -> None:
+    """Assert that nothing on the page keeps moving: no animation runs (a transition
+    may be finishing)."""
+    running = page.evaluate(
+        "document.getAnimations().filter((a) => a instanceof CSSAnimation"
+        " && a.playState === 'running').map((a) => a.animationName)"
+    )
+    assert running == []
+
+
 def test_a_failed_job_shows_its_reason(site, page, bull_job):
     job = bull_job()
     page.goto(site.link(job.queue_name, job.id))
@@ -340,6 +350,9 @@ def test_a_failed_job_shows_its_reason(site, page, bull_job):
     assert text_of(page, "#outcome-title") == "Failed. Reason:"
     assert text_of(page, "#outcome-body") == "the disk is full"
     assert text_of(page, "#connection") == "ended"
+    # It reported no progress: the bar stands empty, not busy.
+    assert page.get_attribute("#bar", "class") == "bar"
+    assert_still(page)
 
 
 HOSTILE = [
@@ -439,6 +452,9 @@ def test_a_link_that_does_not_open_the_job_says_so(site, page, bull_job, which):
     assert text_of(page, "#problem") == "This link is not valid, or has expired: ask for a new one."
     assert text_of(page, "#connection") == "ended"
     assert page.context.cookies() == []
+    # Its message alone: no empty controls, and nothing moving.
+    assert not page.is_visible(".progress") and not page.is_visible(".logs")
+    assert_still(page)
 
 
 @pytest.mark.parametrize(
