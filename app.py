@@ -494,10 +494,15 @@ def with_session(summary: dict[str, Any], queue: str, job_id: str, watch: WatchT
 
 
 def job_summary(queue: str, job_id: str, expires: int | None) -> dict[str, Any]:
-    """Return a job's queue, id, name and state, and when a watch token expires."""
+    """Return a job's queue, id, name, state and times (BullMQ's, in milliseconds since
+    the epoch), and when a watch token expires."""
     state = service().store.job_state(queue, job_id)
-    summary = {"queue": queue, "id": job_id, "name": state.name, "state": state.status}
-    return {**summary, "expires": expires, "session_seconds": None}
+    times = state.times
+    return {
+        "queue": queue, "id": job_id, "name": state.name, "state": state.status,
+        "timestamp": times.added, "processedOn": times.processed, "finishedOn": times.finished,
+        "expires": expires, "session_seconds": None,
+    }  # fmt: skip
 
 
 @watching.get("/logs.txt")

@@ -32,6 +32,16 @@ def stream_id(raw: bytes | str) -> StreamId:
 
 
 @dataclass(frozen=True)
+class JobTimes:
+    """When a job was added, started and finished, in milliseconds since the epoch, as
+    BullMQ's `timestamp`, `processedOn` and `finishedOn` say; None for not yet."""
+
+    added: int | None
+    processed: int | None
+    finished: int | None
+
+
+@dataclass(frozen=True)
 class JobState:
     """What a job holds when a stream opens (JobStore.job_state)."""
 
@@ -43,6 +53,7 @@ class JobState:
     stream_first: StreamId  # the oldest still there
     name: str  # the job's name
     locked: bool  # whether a worker holds the job (BullMQ's lock)
+    times: JobTimes = JobTimes(None, None, None)
 
     @property
     def status(self) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 from redis.crc import key_slot
 
-from .layout import JobState, StreamId, TooManyBytes, key, stream_id, text
+from .layout import JobState, JobTimes, StreamId, TooManyBytes, key, stream_id, text
 from .metrics import script_outcome
 from .redis_link import RedisCommands
 
@@ -183,7 +183,8 @@ JOB_STATE = """
   Returns {progress or "", 1 if progress was set else 0, "completed", "failed" or "",
            the return value or the failed reason, how many log lines the job has,
            the newest id in the event stream, the oldest ("0-0" for none),
-           the job's name, 1 if a worker holds its lock else 0}
+           the job's name, 1 if a worker holds its lock else 0,
+           its timestamp, processedOn and finishedOn ("" for none)}
           -2 no such job
 ]]
 if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
@@ -196,9 +197,10 @@ elseif redis.call("ZSCORE", KEYS[5], ARGV[1]) then
 end
 local newest = redis.call("XREVRANGE", KEYS[3], "+", "-", "COUNT", 1)[1]
 local oldest = redis.call("XRANGE", KEYS[3], "-", "+", "COUNT", 1)[1]
+local held = redis.call("HMGET", KEYS[1], "name", "timestamp", "processedOn", "finishedOn")
 return {progress or "", progress and 1 or 0, finished, outcome,
         redis.call("LLEN", KEYS[2]), newest and newest[1] or "0-0", oldest and oldest[1] or "0-0",
-        redis.call("HGET", KEYS[1], "name") or "", redis.call("EXISTS", KEYS[6])}
+        held[1] or "", redis.call("EXISTS", KEYS[6]), held[2] or "", held[3] or "", held[4] or ""}
 """
 
 JOB_EVENTS = """
@@ -394,9 +396,9 @@ class JobStore:
             self.key(queue, "failed"),
             self.key(queue, job_id, "lock"),
         )
-        progress, has_progress, finished, outcome, log_count, newest, oldest, name, locked = (
-            self._run(self.job_state_script, queue, job_id, keys, (job_id,))
-        )
+        (progress, has_progress, finished, outcome, log_count, newest, oldest, name, locked,
+         *times) = self._run(self.job_state_script, queue, job_id, keys, (job_id,))  # fmt: skip
+        added, processed, ended = (int(t) if t.isdigit() else None for t in map(text, times))
         return JobState(
             progress=text(progress) if has_progress else None,
             finished=text(finished) or None,
@@ -406,6 +408,7 @@ class JobStore:
             stream_first=stream_id(oldest),
             name=text(name),
             locked=bool(locked),
+            times=JobTimes(added, processed, ended),
         )
 
     def job_events_after(

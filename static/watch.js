@@ -25,6 +25,7 @@
   const $ = (id) => document.getElementById(id);
   const ui = {
     name: $("name"),
+    times: $("times"),
     status: $("status"),
     connection: $("connection"),
     problem: $("problem"),
@@ -57,6 +58,8 @@
   let seenFirstLine = false;
   let target = /^#L(\d+)$/.exec(location.hash)?.[1] ?? null; // a line to show on arrival
   let filterText = "";
+  let times = {}; // the job's timestamp, processedOn and finishedOn (ms), as BullMQ's
+  let ticker = 0; // redraws the time the job has run, while it runs
 
   // ----------------------------------------------------------------- status
 
@@ -75,6 +78,56 @@
   function showProblem(message) {
     ui.problem.textContent = message;
     ui.problem.hidden = !message;
+  }
+
+  // ------------------------------------------------------------------ times
+
+  // A moment in the reader's own time zone: the time of day, with the date unless it
+  // is today.
+  function clock(ms) {
+    const at = new Date(ms);
+    const today = at.toDateString() === new Date().toDateString();
+    return today ? at.toLocaleTimeString() : at.toLocaleString();
+  }
+
+  function duration(ms) {
+    const s = Math.max(0, Math.floor(ms / 1000));
+    const [h, m, sec] = [Math.floor(s / 3600), Math.floor(s / 60) % 60, s % 60];
+    if (h) return `${h}h ${m}m ${sec}s`;
+    return m ? `${m}m ${sec}s` : `${sec}s`;
+  }
+
+  // When the job was queued, started and finished, and how long it has run.
+  function showTimes() {
+    const parts = [];
+    if (times.timestamp) parts.push(`queued ${clock(times.timestamp)}`);
+    if (times.processedOn) parts.push(`started ${clock(times.processedOn)}`);
+    if (times.finishedOn) parts.push(`finished ${clock(times.finishedOn)}`);
+    if (times.processedOn) {
+      const running = !times.finishedOn;
+      const ran = (running ? Date.now() : times.finishedOn) - times.processedOn;
+      parts.push(`${running ? "running for" : "ran"} ${duration(ran)}`);
+    }
+    ui.times.textContent = parts.join(" · ");
+    ui.times.hidden = parts.length === 0;
+  }
+
+  function keepTimes(job) {
+    times = { timestamp: job.timestamp, processedOn: job.processedOn, finishedOn: job.finishedOn };
+    clearInterval(ticker);
+    showTimes();
+    if (times.processedOn && !times.finishedOn && !ended) ticker = setInterval(showTimes, 1000);
+  }
+
+  // Ask the job's times again: it started, or finished, since the page last asked.
+  async function refreshTimes() {
+    try {
+      const url = `${base}watch/session`;
+      const response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
+      if (response.ok) keepTimes(await response.json());
+    } catch {
+      // out of reach: the times stay as they were
+    }
   }
 
   // --------------------------------------------------------------- progress
@@ -227,6 +280,8 @@
   function finish(kind, data) {
     ended = true;
     closeStream();
+    clearInterval(ticker);
+    if (kind !== "removed") refreshTimes(); // when it finished
     setStatus(kind);
     setConnection("ended");
     settleBar(kind);
@@ -292,6 +347,7 @@
     if (!response.ok) return later(session);
     const job = await response.json();
     keepSession(job.session_seconds);
+    keepTimes(job);
     ui.name.textContent = job.name;
     setStatus(job.state);
     showProblem("");
@@ -334,7 +390,10 @@
     };
     source.addEventListener("progress", (event) => {
       lastEventId = event.lastEventId || lastEventId;
-      if (ui.status.dataset.state === "waiting") setStatus("active");
+      if (ui.status.dataset.state === "waiting") {
+        setStatus("active");
+        refreshTimes(); // when it started
+      }
       showProgress(JSON.parse(event.data));
     });
     source.addEventListener("log", (event) => {

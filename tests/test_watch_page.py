@@ -246,6 +246,11 @@ def test_the_page_shows_a_bullmq_job_live_until_it_completes(site, page, bull_jo
     assert cookie["path"] == f"/bullmq/queues/{job.queue_name}/jobs/{job.id}/"
     assert text_of(page, "h1 .job") == job.id and text_of(page, "#name") == "resize"
     assert text_of(page, "#status") == "active"
+    # When it was queued and started, in the reader's time zone, and how long it has
+    # run, ticking.
+    times = text_of(page, "#times")
+    assert times.startswith("queued ") and " · started " in times and " · running for " in times
+    until_shown(page, lambda: True, lambda: text_of(page, "#times") != times)
     until_shown(page, lambda: "25% · scaling", lambda: text_of(page, "#progress-text"))
     assert page.get_attribute("#bar", "aria-valuenow") == "25"
     until_shown(page, lambda: the_jobs_logs(site, job), lambda: shown_lines(page))
@@ -269,6 +274,11 @@ def test_the_page_shows_a_bullmq_job_live_until_it_completes(site, page, bull_jo
     job.end("completed", {"thumbnails": 3})
     page.wait_for_selector("#connection[data-state=ended]", timeout=SECONDS * 1000)
     assert text_of(page, "#status") == "completed"
+    until_shown(page, lambda: True, lambda: " · finished " in text_of(page, "#times"))
+    ended = text_of(page, "#times")
+    assert " · ran " in ended
+    page.wait_for_timeout(1500)
+    assert text_of(page, "#times") == ended  # it stopped ticking
     assert json.loads(text_of(page, "#outcome-body")) == {"thumbnails": 3}
     assert shown_lines(page) == the_jobs_logs(site, job)
     assert len(shown_lines(page)) == 12

@@ -29,8 +29,11 @@ def test_a_page_exchanges_its_link_for_a_cookie_that_opens_its_job_only(make_app
     token = watch_token(WATCH_SECRET, "orders", "1", expires)
     response = client.post("/queues/orders/jobs/1/watch/session", data=token)
     summary = {"queue": "orders", "id": "1", "name": "job", "state": "active"}
+    # The job's times as BullMQ holds them: added and started, not finished.
+    held = r.hmget("bull:orders:1", "timestamp", "processedOn")
+    times = {"timestamp": int(held[0]), "processedOn": int(held[1]), "finishedOn": None}
     assert (response.status_code, response.json) == (
-        200, {**summary, "expires": expires, "session_seconds": 120}
+        200, {**summary, **times, "expires": expires, "session_seconds": 120}
     )  # fmt: skip
     cookie = response.headers["Set-Cookie"]
     session = cookie.removeprefix("bullmq_watch=").split(";")[0]
