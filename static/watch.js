@@ -18,7 +18,12 @@
   const TAIL = 1000; // log lines a fresh page starts with; the download has them all
   const MAX_DELAY_MS = 30000; // the longest wait between reconnects
   const FINAL = ["completed", "failed", "removed"];
-  const LEVEL = /^(info|warn|error):/i;
+  // A line's level, as loggers spell it at its start: "info:", "[WARN]", "ERROR ", ...
+  const LEVEL = /^\s*\[?(info|warn|warning|error)\b\]?/i;
+  // ANSI escape sequences: SGR (colours, bold) is drawn, every other one dropped.
+  // eslint-disable-next-line no-control-regex
+  const ESCAPE = /\x1b(?:\[([0-?]*)[ -/]*([@-~])|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])/g;
+  const CUBE = [0, 95, 135, 175, 215, 255]; // the 256-colour palette's 6x6x6 cube
 
   // The job's routes as this browser addressed them: a proxy's prefix included.
   const base = location.pathname.replace(/watch$/, "");
@@ -39,6 +44,7 @@
     outcomeTitle: $("outcome-title"),
     outcomeBody: $("outcome-body"),
     filter: $("filter"),
+    severe: $("severe"),
     follow: $("follow"),
     earlier: $("earlier"),
     lines: $("lines"),
@@ -58,6 +64,7 @@
   let seenFirstLine = false;
   let target = /^#L(\d+)$/.exec(location.hash)?.[1] ?? null; // a line to show on arrival
   let filterText = "";
+  let severeOnly = false; // show only warnings and errors
   let times = {}; // the job's timestamp, processedOn and finishedOn (ms), as BullMQ's
   let ticker = 0; // redraws the time the job has run, while it runs
 
@@ -178,25 +185,100 @@
 
   // -------------------------------------------------------------- log lines
 
+  // A colour of an SGR sequence's 256-colour or true-colour form, as CSS, from its
+  // parameters after the 38 or 48; and how many of them it took.
+  function extendedColour(params) {
+    if (params[0] === 5) {
+      const n = params[1] ?? 0;
+      if (n < 16) return [{ index: n }, 2];
+      if (n < 232) {
+        const c = n - 16;
+        return [`rgb(${CUBE[Math.floor(c / 36)]}, ${CUBE[Math.floor(c / 6) % 6]}, ${CUBE[c % 6]})`, 2];
+      }
+      const grey = 8 + 10 * (n - 232);
+      return [`rgb(${grey}, ${grey}, ${grey})`, 2];
+    }
+    if (params[0] === 2) {
+      const [r, g, b] = params.slice(1, 4).map((v) => Math.min(255, v ?? 0));
+      return [`rgb(${r}, ${g}, ${b})`, 4];
+    }
+    return [null, 1];
+  }
+
+  // A line's text as runs, each with the colours and weight ANSI SGR gave it; every
+  // other escape sequence is dropped. Nothing in a line ever becomes markup.
+  function ansiRuns(line) {
+    const runs = [];
+    let style = {};
+    let at = 0;
+    for (const match of line.matchAll(ESCAPE)) {
+      if (match.index > at) runs.push({ text: line.slice(at, match.index), style });
+      at = match.index + match[0].length;
+      if (match[2] !== "m") continue; // not SGR: dropped
+      const params = (match[1] || "0").split(/[;:]/).map((v) => (v === "" ? 0 : Number(v)));
+      style = { ...style };
+      for (let i = 0; i < params.length; i += 1) {
+        const p = params[i];
+        if (p === 0) style = {};
+        else if (p === 1) style.bold = true;
+        else if (p === 22) delete style.bold;
+        else if (p >= 30 && p <= 37) style.fg = { index: p - 30 };
+        else if (p >= 90 && p <= 97) style.fg = { index: p - 90 + 8 };
+        else if (p === 39) delete style.fg;
+        else if (p >= 40 && p <= 47) style.bg = { index: p - 40 };
+        else if (p >= 100 && p <= 107) style.bg = { index: p - 100 + 8 };
+        else if (p === 49) delete style.bg;
+        else if (p === 38 || p === 48) {
+          const [colour, took] = extendedColour(params.slice(i + 1));
+          if (colour !== null) style[p === 38 ? "fg" : "bg"] = colour;
+          i += took;
+        }
+      }
+    }
+    if (at < line.length) runs.push({ text: line.slice(at), style });
+    return runs;
+  }
+
+  function styledText(runs) {
+    const text = document.createElement("span");
+    text.className = "text";
+    for (const { text: part, style } of runs) {
+      if (!style.fg && !style.bg && !style.bold) {
+        text.append(part);
+        continue;
+      }
+      const span = document.createElement("span");
+      span.textContent = part;
+      if (style.bold) span.classList.add("ansi-bold");
+      for (const [layer, colour] of [["fg", style.fg], ["bg", style.bg]]) {
+        if (colour === undefined) continue;
+        if (typeof colour === "object") span.classList.add(`ansi-${layer}-${colour.index}`);
+        else span.style[layer === "fg" ? "color" : "backgroundColor"] = colour; // CSSOM: CSP allows it
+      }
+      text.append(span);
+    }
+    return text;
+  }
+
   function lineElement(index, line) {
     const item = document.createElement("li");
     item.id = `L${index}`;
-    const level = LEVEL.exec(line);
-    if (level) item.className = level[1].toLowerCase();
+    const runs = ansiRuns(line);
+    const plain = runs.map((run) => run.text).join("");
+    const level = LEVEL.exec(plain)?.[1].toLowerCase();
+    if (level) item.className = level === "warning" ? "warn" : level;
     const number = document.createElement("a");
     number.className = "number";
     number.href = `#L${index}`;
     number.textContent = String(index);
-    const text = document.createElement("span");
-    text.className = "text";
-    text.textContent = line;
+    const text = styledText(runs);
     const copy = document.createElement("button");
     copy.type = "button";
     copy.className = "copy";
     copy.textContent = "Copy";
     copy.setAttribute("aria-label", `Copy line ${index}`);
     item.append(number, text, copy);
-    item.hidden = !matches(line);
+    item.hidden = !matches(plain, item.className);
     return item;
   }
 
@@ -240,14 +322,15 @@
     ui.follow.textContent = on ? "Following" : "Follow";
   }
 
-  function matches(line) {
-    return !filterText || line.toLowerCase().includes(filterText);
+  function matches(text, level) {
+    if (severeOnly && level !== "warn" && level !== "error") return false;
+    return !filterText || text.toLowerCase().includes(filterText);
   }
 
   function applyFilter() {
     filterText = ui.filter.value.trim().toLowerCase();
     for (const row of ui.lines.children) {
-      row.hidden = !matches(row.querySelector(".text").textContent);
+      row.hidden = !matches(row.querySelector(".text").textContent, row.className);
     }
   }
 
@@ -458,6 +541,11 @@
     ui.lines.scrollTop = ui.lines.scrollHeight;
   });
   ui.filter.addEventListener("input", applyFilter);
+  ui.severe.addEventListener("click", () => {
+    severeOnly = !severeOnly;
+    ui.severe.setAttribute("aria-pressed", String(severeOnly));
+    applyFilter();
+  });
   ui.lines.addEventListener("click", (event) => {
     const button = event.target.closest("button.copy");
     if (button) copyLine(button);

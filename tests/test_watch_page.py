@@ -365,6 +365,54 @@ def test_a_failed_job_shows_its_reason(site, page, bull_job):
     assert_still(page)
 
 
+ANSI = [
+    "\x1b[31mred\x1b[0m plain \x1b[1mbold\x1b[22m \x1b[38;5;208morange\x1b[39m "
+    "\x1b[38;2;1;2;3mrgb\x1b[0m \x1b]0;a title\x07\x1b[2K\x1b[?25lgone \x1b[92;41mbright",
+    "[WARN] the disk is 90% full",
+    "ERROR the disk is full",
+    "info: cleaned up",
+    "warning: slow",
+    "plain to the end",
+]
+
+
+def test_levels_and_ansi_colours_draw_and_filter(site, page, bull_job):
+    job = bull_job()
+    for line in ANSI:
+        assert site.post(job.queue_name, job.id, "logs", job.token, line.encode()) == 200
+    page.goto(site.link(job.queue_name, job.id))
+    page.wait_for_selector("#L5", timeout=SECONDS * 1000)
+    # SGR draws; every other escape sequence is gone; the text is the line's own.
+    assert text_of(page, "#L0 .text") == "red plain bold orange rgb gone bright"
+    drawn = page.eval_on_selector_all(
+        "#L0 .text *",
+        "spans => spans.map(s => [s.tagName, s.textContent, getComputedStyle(s).color,"
+        " getComputedStyle(s).backgroundColor, getComputedStyle(s).fontWeight])",
+    )
+    assert [span[:2] for span in drawn] == [
+        ["SPAN", "red"], ["SPAN", "bold"], ["SPAN", "orange"], ["SPAN", "rgb"], ["SPAN", "bright"]
+    ]  # fmt: skip
+    red, bold, orange, rgb, bright = drawn
+    assert red[2] == "rgb(205, 49, 49)" and bold[4] == "700"
+    assert orange[2] == "rgb(255, 135, 0)" and rgb[2] == "rgb(1, 2, 3)"
+    assert bright[2] == "rgb(35, 209, 139)" and bright[3] == "rgb(205, 49, 49)"
+    classes = [page.get_attribute(f"#L{n}", "class") for n in range(6)]
+    assert classes == [None, "warn", "error", "info", "warn", None]
+    # Warnings and errors only, from the keyboard.
+    page.focus("#severe")
+    page.keyboard.press("Enter")
+    assert page.get_attribute("#severe", "aria-pressed") == "true"
+    visible = page.eval_on_selector_all(
+        "#lines li", "rows => rows.filter(r => !r.hidden).map(r => r.id)"
+    )
+    assert visible == ["L1", "L2", "L4"]
+    page.keyboard.press("Enter")
+    visible = page.eval_on_selector_all(
+        "#lines li", "rows => rows.filter(r => !r.hidden).map(r => r.id)"
+    )
+    assert len(visible) == 6
+
+
 HOSTILE = [
     '<img src=x onerror="window.ran = 1">',
     "</script><script>window.ran = 2</script>",
