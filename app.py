@@ -988,6 +988,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.config["MAX_LOGS_PER_JOB"],
         cluster=app.config["REDIS_CLUSTER"],
         max_page_bytes=app.config["MAX_PAGE_BYTES"],
+        stamp_lines=app.config["LOG_LINE_TIMESTAMPS"],
     )
     app.extensions["bullmq_http"] = Service(
         tokens=tokens,

@@ -177,6 +177,7 @@ SETTINGS: dict[str, Setting] = {
     "MAX_PROGRESS_BYTES": Setting(64 * 1024, whole_number(1, 512 * 1024 * 1024)),
     "MAX_LOG_LINE_BYTES": Setting(64 * 1024, whole_number(1, 512 * 1024 * 1024)),
     "MAX_LOGS_PER_JOB": Setting(None, whole_number(1, 2**31)),
+    "LOG_LINE_TIMESTAMPS": Setting(False, _flag),
     "MAX_PAGE_BYTES": Setting(1024 * 1024, whole_number(1, 512 * 1024 * 1024)),
     "TRUSTED_PROXIES": Setting(0, whole_number(0, 10)),
     "METRICS": Setting(True, _flag),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -246,6 +247,16 @@ NOT_BULLMQ_LAYOUT = -3  # with the index of the key, in KEYS, that is not
 TOO_MANY_BYTES = -4
 
 
+def line_stamp(seconds: float) -> str:
+    """Return a moment as the start of a stamped log line (LOG_LINE_TIMESTAMPS): ISO 8601
+    in UTC to the millisecond, `2026-12-05T11:45:56.123Z`."""
+    whole = int(seconds)
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        + f".{int((seconds - whole) * 1000):03d}Z"
+    )
+
+
 class Script:
     """A Lua script, run by its SHA1 from Redis's script cache; `name` and `done` (what
     it did when it succeeded) label its outcomes in the metrics."""
@@ -281,11 +292,13 @@ class JobStore:
         max_logs: int | None = None,
         cluster: bool = False,
         max_page_bytes: int = 1024 * 1024,
+        stamp_lines: bool = False,
     ) -> None:
         self.connect = connect
         self.prefix = prefix
         self.max_logs = b"" if max_logs is None else str(max_logs).encode()
         self.max_page_bytes = max_page_bytes
+        self.stamp_lines = stamp_lines
         # A script may touch one cluster slot only.
         self.one_slot = cluster
         self._redis: RedisCommands | None = None
@@ -354,7 +367,10 @@ class JobStore:
         self._run(self.set_progress_script, queue, job_id, keys, (token, job_id, progress))
 
     def append_log(self, queue: str, job_id: str, token: bytes, line: str) -> int:
-        """Append a line to a job's logs; return how many lines the job keeps."""
+        """Append a line to a job's logs, after the time it came (line_stamp) when lines
+        are stamped; return how many lines the job keeps."""
+        if self.stamp_lines:
+            line = f"{line_stamp(time.time())} {line}"
         keys = (
             self.key(queue, job_id),
             self.key(queue, job_id, "lock"),

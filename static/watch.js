@@ -24,6 +24,9 @@
   // eslint-disable-next-line no-control-regex
   const ESCAPE = /\x1b(?:\[([0-?]*)[ -/]*([@-~])|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])/g;
   const CUBE = [0, 95, 135, 175, 215, 255]; // the 256-colour palette's 6x6x6 cube
+  // When a line came, where the service stamps it (LOG_LINE_TIMESTAMPS): ISO 8601 in
+  // UTC to the millisecond, then a space.
+  const STAMP = /^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) /;
 
   // The job's routes as this browser addressed them: a proxy's prefix included.
   const base = location.pathname.replace(/watch$/, "");
@@ -260,10 +263,26 @@
     return text;
   }
 
+  // The time a stamped line came, in the reader's time zone; empty for a line with none.
+  function stampElement(stamp) {
+    const at = document.createElement("time");
+    at.className = "at";
+    if (!stamp) return at;
+    const when = new Date(stamp);
+    at.dateTime = stamp;
+    at.title = when.toLocaleString();
+    at.textContent = when.toLocaleTimeString([], {
+      hour: "2-digit", minute: "2-digit", second: "2-digit", fractionalSecondDigits: 3, hour12: false,
+    });
+    ui.lines.classList.add("stamped"); // the column shows once a line has a time
+    return at;
+  }
+
   function lineElement(index, line) {
     const item = document.createElement("li");
     item.id = `L${index}`;
-    const runs = ansiRuns(line);
+    const stamp = STAMP.exec(line);
+    const runs = ansiRuns(stamp ? line.slice(stamp[0].length) : line);
     const plain = runs.map((run) => run.text).join("");
     const level = LEVEL.exec(plain)?.[1].toLowerCase();
     if (level) item.className = level === "warning" ? "warn" : level;
@@ -277,7 +296,7 @@
     copy.className = "copy";
     copy.textContent = "Copy";
     copy.setAttribute("aria-label", `Copy line ${index}`);
-    item.append(number, text, copy);
+    item.append(number, stampElement(stamp?.[1]), text, copy);
     item.hidden = !matches(plain, item.className);
     return item;
   }

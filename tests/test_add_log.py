@@ -1,5 +1,8 @@
 """POST /queues/<queue>/jobs/<id>/logs: one line appended, as BullMQ's Job.log does."""
 
+import datetime
+import re
+
 import pytest
 
 from tests.helpers import post, snapshot
@@ -123,3 +126,22 @@ def test_max_log_line_bytes_refuses_longer_lines(make_app, r, job):
     assert response.data == b"the log line is longer than 8 bytes (MAX_LOG_LINE_BYTES)"
     assert snapshot(r) == before
     assert r.lrange("bull:orders:1:logs", 0, -1) == ["12345678"]
+
+
+def test_lines_are_stored_after_the_time_they_came_when_the_operator_asks(make_app, r, job):
+    """LOG_LINE_TIMESTAMPS=1: ISO 8601 in UTC to the millisecond, a space, the line, all
+    one plain string as every BullMQ reader reads it; off by default."""
+    job()
+    assert post(make_app().test_client(), URL, b"as sent").status_code == 200
+    client = make_app(LOG_LINE_TIMESTAMPS=True).test_client()
+    before = datetime.datetime.now(datetime.UTC)
+    assert post(client, URL, b"charged card").status_code == 200
+    assert post(client, URL, b'"as JSON"', "application/json").status_code == 200
+    after = datetime.datetime.now(datetime.UTC)
+    plain, stamped, as_json = r.lrange("bull:orders:1:logs", 0, -1)
+    assert plain == "as sent"
+    for line, text in ((stamped, "charged card"), (as_json, "as JSON")):
+        stamp, _, rest = line.partition(" ")
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp) and rest == text
+        at = datetime.datetime.fromisoformat(stamp)
+        assert before - datetime.timedelta(milliseconds=1) <= at <= after

@@ -413,6 +413,25 @@ def test_levels_and_ansi_colours_draw_and_filter(site, page, bull_job):
     assert len(visible) == 6
 
 
+def test_a_stamped_line_shows_when_it_came_in_the_readers_time_zone(site, browser, bull_job):
+    """LOG_LINE_TIMESTAMPS's lines (docs/operations.md's format) show their time as a
+    column, not as text; a line without one shows none, and is not guessed at."""
+    job = bull_job()
+    site.data.rpush(f"bull:{job.queue_name}:{job.id}:logs",
+                    "2026-12-05T11:45:56.123Z charged card", "written by job.log()")  # fmt: skip
+    context = browser.new_context(timezone_id="Asia/Tokyo", locale="en-GB")
+    try:
+        page = context.new_page()
+        page.goto(site.link(job.queue_name, job.id))
+        page.wait_for_selector("#L1", timeout=SECONDS * 1000)
+        assert shown_lines(page) == [(0, "charged card"), (1, "written by job.log()")]
+        assert text_of(page, "#L0 .at") == "20:45:56.123"
+        assert page.get_attribute("#L0 .at", "datetime") == "2026-12-05T11:45:56.123Z"
+        assert text_of(page, "#L1 .at") == ""
+    finally:
+        context.close()
+
+
 HOSTILE = [
     '<img src=x onerror="window.ran = 1">',
     "</script><script>window.ran = 2</script>",
