@@ -497,10 +497,12 @@ def job_summary(queue: str, job_id: str, expires: int | None) -> dict[str, Any]:
     """Return a job's queue, id, name, state and times (BullMQ's, in milliseconds since
     the epoch), and when a watch token expires."""
     state = service().store.job_state(queue, job_id)
-    times = state.times
+    times, attempts = state.times, state.attempts
     return {
         "queue": queue, "id": job_id, "name": state.name, "state": state.status,
         "timestamp": times.added, "processedOn": times.processed, "finishedOn": times.finished,
+        "attemptsMade": attempts.made, "attemptsStarted": attempts.started,
+        "attempts": attempts.allowed, "failedReason": attempts.failed_reason,
         "expires": expires, "session_seconds": None,
     }  # fmt: skip
 

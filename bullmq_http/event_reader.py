@@ -46,8 +46,9 @@ PAGE = 100  # entries of an event stream, or log lines, read at once
 
 @dataclass(frozen=True)
 class Event:
-    """What happened to a job: kind is progress, log, completed, failed or removed;
-    position its stream id, or for a log line its index in the job's list."""
+    """What happened to a job: kind is progress, log, active (a worker took it: an
+    attempt starts), completed, failed or removed; position its stream id, or for a log
+    line its index in the job's list."""
 
     kind: str
     position: StreamId | int
@@ -65,6 +66,8 @@ def stream_event(entry_id: bytes, fields: dict[bytes, bytes]) -> Event | None:
         return Event(kind, position, final_data(kind, outcome))
     if kind == "removed":
         return Event("removed", position, "")
+    if kind == "active":
+        return Event("active", position, "{}")
     return None
 
 

@@ -42,6 +42,17 @@ class JobTimes:
 
 
 @dataclass(frozen=True)
+class JobAttempts:
+    """A job's attempts, as BullMQ counts them: made (finished, `atm`), started (`ats`),
+    allowed (its `attempts` option), and why the last failed one failed."""
+
+    made: int
+    started: int
+    allowed: int
+    failed_reason: str | None
+
+
+@dataclass(frozen=True)
 class JobState:
     """What a job holds when a stream opens (JobStore.job_state)."""
 
@@ -54,6 +65,7 @@ class JobState:
     name: str  # the job's name
     locked: bool  # whether a worker holds the job (BullMQ's lock)
     times: JobTimes = JobTimes(None, None, None)
+    attempts: JobAttempts = JobAttempts(0, 0, 1, None)
 
     @property
     def status(self) -> str:

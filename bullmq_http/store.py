@@ -9,6 +9,7 @@ NotLockHolder, NoSuchJob or CrossSlot, what Redis did as a RedisError.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Any
 import redis
 from redis.crc import key_slot
 
-from .layout import JobState, JobTimes, StreamId, TooManyBytes, key, stream_id, text
+from .layout import JobAttempts, JobState, JobTimes, StreamId, TooManyBytes, key, stream_id, text
 from .metrics import script_outcome
 from .redis_link import RedisCommands
 
@@ -185,7 +186,8 @@ JOB_STATE = """
            the return value or the failed reason, how many log lines the job has,
            the newest id in the event stream, the oldest ("0-0" for none),
            the job's name, 1 if a worker holds its lock else 0,
-           its timestamp, processedOn and finishedOn ("" for none)}
+           its timestamp, processedOn and finishedOn ("" for none),
+           its attempts made and started, its opts, and its failedReason ("" for none)}
           -2 no such job
 ]]
 if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
@@ -198,10 +200,12 @@ elseif redis.call("ZSCORE", KEYS[5], ARGV[1]) then
 end
 local newest = redis.call("XREVRANGE", KEYS[3], "+", "-", "COUNT", 1)[1]
 local oldest = redis.call("XRANGE", KEYS[3], "-", "+", "COUNT", 1)[1]
-local held = redis.call("HMGET", KEYS[1], "name", "timestamp", "processedOn", "finishedOn")
+local held = redis.call("HMGET", KEYS[1], "name", "timestamp", "processedOn", "finishedOn",
+                        "atm", "ats", "opts", "failedReason")
 return {progress or "", progress and 1 or 0, finished, outcome,
         redis.call("LLEN", KEYS[2]), newest and newest[1] or "0-0", oldest and oldest[1] or "0-0",
-        held[1] or "", redis.call("EXISTS", KEYS[6]), held[2] or "", held[3] or "", held[4] or ""}
+        held[1] or "", redis.call("EXISTS", KEYS[6]), held[2] or "", held[3] or "", held[4] or "",
+        held[5] or "", held[6] or "", held[7] or "", held[8] or ""}
 """
 
 JOB_EVENTS = """
@@ -245,6 +249,16 @@ NOT_LOCK_HOLDER = -1
 NO_SUCH_JOB = -2
 NOT_BULLMQ_LAYOUT = -3  # with the index of the key, in KEYS, that is not
 TOO_MANY_BYTES = -4
+
+
+def attempts_allowed(opts: str) -> int:
+    """Return how many attempts a job's stored options give it (BullMQ's `attempts`,
+    1 when unset or unreadable)."""
+    try:
+        attempts = json.loads(opts or "{}").get("attempts")
+    except (ValueError, AttributeError, RecursionError):
+        return 1
+    return attempts if isinstance(attempts, int) and attempts > 0 else 1
 
 
 def line_stamp(seconds: float) -> str:
@@ -413,8 +427,10 @@ class JobStore:
             self.key(queue, job_id, "lock"),
         )
         (progress, has_progress, finished, outcome, log_count, newest, oldest, name, locked,
-         *times) = self._run(self.job_state_script, queue, job_id, keys, (job_id,))  # fmt: skip
-        added, processed, ended = (int(t) if t.isdigit() else None for t in map(text, times))
+         *held) = self._run(self.job_state_script, queue, job_id, keys, (job_id,))  # fmt: skip
+        added, processed, ended, made, started = (
+            int(value) if value.isdigit() else None for value in map(text, held[:5])
+        )
         return JobState(
             progress=text(progress) if has_progress else None,
             finished=text(finished) or None,
@@ -425,6 +441,9 @@ class JobStore:
             name=text(name),
             locked=bool(locked),
             times=JobTimes(added, processed, ended),
+            attempts=JobAttempts(
+                made or 0, started or 0, attempts_allowed(text(held[5])), text(held[6]) or None
+            ),
         )
 
     def job_events_after(

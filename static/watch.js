@@ -35,6 +35,7 @@
     name: $("name"),
     times: $("times"),
     status: $("status"),
+    attempt: $("attempt"),
     connection: $("connection"),
     problem: $("problem"),
     bar: $("bar"),
@@ -70,6 +71,8 @@
   let severeOnly = false; // show only warnings and errors
   let times = {}; // the job's timestamp, processedOn and finishedOn (ms), as BullMQ's
   let ticker = 0; // redraws the time the job has run, while it runs
+  let attemptsStarted = null; // as the page last heard, to mark where a new one starts
+  let mark = null; // the mark of an attempt that began, until the service says which
 
   // ----------------------------------------------------------------- status
 
@@ -129,14 +132,46 @@
     if (times.processedOn && !times.finishedOn && !ended) ticker = setInterval(showTimes, 1000);
   }
 
-  // Ask the job's times again: it started, or finished, since the page last asked.
-  async function refreshTimes() {
+  // ---------------------------------------------------------------- attempts
+
+  // The badge says which attempt this is of how many; where a new one starts while the
+  // page is open, a mark among the lines says so, and why the one before failed.
+  function keepAttempts(job) {
+    const { attemptsStarted: started, attempts } = job;
+    ui.attempt.hidden = !(attempts > 1 || started > 1);
+    ui.attempt.textContent = `attempt ${Math.max(1, started)} of ${Math.max(attempts, started)}`;
+    if (mark && attemptsStarted !== null && started > attemptsStarted) {
+      const failed = job.failedReason ? ` · attempt ${started - 1} failed: ${job.failedReason}` : "";
+      mark.textContent = `Attempt ${started} of ${Math.max(attempts, started)} began${failed}`;
+      ui.announce.textContent = mark.textContent;
+      mark = null;
+    }
+    attemptsStarted = started;
+  }
+
+  // A worker took the job: mark the place among the lines now, in order with them, and
+  // say which attempt it is once the service has said.
+  function attemptBegan() {
+    mark = document.createElement("li");
+    mark.className = "attempt";
+    mark.setAttribute("role", "separator");
+    mark.textContent = "A new attempt began";
+    pending.push({ element: mark });
+    if (!frame) frame = requestAnimationFrame(draw);
+  }
+
+  // Ask what the job holds again: it started, or started again, or finished, since the
+  // page last asked.
+  async function refreshJob() {
     try {
       const url = `${base}watch/session`;
       const response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
-      if (response.ok) keepTimes(await response.json());
+      if (!response.ok) return;
+      const job = await response.json();
+      keepTimes(job);
+      keepAttempts(job);
     } catch {
-      // out of reach: the times stay as they were
+      // out of reach: what is shown stays as it was
     }
   }
 
@@ -320,7 +355,9 @@
     frame = 0;
     if (!pending.length) return;
     const fragment = document.createDocumentFragment();
-    for (const { index, line } of pending) fragment.append(lineElement(index, line));
+    for (const { index, line, element } of pending) {
+      fragment.append(element ?? lineElement(index, line));
+    }
     pending = [];
     ui.lines.append(fragment);
     ui.empty.hidden = true;
@@ -348,7 +385,7 @@
 
   function applyFilter() {
     filterText = ui.filter.value.trim().toLowerCase();
-    for (const row of ui.lines.children) {
+    for (const row of ui.lines.querySelectorAll("li[id]")) {
       row.hidden = !matches(row.querySelector(".text").textContent, row.className);
     }
   }
@@ -383,7 +420,7 @@
     ended = true;
     closeStream();
     clearInterval(ticker);
-    if (kind !== "removed") refreshTimes(); // when it finished
+    if (kind !== "removed") refreshJob(); // when it finished
     setStatus(kind);
     setConnection("ended");
     settleBar(kind);
@@ -450,6 +487,7 @@
     const job = await response.json();
     keepSession(job.session_seconds);
     keepTimes(job);
+    keepAttempts(job);
     ui.name.textContent = job.name;
     setStatus(job.state);
     showProblem("");
@@ -494,7 +532,7 @@
       lastEventId = event.lastEventId || lastEventId;
       if (ui.status.dataset.state === "waiting") {
         setStatus("active");
-        refreshTimes(); // when it started
+        refreshJob(); // when it started
       }
       showProgress(JSON.parse(event.data));
     });
@@ -502,6 +540,12 @@
       lastEventId = event.lastEventId || lastEventId;
       const { index, line } = JSON.parse(event.data);
       addLine(index, line);
+    });
+    source.addEventListener("active", (event) => {
+      lastEventId = event.lastEventId || lastEventId;
+      setStatus("active");
+      attemptBegan();
+      refreshJob(); // which attempt, and why the one before failed
     });
     for (const kind of FINAL) {
       source.addEventListener(kind, (event) => {

@@ -198,7 +198,7 @@ def page(browser: Any) -> Iterator[Any]:
 def shown_lines(page: Any) -> list[tuple[int, str]]:
     """Return the page's log lines as (number, text), in order."""
     rows = page.eval_on_selector_all(
-        "#lines li",
+        "#lines li[id]",
         "rows => rows.map(row => [row.querySelector('.number').textContent,"
         " row.querySelector('.text').textContent])",
     )
@@ -339,6 +339,52 @@ def test_a_job_worked_over_http_shows_from_claim_to_completion(site, page, redis
     page.wait_for_selector("#connection[data-state=ended]", timeout=SECONDS * 1000)
     assert text_of(page, "#status") == "completed"
     assert json.loads(text_of(page, "#outcome-body")) == {"thumbnails": 4}
+
+
+def test_a_retried_job_shows_its_attempts_and_where_each_began(site, page, redis_url):
+    """Attempts of 3: the first fails over HTTP and is retried; the page, open all the
+    while, marks where the second began, with why the first failed, and its badge
+    counts them."""
+    queue_name = f"page-{uuid.uuid4().hex[:8]}"
+
+    async def adding() -> str:
+        queue = Queue(queue_name, {"connection": redis_url})
+        try:
+            return str((await queue.add("charge", {"n": 1}, {"attempts": 3})).id)
+        finally:
+            await queue.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        job_id = pool.submit(asyncio.run, adding()).result(30)
+
+    def claim() -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=10)
+        answer = http_call(conn, "POST", f"/bullmq/queues/{queue_name}/claim", token=API_TOKEN)
+        claimed = json.loads(answer.body)
+        assert claimed["id"] == job_id
+        return str(claimed["token"])
+
+    first = claim()
+    page.goto(site.link(queue_name, job_id))
+    page.wait_for_selector("#connection[data-state=live]", timeout=SECONDS * 1000)
+    assert text_of(page, "#attempt") == "attempt 1 of 3"
+    assert site.post(queue_name, job_id, "logs", first, b"trying the card") == 200
+    until_shown(page, lambda: [(0, "trying the card")], lambda: shown_lines(page))
+    assert site.post(queue_name, job_id, "fail", first, b"the card was declined") == 200
+    second = claim()
+    until_shown(page, lambda: "attempt 2 of 3", lambda: text_of(page, "#attempt"))
+    assert site.post(queue_name, job_id, "logs", second, b"trying again") == 200
+    rows = "rows => rows.map(r => (r.querySelector('.text') ?? r).textContent)"
+    until_shown(
+        page,
+        lambda: [
+            "trying the card",
+            "Attempt 2 of 3 began · attempt 1 failed: the card was declined",
+            "trying again",
+        ],
+        lambda: page.eval_on_selector_all("#lines li", rows),
+    )
+    assert page.get_attribute("#lines li.attempt", "role") == "separator"
 
 
 def assert_still(page: Any) -> None:

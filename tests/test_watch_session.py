@@ -29,9 +29,11 @@ def test_a_page_exchanges_its_link_for_a_cookie_that_opens_its_job_only(make_app
     token = watch_token(WATCH_SECRET, "orders", "1", expires)
     response = client.post("/queues/orders/jobs/1/watch/session", data=token)
     summary = {"queue": "orders", "id": "1", "name": "job", "state": "active"}
-    # The job's times as BullMQ holds them: added and started, not finished.
+    # The job's times and attempts as BullMQ holds them: added and started, not finished;
+    # its first attempt of one.
     held = r.hmget("bull:orders:1", "timestamp", "processedOn")
-    times = {"timestamp": int(held[0]), "processedOn": int(held[1]), "finishedOn": None}
+    times = {"timestamp": int(held[0]), "processedOn": int(held[1]), "finishedOn": None,
+             "attemptsMade": 0, "attemptsStarted": 1, "attempts": 1, "failedReason": None}  # fmt: skip
     assert (response.status_code, response.json) == (
         200, {**summary, **times, "expires": expires, "session_seconds": 120}
     )  # fmt: skip
