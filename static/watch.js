@@ -24,6 +24,10 @@
   // eslint-disable-next-line no-control-regex
   const ESCAPE = /\x1b(?:\[([0-?]*)[ -/]*([@-~])|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])/g;
   const CUBE = [0, 95, 135, 175, 215, 255]; // the 256-colour palette's 6x6x6 cube
+  // Where a section of the log begins or ends, as CI logs write it: Buildkite's
+  // "--- title" (open), "+++ title" (open) and "~~~ title" (folded), GitHub Actions'
+  // "::group::title" ... "::endgroup::".
+  const SECTION = /^(?:(---|\+\+\+|~~~) (.*)|::group::(.*)|(::endgroup::))/;
   // When a line came, where the service stamps it (LOG_LINE_TIMESTAMPS): ISO 8601 in
   // UTC to the millisecond, then a space.
   const STAMP = /^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) /;
@@ -73,6 +77,8 @@
   let ticker = 0; // redraws the time the job has run, while it runs
   let attemptsStarted = null; // as the page last heard, to mark where a new one starts
   let mark = null; // the mark of an attempt that began, until the service says which
+  const sections = []; // {head, open, chosen}: the log's sections, in order
+  let section = null; // the one the lines now coming belong to
 
   // ----------------------------------------------------------------- status
 
@@ -313,6 +319,42 @@
     return at;
   }
 
+  // ---------------------------------------------------------------- sections
+
+  // A section folds when the job moves on to the next one (or ends it), unless the
+  // reader opened or folded it by hand.
+  function enterSection(item, title, open) {
+    leaveSection();
+    const toggle = document.createElement("button");
+    toggle.type = "button";
+    toggle.className = "fold";
+    toggle.textContent = title || "(untitled section)";
+    section = { head: item, toggle, open, chosen: false, id: String(sections.length) };
+    sections.push(section);
+    item.dataset.head = section.id;
+    showSection(section, open);
+    return toggle;
+  }
+
+  function leaveSection() {
+    if (section && !section.chosen) showSection(section, false);
+    section = null;
+  }
+
+  function showSection(which, open) {
+    which.open = open;
+    which.toggle.setAttribute("aria-expanded", String(open));
+    for (const row of ui.lines.querySelectorAll(`li[data-section="${which.id}"]`)) {
+      row.hidden = !shown(row);
+    }
+  }
+
+  function shown(row) {
+    const inside = row.dataset.section;
+    if (inside !== undefined && !sections[Number(inside)].open) return false;
+    return matches(row.querySelector(".text").textContent, row.className);
+  }
+
   function lineElement(index, line) {
     const item = document.createElement("li");
     item.id = `L${index}`;
@@ -325,14 +367,24 @@
     number.className = "number";
     number.href = `#L${index}`;
     number.textContent = String(index);
-    const text = styledText(runs);
+    let text = styledText(runs);
+    const marker = SECTION.exec(plain);
+    if (marker?.[4]) {
+      if (section) item.dataset.section = section.id; // the group's own end, folded with it
+      leaveSection();
+    } else if (marker) {
+      const toggle = enterSection(item, (marker[2] ?? marker[3]).trim(), marker[1] !== "~~~");
+      text.replaceChildren(toggle);
+    } else if (section) {
+      item.dataset.section = section.id;
+    }
     const copy = document.createElement("button");
     copy.type = "button";
     copy.className = "copy";
     copy.textContent = "Copy";
     copy.setAttribute("aria-label", `Copy line ${index}`);
     item.append(number, stampElement(stamp?.[1]), text, copy);
-    item.hidden = !matches(plain, item.className);
+    item.hidden = !shown(item);
     return item;
   }
 
@@ -354,12 +406,12 @@
   function draw() {
     frame = 0;
     if (!pending.length) return;
-    const fragment = document.createDocumentFragment();
+    // Appended one by one (the page lays out once, at the frame's end): a section that
+    // folds finds its lines already in the list.
     for (const { index, line, element } of pending) {
-      fragment.append(element ?? lineElement(index, line));
+      ui.lines.append(element ?? lineElement(index, line));
     }
     pending = [];
-    ui.lines.append(fragment);
     ui.empty.hidden = true;
     const wanted = target === null ? null : document.getElementById(`L${target}`);
     if (wanted) {
@@ -385,9 +437,7 @@
 
   function applyFilter() {
     filterText = ui.filter.value.trim().toLowerCase();
-    for (const row of ui.lines.querySelectorAll("li[id]")) {
-      row.hidden = !matches(row.querySelector(".text").textContent, row.className);
-    }
+    for (const row of ui.lines.querySelectorAll("li[id]")) row.hidden = !shown(row);
   }
 
   async function copyLine(button) {
@@ -612,6 +662,12 @@
   ui.lines.addEventListener("click", (event) => {
     const button = event.target.closest("button.copy");
     if (button) copyLine(button);
+    const fold = event.target.closest("button.fold");
+    if (fold) {
+      const which = sections[Number(fold.closest("li").dataset.head)];
+      which.chosen = true;
+      showSection(which, !which.open);
+    }
   });
 
   if (document.hidden) setConnection("paused");

@@ -459,6 +459,49 @@ def test_levels_and_ansi_colours_draw_and_filter(site, page, bull_job):
     assert len(visible) == 6
 
 
+SECTIONED = [
+    "--- fetching",
+    "fetched 3 images",
+    "::group::resizing",
+    "resized 1",
+    "resized 2",
+    "::endgroup::",
+    "~~~ details",
+    "a detail",
+    "+++ uploading",
+    "uploaded",
+]
+
+
+def test_ci_style_sections_fold_and_stay_open_while_the_job_is_on_them(site, page, bull_job):
+    job = bull_job()
+    for line in SECTIONED:
+        assert site.post(job.queue_name, job.id, "logs", job.token, line.encode()) == 200
+    page.goto(site.link(job.queue_name, job.id))
+    page.wait_for_selector("#L9", timeout=SECONDS * 1000)
+    visible = "rows => rows.filter(r => !r.hidden).map(r => r.id)"
+    # Each section folded once the job moved on; "details" was written folded; the
+    # one the job is on is open.
+    assert page.eval_on_selector_all("#lines li", visible) == ["L0", "L2", "L6", "L8", "L9"]
+    heads = page.eval_on_selector_all(
+        "#lines button.fold", "bs => bs.map(b => [b.textContent, b.getAttribute('aria-expanded')])"
+    )
+    assert heads == [
+        ["fetching", "false"], ["resizing", "false"], ["details", "false"], ["uploading", "true"]
+    ]  # fmt: skip
+    # Opened by hand, from the keyboard: it stays open as lines come.
+    page.focus("#L2 button.fold")
+    page.keyboard.press("Enter")
+    assert page.eval_on_selector_all("#lines li", visible) == [
+        "L0", "L2", "L3", "L4", "L5", "L6", "L8", "L9"
+    ]  # fmt: skip
+    assert site.post(job.queue_name, job.id, "logs", job.token, b"--- done") == 200
+    page.wait_for_selector("#L10", timeout=SECONDS * 1000)
+    assert page.eval_on_selector_all("#lines li", visible) == [
+        "L0", "L2", "L3", "L4", "L5", "L6", "L8", "L10"
+    ]  # fmt: skip
+
+
 def test_a_stamped_line_shows_when_it_came_in_the_readers_time_zone(site, browser, bull_job):
     """LOG_LINE_TIMESTAMPS's lines (docs/operations.md's format) show their time as a
     column, not as text; a line without one shows none, and is not guessed at."""
