@@ -39,7 +39,10 @@ def screenshot(path: Path) -> None:
         queue, job_id, _ = seed_demo_job(redis_server.url)
         with redis.Redis.from_url(redis_server.url) as r:
             key = f"bull:{queue}:{job_id}"
-            r.hset(key, "name", "resize-images")
+            # Its second attempt of three, the first having failed.
+            r.hset(key, mapping={"name": "resize-images", "ats": 2, "atm": 1,
+                                 "opts": json.dumps({"attempts": 3}),
+                                 "failedReason": "the bucket was unreachable"})  # fmt: skip
             r.hset(key, "progress", json.dumps({"current": 7, "total": 12, "message": "resizing"}))
             r.rpush(f"{key}:logs", *DEMO_LINES)
         env = {"REDIS_URL": redis_server.url, "WATCH_TOKEN_SECRET": secret, "WEB_CONCURRENCY": "1"}
@@ -50,7 +53,9 @@ def screenshot(path: Path) -> None:
                 browser = playwright.chromium.launch(
                     executable_path=shutil.which("chromium") or "chromium", args=CHROMIUM_ARGS
                 )
-                page = browser.new_page(viewport={"width": 960, "height": 640})
+                page = browser.new_page(
+                    viewport={"width": 960, "height": 640}, timezone_id="UTC", locale="en-GB"
+                )
                 page.goto(link)
                 page.wait_for_selector("#connection[data-state=live]")
                 page.wait_for_selector(f"#L{len(DEMO_LINES) - 1}")
@@ -60,17 +65,21 @@ def screenshot(path: Path) -> None:
     print(f"wrote {path}")
 
 
+# Stamped as LOG_LINE_TIMESTAMPS stamps them, with a section, levels and ANSI colours.
 DEMO_LINES = [
-    "info: fetched 12 images from s3://uploads/2026-12-01/",
-    "resizing beach.jpg to 1600x1200",
-    "resizing dunes.jpg to 1600x1200",
-    "warn: harbour.jpg has no EXIF orientation; assuming landscape",
-    "resizing harbour.jpg to 1600x1200",
-    "resizing lighthouse.jpg to 1600x1200",
-    "resizing market.jpg to 1600x1200",
-    "error: pier.jpg is truncated (read 812 KiB of 2.1 MiB); retrying once",
-    "resizing pier.jpg to 1600x1200",
-    "info: 7 of 12 done",
+    "2026-12-01T09:14:02.118Z --- fetching",
+    "2026-12-01T09:14:02.120Z info: fetched 12 images from s3://uploads/2026-12-01/",
+    "2026-12-01T09:14:02.311Z --- resizing",
+    "2026-12-01T09:14:02.402Z resizing beach.jpg to 1600x1200 \x1b[32m✓\x1b[0m",
+    "2026-12-01T09:14:02.688Z resizing dunes.jpg to 1600x1200 \x1b[32m✓\x1b[0m",
+    "2026-12-01T09:14:02.690Z warn: harbour.jpg has no EXIF orientation; assuming landscape",
+    "2026-12-01T09:14:02.951Z resizing harbour.jpg to 1600x1200 \x1b[32m✓\x1b[0m",
+    "2026-12-01T09:14:03.204Z resizing lighthouse.jpg to 1600x1200 \x1b[32m✓\x1b[0m",
+    "2026-12-01T09:14:03.477Z resizing market.jpg to 1600x1200 \x1b[32m✓\x1b[0m",
+    "2026-12-01T09:14:03.480Z error: pier.jpg is truncated (read 812 KiB of 2.1 MiB); "
+    "retrying once",
+    "2026-12-01T09:14:03.912Z resizing pier.jpg to 1600x1200 \x1b[32m✓\x1b[0m",
+    "2026-12-01T09:14:03.913Z info: \x1b[1m7 of 12\x1b[22m done",
 ]
 
 
