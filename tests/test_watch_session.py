@@ -32,8 +32,10 @@ def test_a_page_exchanges_its_link_for_a_cookie_that_opens_its_job_only(make_app
     # The job's times and attempts as BullMQ holds them: added and started, not finished;
     # its first attempt of one.
     held = r.hmget("bull:orders:1", "timestamp", "processedOn")
-    times = {"timestamp": int(held[0]), "processedOn": int(held[1]), "finishedOn": None,
-             "attemptsMade": 0, "attemptsStarted": 1, "attempts": 1, "failedReason": None}  # fmt: skip
+    times = {
+        "timestamp": int(held[0]), "processedOn": int(held[1]), "finishedOn": None,
+        "attemptsMade": 0, "attemptsStarted": 1, "attempts": 1, "failedReason": None,
+    }  # fmt: skip
     assert (response.status_code, response.json) == (
         200, {**summary, **times, "expires": expires, "session_seconds": 120}
     )  # fmt: skip
