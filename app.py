@@ -257,10 +257,12 @@ def add_log(queue: str, job_id: str, token: bytes) -> Response:
 
 
 @reporting.get("/logs")
-@api_token_required
+@watch_or_api_token_required
 def read_logs(queue: str, job_id: str) -> Response:
-    """Return one page of a job's logs, oldest first unless order=desc."""
-    no_query_parameters_but(("start", "length", "order"))
+    """Return one page of a job's logs, oldest first unless order=desc; a watch token
+    or the page's session reads them as an API token does (the page reads earlier
+    lines so)."""
+    no_query_parameters_but(("start", "length", "order", "token"))
     start = query_number("start", 0, parse_start)
     length = query_number("length", 10, parse_length)
     order = request.args.get("order", "asc")

@@ -1,10 +1,13 @@
-"""GET /queues/<queue>/jobs/<id>/logs: a page of a job's logs, for an API token."""
+"""GET /queues/<queue>/jobs/<id>/logs: a page of a job's logs, for an API token or a
+watch token of the job."""
 
 import json
+import time
 
 import pytest
 
-from tests.helpers import API_TOKEN, JOB_TOKEN, NOT_AN_API_TOKEN, bearer, snapshot
+from bullmq_http.tokens import watch_token
+from tests.helpers import API_TOKEN, JOB_TOKEN, NOT_AN_API_TOKEN, WATCH_SECRET, bearer, snapshot
 
 URL = "/queues/orders/jobs/1/logs"
 LINES = [f"line {n}" for n in range(25)]
@@ -95,8 +98,11 @@ def test_a_queue_level_key_is_not_a_job(client, r, job):
         ("?length=+5", "length must be a whole number from 1 to 100"),
         ("?order=newest", "order must be asc or desc"),
         ("?order=DESC", "order must be asc or desc"),
-        ("?strat=20", "unknown query parameter 'strat': use start, length and order"),
-        ("?start=0&_=1700000000", "unknown query parameter '_': use start, length and order"),
+        ("?strat=20", "unknown query parameter 'strat': use start, length, order and token"),
+        (
+            "?start=0&_=1700000000",
+            "unknown query parameter '_': use start, length, order and token",
+        ),
     ],
 )
 def test_bad_parameters_are_a_400(client, r, logged, query, reason):
@@ -159,3 +165,21 @@ def test_logs_can_be_read_while_redis_refuses_writes_for_memory(client, r, logge
     response = client.post(URL, data=b"one more", headers=bearer(JOB_TOKEN))
     assert (response.status_code, response.headers["Retry-After"]) == (503, "1")
     assert r.llen("bull:orders:1:logs") == 25
+
+
+def test_a_watch_token_and_the_pages_session_read_pages_of_their_job_only(make_app, r, job):
+    """The watch page reads earlier lines with what opened it: its link's token, or the
+    session cookie it traded the token for; neither reads another job's."""
+    job()
+    job(job_id="2")
+    r.rpush("bull:orders:1:logs", *LINES)
+    client = make_app(WATCH_TOKEN_SECRET=WATCH_SECRET).test_client()
+    token = watch_token(WATCH_SECRET, "orders", "1", int(time.time()) + 300)
+    page = client.get(f"{URL}?start=5&length=3&token={token}")
+    assert page.get_json() == {"count": len(LINES), "logs": LINES[5:8]}
+    assert client.post("/queues/orders/jobs/1/watch/session", data=token).status_code == 200
+    assert client.get(f"{URL}?start=0&length=2").get_json() == {
+        "count": len(LINES), "logs": LINES[:2]
+    }  # fmt: skip
+    other = client.get(f"/queues/orders/jobs/2/logs?token={token}")
+    assert (other.status_code, other.text) == (401, "the watch token is not valid for this job")
