@@ -16,6 +16,7 @@
 
 (() => {
   const TAIL = 1000; // log lines a fresh page starts with; the download has them all
+  const PAGE = 100; // earlier lines read at a time, as GET logs gives them
   const MAX_DELAY_MS = 30000; // the longest wait between reconnects
   const FINAL = ["completed", "failed", "removed"];
   // A line's level, as loggers spell it at its start: "info:", "[WARN]", "ERROR ", ...
@@ -54,7 +55,6 @@
     filter: $("filter"),
     severe: $("severe"),
     follow: $("follow"),
-    earlier: $("earlier"),
     lines: $("lines"),
     empty: $("empty"),
   };
@@ -77,8 +77,9 @@
   let ticker = 0; // redraws the time the job has run, while it runs
   let attemptsStarted = null; // as the page last heard, to mark where a new one starts
   let mark = null; // the mark of an attempt that began, until the service says which
-  const sections = []; // {head, open, chosen}: the log's sections, in order
-  let section = null; // the one the lines now coming belong to
+  const sections = []; // {head, toggle, open, chosen, id}: the log's sections
+  // Where lines go, section-wise: the live ones, and each page of earlier lines read.
+  const live = { section: null, live: true };
 
   // ----------------------------------------------------------------- status
 
@@ -323,22 +324,25 @@
 
   // A section folds when the job moves on to the next one (or ends it), unless the
   // reader opened or folded it by hand.
-  function enterSection(item, title, open) {
-    leaveSection();
+  // A page of earlier lines is history: its sections are folded; the live lines' are
+  // open while the job is on them.
+  function enterSection(place, item, title, open) {
+    leaveSection(place);
     const toggle = document.createElement("button");
     toggle.type = "button";
     toggle.className = "fold";
     toggle.textContent = title || "(untitled section)";
-    section = { head: item, toggle, open, chosen: false, id: String(sections.length) };
-    sections.push(section);
-    item.dataset.head = section.id;
-    showSection(section, open);
+    const entered = { head: item, toggle, open, chosen: false, id: String(sections.length) };
+    sections.push(entered);
+    place.section = entered;
+    item.dataset.head = entered.id;
+    showSection(entered, open && place.live);
     return toggle;
   }
 
-  function leaveSection() {
-    if (section && !section.chosen) showSection(section, false);
-    section = null;
+  function leaveSection(place) {
+    if (place.section && !place.section.chosen) showSection(place.section, false);
+    place.section = null;
   }
 
   function showSection(which, open) {
@@ -355,7 +359,7 @@
     return matches(row.querySelector(".text").textContent, row.className);
   }
 
-  function lineElement(index, line) {
+  function lineElement(index, line, place = live) {
     const item = document.createElement("li");
     item.id = `L${index}`;
     const stamp = STAMP.exec(line);
@@ -367,16 +371,17 @@
     number.className = "number";
     number.href = `#L${index}`;
     number.textContent = String(index);
-    let text = styledText(runs);
+    const text = styledText(runs);
     const marker = SECTION.exec(plain);
+    const inside = place.section;
     if (marker?.[4]) {
-      if (section) item.dataset.section = section.id; // the group's own end, folded with it
-      leaveSection();
+      if (inside) item.dataset.section = inside.id; // the group's own end, folded with it
+      leaveSection(place);
     } else if (marker) {
-      const toggle = enterSection(item, (marker[2] ?? marker[3]).trim(), marker[1] !== "~~~");
-      text.replaceChildren(toggle);
-    } else if (section) {
-      item.dataset.section = section.id;
+      const title = (marker[2] ?? marker[3]).trim();
+      text.replaceChildren(enterSection(place, item, title, marker[1] !== "~~~"));
+    } else if (inside) {
+      item.dataset.section = inside.id;
     }
     const copy = document.createElement("button");
     copy.type = "button";
@@ -392,14 +397,98 @@
     if (!seenFirstLine) {
       seenFirstLine = true;
       if (index > 0) {
-        ui.earlier.textContent =
-          `${index} earlier ${index === 1 ? "line is" : "lines are"} not shown: ` +
-          "“Download all” has every line.";
-        ui.earlier.hidden = false;
+        const gap = gapElement(0, index);
+        pending.push({ element: gap });
+        // A line asked for (#L<n>) before the ones shown: read the page around it.
+        if (target !== null && Number(target) < index) {
+          const start = Math.max(0, Number(target) - PAGE / 2);
+          readInto(gap, start, Math.min(index, start + PAGE)).then(showTarget);
+        }
       }
     }
     pending.push({ index, line });
     if (!frame) frame = requestAnimationFrame(draw);
+  }
+
+  // ------------------------------------------------------------ earlier lines
+
+  // Lines [from, to) not read yet: a row that reads them, a page at a time from its
+  // end, when the reader scrolls to it (or presses it), in place above the lines after
+  // it.
+  function gapElement(from, to) {
+    const gap = document.createElement("li");
+    gap.className = "gap";
+    const button = document.createElement("button");
+    button.type = "button";
+    gap.append(button);
+    setGap(gap, from, to);
+    button.addEventListener("click", () => readPage(gap));
+    return gap;
+  }
+
+  function setGap(gap, from, to) {
+    gap.dataset.from = String(from);
+    gap.dataset.to = String(to);
+    const count = to - from;
+    gap.firstElementChild.textContent =
+      `${count.toLocaleString()} earlier ${count === 1 ? "line" : "lines"}: scroll up, or ` +
+      "press, to read them";
+  }
+
+  // The reader scrolled up to a gap: read it (not while following the newest line).
+  function readGapsInView() {
+    const view = ui.lines.getBoundingClientRect();
+    for (const gap of ui.lines.querySelectorAll("li.gap")) {
+      const { top, bottom } = gap.getBoundingClientRect();
+      if (bottom > view.top && top < view.bottom) readPage(gap);
+    }
+  }
+
+  // The page of lines just above what follows the gap, keeping that where it is.
+  function readPage(gap) {
+    if (gap.dataset.reading || !gap.isConnected) return;
+    const [from, to] = [Number(gap.dataset.from), Number(gap.dataset.to)];
+    return readInto(gap, Math.max(from, to - PAGE), to);
+  }
+
+  // Read lines [start, end) of the gap's range into place after it; what is left of
+  // the gap stays (above them, and below them where a read stopped short of its end).
+  async function readInto(gap, start, end) {
+    gap.dataset.reading = "1";
+    while (!gap.isConnected) await new Promise((drawn) => requestAnimationFrame(drawn));
+    try {
+      const place = { section: null, live: false };
+      const rows = [];
+      let at = start;
+      while (at < end) {
+        const query = `start=${at}&length=${Math.min(PAGE, end - at)}`;
+        const response = await fetch(`${base}logs?${query}`, { credentials: "same-origin" });
+        if (!response.ok) return;
+        const { logs } = await response.json();
+        if (!logs.length) break;
+        for (const line of logs) rows.push(lineElement(at++, line, place));
+      }
+      const after = gap.nextElementSibling;
+      const before = after ? after.getBoundingClientRect().top : 0;
+      const [from, to] = [Number(gap.dataset.from), Number(gap.dataset.to)];
+      if (at < to) gap.after(gapElement(at, to));
+      gap.after(...rows);
+      if (start > from) setGap(gap, from, start);
+      else gap.remove();
+      // The lines the reader was on stay where they were on the screen.
+      if (after) ui.lines.scrollTop += after.getBoundingClientRect().top - before;
+    } finally {
+      delete gap.dataset.reading;
+    }
+  }
+
+  function showTarget() {
+    const wanted = target === null ? null : document.getElementById(`L${target}`);
+    if (!wanted) return;
+    target = null;
+    wanted.classList.add("target");
+    follow(false);
+    wanted.scrollIntoView({ block: "center" });
   }
 
   // Lines are drawn once a frame, however fast they come.
@@ -413,15 +502,8 @@
     }
     pending = [];
     ui.empty.hidden = true;
-    const wanted = target === null ? null : document.getElementById(`L${target}`);
-    if (wanted) {
-      target = null;
-      wanted.classList.add("target");
-      follow(false);
-      wanted.scrollIntoView({ block: "center" });
-    } else if (following) {
-      ui.lines.scrollTop = ui.lines.scrollHeight;
-    }
+    if (target !== null && document.getElementById(`L${target}`)) showTarget();
+    else if (following && target === null) ui.lines.scrollTop = ui.lines.scrollHeight;
   }
 
   function follow(on) {
@@ -648,6 +730,7 @@
     const { scrollTop, scrollHeight, clientHeight } = ui.lines;
     const atBottom = scrollHeight - scrollTop - clientHeight < 8;
     if (atBottom !== following) follow(atBottom);
+    if (!following) readGapsInView();
   });
   ui.follow.addEventListener("click", () => {
     follow(true);

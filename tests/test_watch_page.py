@@ -502,6 +502,43 @@ def test_ci_style_sections_fold_and_stay_open_while_the_job_is_on_them(site, pag
     ]  # fmt: skip
 
 
+def test_the_whole_of_a_100000_line_log_reads_in_place_and_any_line_is_a_link(site, page, bull_job):
+    """The page opens with the newest 1,000 lines of 100,000; scrolled up, it reads the
+    earlier ones a page at a time, in place, the reader's line kept where it was; and
+    a link to any line (#L<n>), reloaded, reads the page around it, not the 99,000
+    between."""
+    job = bull_job()
+    key = f"bull:{job.queue_name}:{job.id}:logs"
+    for start in range(0, 100_000, 10_000):
+        site.data.rpush(key, *(f"line {n}" for n in range(start, start + 10_000)))
+    page.goto(site.link(job.queue_name, job.id))
+    page.wait_for_selector("#L99999", timeout=SECONDS * 1000)
+    rows = "rows => rows.map(r => r.id || r.className)"
+    shown = page.eval_on_selector_all("#lines li", rows)
+    assert shown == ["gap", *(f"L{n}" for n in range(99_000, 100_000))]
+    assert text_of(page, "#lines li.gap").startswith("99,000 earlier lines")
+    # Scrolled to the top: the page before comes in above, the reader stays on L99000.
+    page.evaluate("lines.scrollTop = 0; lines.dispatchEvent(new Event('scroll'))")
+    page.wait_for_selector("#L98900", timeout=SECONDS * 1000)
+    assert text_of(page, "#L98900 .text") == "line 98900"
+    assert text_of(page, "#lines li.gap").startswith("98,900 earlier lines")
+    top = page.evaluate("L99000.getBoundingClientRect().top - lines.getBoundingClientRect().top")
+    assert 0 <= top < 40  # where the first line shown was
+    # A link to line 50,000, reloaded: that page of the log, with what is not read yet
+    # above and below it.
+    page.evaluate("location.hash = 'L50000'")
+    page.reload()
+    page.wait_for_selector("#L50000.target", timeout=SECONDS * 1000)
+    assert page.evaluate(
+        "(r => r.top >= 0 && r.bottom <= innerHeight)(L50000.getBoundingClientRect())"
+    )
+    shown = page.eval_on_selector_all("#lines li", rows)
+    assert shown == ["gap", *(f"L{n}" for n in range(49_950, 50_050)), "gap",
+                     *(f"L{n}" for n in range(99_000, 100_000))]  # fmt: skip
+    gaps = page.eval_on_selector_all("#lines li.gap", "gs => gs.map(g => g.textContent)")
+    assert gaps[0].startswith("49,950 earlier lines") and gaps[1].startswith("48,950 earlier")
+
+
 def test_a_stamped_line_shows_when_it_came_in_the_readers_time_zone(site, browser, bull_job):
     """LOG_LINE_TIMESTAMPS's lines (docs/operations.md's format) show their time as a
     column, not as text; a line without one shows none, and is not guessed at."""
@@ -654,15 +691,15 @@ def test_reading_tools_filter_follow_copy_anchor_and_download(site, page, bull_j
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     page.goto(site.link(job.queue_name, job.id))
     until_shown(page, newest, lambda: shown_lines(page))
-    assert text_of(page, "#earlier").startswith("500 earlier lines are not shown")
+    assert text_of(page, "#lines li.gap").startswith("500 earlier lines: scroll up")
     # Following: the newest line is in view.
     assert page.evaluate("(l => l.scrollHeight - l.scrollTop - l.clientHeight)(lines)") < 8
     # Scrolled up, it stops following; new lines do not move the reader.
-    page.evaluate("lines.scrollTop = 0; lines.dispatchEvent(new Event('scroll'))")
+    page.evaluate("lines.scrollTop = 400; lines.dispatchEvent(new Event('scroll'))")
     assert text_of(page, "#follow") == "Follow"
     job.log("info: newest")
     until_shown(page, lambda: the_jobs_logs(site, job)[500:], lambda: shown_lines(page))
-    assert page.evaluate("lines.scrollTop") == 0
+    assert page.evaluate("lines.scrollTop") == 400
     page.click("#follow")
     assert text_of(page, "#follow") == "Following"
 
