@@ -187,12 +187,21 @@ def bull_job(redis_url: str) -> Iterator[Callable[..., BullJob]]:
 @pytest.fixture
 def page(browser: Any) -> Iterator[Any]:
     context = browser.new_context()
+    # What the page's strict CSP refused (an inline style or script, say), noted
+    # before any of the page's own script runs.
+    context.add_init_script(
+        "window.refused = [];"
+        "document.addEventListener('securitypolicyviolation',"
+        " (e) => window.refused.push(`${e.violatedDirective} ${e.blockedURI}`));"
+    )
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     yield page
+    refused = page.evaluate("window.refused ?? []")
     context.close()
     assert errors == [], "the page's script threw"
+    assert refused == [], "the page's CSP refused something of its own"
 
 
 def shown_lines(page: Any) -> list[tuple[int, str]]:
