@@ -99,7 +99,8 @@ def test_an_expired_watch_token_is_refused(make_app, job):
 @pytest.mark.parametrize("minter", [None, "0123456789abcdef" * 2], ids=["signed offline", "minted"])
 @pytest.mark.parametrize(
     ("method", "route"),
-    [("GET", "events"), ("GET", "logs.txt"), ("GET", "watch/session"), ("POST", "watch/session")],
+    [("GET", "events"), ("GET", "logs.txt"), ("GET", "logs"), ("GET", "watch/session"),
+     ("POST", "watch/session")],  # fmt: skip
 )
 def test_an_expired_watch_token_opens_no_route_that_takes_one(make_app, job, minter, method, route):
     job()
@@ -116,7 +117,7 @@ def test_an_expired_watch_token_opens_no_route_that_takes_one(make_app, job, min
     assert "Set-Cookie" not in response.headers
 
 
-@pytest.mark.parametrize("route", ["events", "logs.txt", "watch/session"])
+@pytest.mark.parametrize("route", ["events", "logs.txt", "logs", "watch/session"])
 def test_a_page_session_whose_link_expired_opens_nothing(make_app, job, route):
     """The page's cookie ends with its link: signed for a link that has expired, it is
     refused on every route the cookie goes to."""
