@@ -99,8 +99,13 @@ def test_an_expired_watch_token_is_refused(make_app, job):
 @pytest.mark.parametrize("minter", [None, "0123456789abcdef" * 2], ids=["signed offline", "minted"])
 @pytest.mark.parametrize(
     ("method", "route"),
-    [("GET", "events"), ("GET", "logs.txt"), ("GET", "logs"), ("GET", "watch/session"),
-     ("POST", "watch/session")],  # fmt: skip
+    [
+        ("GET", "events"),
+        ("GET", "logs.txt"),
+        ("GET", "logs"),
+        ("GET", "watch/session"),
+        ("POST", "watch/session"),
+    ],
 )
 def test_an_expired_watch_token_opens_no_route_that_takes_one(make_app, job, minter, method, route):
     job()
