@@ -294,8 +294,13 @@ def claim_job(queue: str) -> Response:
     no_query_parameters_but(("wait",))
     longest = current_app.config["MAX_CLAIM_WAIT_SECONDS"]
     seconds = query_number("wait", 0, whole_number(0, longest))
-    lock_ms = json_options(request_body(), {"lockDuration": parse_lock_ms}).get("lockDuration")
+    lock_ms, first = claim_request(request_body())
     parts = service()
+    if first is not None:
+        # The job the caller finished, completed in the same round trip as the claim.
+        claimed = parts.job_life.complete_and_claim(queue, *first, lock_ms)
+        if claimed is not None or not seconds:
+            return Response(status=204) if claimed is None else json_answer(claimed.answer())
     if not seconds:
         claimed = parts.job_life.claim(queue, lock_ms)
     else:
@@ -713,6 +718,37 @@ def json_options(body: bytes, known: dict[str, Callable[[str], int]]) -> dict[st
         except ValueError as error:
             abort(400, f"{name} {error}")
     return parsed
+
+
+def claim_request(body: bytes) -> tuple[int | None, tuple[str, str, str] | None]:
+    """Return what a claim's optional JSON body asks: its lockDuration, and the job the
+    caller finished to complete first (its id, lock token and return value as
+    JSON.stringify writes it); or stop with a 400."""
+    if not body.strip():
+        return None, None
+    asked = parse_json(body, "the body")
+    if not isinstance(asked, dict) or not asked.keys() <= {"lockDuration", "complete"}:
+        abort(400, 'the body must be a JSON object with at most "lockDuration" and "complete"')
+    lock_ms = None
+    if "lockDuration" in asked:
+        try:
+            lock_ms = parse_lock_ms(js_json.stringify(asked["lockDuration"]))
+        except ValueError as error:
+            abort(400, f"lockDuration {error}")
+    done = asked.get("complete")
+    if done is None:
+        return lock_ms, None
+    if (
+        not isinstance(done, dict)
+        or not done.keys() <= {"id", "token", "returnvalue"}
+        or not all(isinstance(done.get(name), str) and done[name] for name in ("id", "token"))
+    ):
+        abort(400, 'complete must be {"id": "...", "token": "...", "returnvalue": ...}')
+    try:
+        returnvalue = js_json.stringify(done.get("returnvalue"))
+    except RecursionError:
+        abort(400, f"the return value {js_json.TOO_DEEP}")
+    return lock_ms, (done["id"], done["token"], returnvalue)
 
 
 def stringified(body: bytes, what: str) -> str:

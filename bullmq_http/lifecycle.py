@@ -76,10 +76,7 @@ end
 # BullMQ's moveToFinished, unchanged, after setting the keepJobs of its packed options
 # (ARGV[8]) from the job's own removeOnComplete, read here, as bullmq's worker computes
 # it from the job it holds. So a completion is one round trip with no read before it.
-MOVE_TO_COMPLETED = Script(
-    "moveToCompleted",
-    JOB_OPTIONS
-    + """
+KEEP_JOBS_OF_THE_JOB = """
 do
   local packed = cmsgpack.unpack(ARGV[8])
   local jobOpts = jobOptions(redis.call("HGET", KEYS[12], "opts"))
@@ -87,7 +84,47 @@ do
   ARGV[8] = cmsgpack.pack(packed)
 end
 """
-    + upstream.bullmq_script("moveToFinished-14"),
+MOVE_TO_COMPLETED = Script(
+    "moveToCompleted",
+    JOB_OPTIONS + KEEP_JOBS_OF_THE_JOB + upstream.bullmq_script("moveToFinished-14"),
+    "written",
+)
+
+# Complete a job and claim the next in one round trip, as BullMQ's worker fetches its
+# next job in the script that finishes one, but with a lock of its own for the next:
+# moveToCompleted (above), then, when it succeeded, BullMQ's moveToActive, unchanged.
+# KEYS and ARGV[1..9] as for moveToCompleted, then ARGV[10], the claim's packed options
+# (moveToActive's ARGV[3]). It answers {what moveToFinished answered} when that
+# refused, else {0, what moveToActive answered}.
+COMPLETE_THEN_CLAIM = Script(
+    "completeThenClaim",
+    JOB_OPTIONS
+    + "local function moveToCompleted()\n"
+    + KEEP_JOBS_OF_THE_JOB
+    + upstream.bullmq_script("moveToFinished-14")
+    + "\nend\nlocal function moveToActive()\n"
+    + upstream.bullmq_script("moveToActive-11")
+    + """
+end
+local claimOptions = ARGV[10]
+local finished = moveToCompleted()
+if finished ~= 0 then
+  return {finished}
+end
+local given = {unpack(KEYS)}
+for i, from in ipairs({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 14}) do
+  KEYS[i] = given[from]
+end
+for i = 12, #given do
+  KEYS[i] = nil
+end
+local prefix, timestamp = ARGV[7], ARGV[2]
+for i = #ARGV, 4, -1 do
+  ARGV[i] = nil
+end
+ARGV[1], ARGV[2], ARGV[3] = prefix, timestamp, claimOptions
+return {0, moveToActive()}
+""",
     "written",
 )
 
@@ -327,20 +364,29 @@ class JobLife:
             ["wait", "active", "prioritized", "events", "stalled", "limiter", "delayed",
              "paused", "meta", "pc", "marker"]
         )  # fmt: skip
-        # As bullmq's Scripts.moveToActive packs them (a worker with no limiter of its
-        # own: the queue's global rate limit and concurrency are in its meta).
-        opts = msgpack.packb(
-            {"token": token, "lockDuration": lock_ms, "limiter": None}, use_bin_type=True
-        )
-        reply = self.store.run_script(MOVE_TO_ACTIVE, keys, (scripts.keys[""], now_ms(), opts))
+        options = claim_options(token, lock_ms)
+        reply = self.store.run_script(MOVE_TO_ACTIVE, keys, (scripts.keys[""], now_ms(), options))
         self.watch(queue)
-        fields, job_id, _, _ = upstream.bullmq_next_job(reply)
-        if not fields:
-            return None
-        JOB_OUTCOMES.labels("claimed").inc()
-        return Claim(
-            as_text(job_id), {as_text(k): as_text(v) for k, v in fields.items()}, token, lock_ms
-        )
+        return claimed(reply, token, lock_ms)
+
+    def complete_and_claim(
+        self, queue: str, job_id: str, token: str, returnvalue: str, lock_ms: int | None = None
+    ) -> Claim | None:
+        """Complete a job the caller holds, as complete() does, then claim the queue's
+        next job for it, as claim() does, in one round trip; nothing is claimed when
+        the completion is refused (it raises as complete() does)."""
+        lock_ms = lock_ms or self.lock_ms
+        scripts = queue_scripts(self.store.prefix, queue)
+        job = upstream.bullmq_job(self.store.prefix, queue, job_id, {}, self.worker_opts())
+        keys, args = scripts.moveToCompletedArgs(job, None, False, token, fetchNext=False)
+        args[3] = returnvalue
+        new_token = secrets.token_hex(16)
+        args += ["", claim_options(new_token, lock_ms)]  # no fields to update; the claim
+        reply = self.store.run_script(COMPLETE_THEN_CLAIM, keys, args)
+        check_moved(reply[0], queue, job_id)
+        JOB_OUTCOMES.labels("completed").inc()
+        self.watch(queue)
+        return claimed(reply[1], new_token, lock_ms)
 
     def claim_waiting(
         self,
@@ -527,6 +573,27 @@ class JobLife:
 
 # Every JobLife of the process, for stop_all.
 LIVES: weakref.WeakSet[JobLife] = weakref.WeakSet()
+
+
+def claim_options(token: str, lock_ms: int) -> bytes:
+    """Return a claim's options as bullmq's Scripts.moveToActive packs them, for a
+    worker with no limiter of its own (the queue's global rate limit and concurrency
+    are in its meta)."""
+    options: bytes = msgpack.packb(
+        {"token": token, "lockDuration": lock_ms, "limiter": None}, use_bin_type=True
+    )
+    return options
+
+
+def claimed(reply: Any, token: str, lock_ms: int) -> Claim | None:
+    """Return the job moveToActive answered, locked with `token`; None for none."""
+    fields, job_id, _, _ = upstream.bullmq_next_job(reply)
+    if not fields:
+        return None
+    JOB_OUTCOMES.labels("claimed").inc()
+    return Claim(
+        as_text(job_id), {as_text(k): as_text(v) for k, v in fields.items()}, token, lock_ms
+    )
 
 
 def check_moved(result: Any, queue: str, job_id: str) -> None:

@@ -151,13 +151,20 @@ def test_lines_written_before_rights_existed_still_read_and_do_not_work(
     assert claim(client, token=API_TOKEN).status_code == 200  # AUTH_TOKENS: every right
 
 
+COMPLETE_SHAPE = 'complete must be {"id": "...", "token": "...", "returnvalue": ...}'
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
         ({"lockDuration": 0}, "lockDuration must be a whole number from 1 to 86400000"),
         ({"lockDuration": "10"}, "lockDuration must be a whole number from 1 to 86400000"),
-        ({"lock": 10}, 'the body must be a JSON object with at most "lockDuration"'),
-        ([1], 'the body must be a JSON object with at most "lockDuration"'),
+        ({"lock": 10}, 'the body must be a JSON object with at most "lockDuration" and "complete"'),
+        ([1], 'the body must be a JSON object with at most "lockDuration" and "complete"'),
+        ({"complete": {"id": "1"}}, COMPLETE_SHAPE),
+        ({"complete": {"id": 1, "token": "t"}}, COMPLETE_SHAPE),
+        ({"complete": {"id": "1", "token": "t", "value": 1}}, COMPLETE_SHAPE),
+        ({"complete": "1"}, COMPLETE_SHAPE),
     ],
 )
 def test_a_bad_claim_body_is_a_400_and_claims_nothing(worker, r, redis_url, body, message):
@@ -225,6 +232,51 @@ def test_complete_with_no_body_is_null_and_remove_on_complete_is_honoured(worker
         assert as_holder(worker, job_id, "complete", token).status_code == 200
     assert r.zrange("bull:orders:completed", 0, -1) == [newest[-1]]
     assert not r.exists(f"bull:orders:{kept}") and not r.exists(f"bull:orders:{newest[0]}")
+
+
+def test_a_claim_completes_the_job_before_it_in_the_same_round_trip(worker, r, redis_url):
+    """`complete` in a claim's body: the finished job is completed as the complete route
+    completes it, and the next is claimed with a lock of its own."""
+    first, second = add(redis_url, "orders"), add(redis_url, "orders")
+    held = claim(worker).json
+    body = {"complete": {"id": first, "token": held["token"], "returnvalue": {"n": 1}}}
+    next_job = claim(worker, body=body)
+    assert next_job.status_code == 200
+    assert next_job.json["id"] == second and next_job.json["token"] != held["token"]
+    job = r.hgetall(f"bull:orders:{first}")
+    assert job["returnvalue"] == '{"n":1}' and "finishedOn" in job
+    assert r.zrange("bull:orders:completed", 0, -1) == [first]
+    assert not r.exists(f"bull:orders:{first}:lock")
+    assert r.get(f"bull:orders:{second}:lock") == next_job.json["token"]
+    # The last one: completed, and nothing left to claim.
+    body = {"complete": {"id": second, "token": next_job.json["token"]}}
+    assert claim(worker, body=body).status_code == 204
+    assert r.hget(f"bull:orders:{second}", "returnvalue") == "null"
+    completed = [f for _, f in r.xrange("bull:orders:events") if f.get("event") == "completed"]
+    assert [f["jobId"] for f in completed] == [first, second]
+
+
+def test_a_claim_whose_completion_is_refused_claims_nothing(worker, r, redis_url):
+    first, waiting = add(redis_url, "orders"), add(redis_url, "orders")
+    claim(worker)
+    before = snapshot(r)
+    body = {"complete": {"id": first, "token": "not-the-lock"}}
+    refused = claim(worker, body=body)
+    assert refused.status_code == 401
+    assert snapshot(r) == before
+    assert r.lrange("bull:orders:wait", 0, -1) == [waiting]
+    gone = claim(worker, body={"complete": {"id": "nope", "token": "t"}})
+    assert (gone.status_code, gone.text) == (404, "job 'nope' not found in queue 'orders'")
+    assert snapshot(r) == before
+
+
+def test_a_waiting_claim_completes_at_once_then_waits(worker, r, redis_url):
+    first = add(redis_url, "orders")
+    held = claim(worker).json
+    body = json.dumps({"complete": {"id": first, "token": held["token"]}}).encode()
+    answer = worker.post("/queues/orders/claim?wait=1", data=body, headers=bearer(WORKER))
+    assert answer.status_code == 204
+    assert r.zrange("bull:orders:completed", 0, -1) == [first]
 
 
 def test_fail_retries_after_the_backoff_then_fails_for_good(worker, r, redis_url):
