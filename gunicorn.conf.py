@@ -94,9 +94,6 @@ if worker_class == "gevent":
 
         def init_process(self) -> None:
             write_error(write_plain_error)  # what gunicorn cannot parse: plain text
-            # The stalled check, for the queues with jobs active: a restart does not
-            # leave a job whose HTTP worker vanished active for ever.
-            lifecycle.resume_all()
             super().init_process()
 
     worker_class = Worker

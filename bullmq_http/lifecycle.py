@@ -514,39 +514,44 @@ class JobLife:
     # ------------------------------------------------------------- stalled check
 
     def watch(self, queue: str) -> None:
-        """Run the stalled check for a queue from now on (the first claim starts it): a
-        queue HTTP workers claim from, or keep a job of, even one they find empty, so
-        that after a restart the check resumes as soon as a worker asks again."""
+        """Run the stalled check for a queue from now on: a queue HTTP workers claim
+        from, or keep a job of, even one they find empty. The first in a process also
+        starts the check for every queue with jobs active (resume), so that after a
+        restart any HTTP worker's request takes back the jobs of one that vanished."""
         with self.lock:
             self.worked[queue] = None
             self.worked.move_to_end(queue)
             if len(self.worked) > WORKED_QUEUES:
                 self.worked.popitem(last=False)  # the longest unasked
             if self.checker is None or not self.checker.is_alive():
+                first = self.checker is None
                 self.checker = threading.Thread(
-                    target=self.check_stalled, name="stalled-check", daemon=True
+                    target=self.check_stalled, args=(first,), name="stalled-check", daemon=True
                 )
                 self.checker.start()
 
     def resume(self) -> None:
-        """Run the stalled check for every queue with jobs active, found in Redis once,
-        in the background: after a restart, a job whose HTTP worker vanished before it is
-        taken back even if no worker asks for a job of its queue again."""
+        """Run the stalled check for every queue with jobs active, found in Redis (SCAN)
+        once a process: the queues HTTP workers used before it started among them."""
+        try:
+            found = list(self.store.queues_with_active_jobs())
+        except redis.exceptions.RedisError as error:
+            log.warning("the queues with active jobs could not be listed: %s", error)
+            return
+        with self.lock:
+            for queue in found:
+                self.worked.setdefault(queue, None)
+            while len(self.worked) > WORKED_QUEUES:
+                self.worked.popitem(last=False)
 
-        def find() -> None:
-            try:
-                for queue in self.store.queues_with_active_jobs():
-                    self.watch(queue)
-            except redis.exceptions.RedisError as error:
-                log.warning("the queues with active jobs could not be listed: %s", error)
-
-        threading.Thread(target=find, name="stalled-check-resume", daemon=True).start()
-
-    def check_stalled(self) -> None:
+    def check_stalled(self, resume: bool = False) -> None:
         """Every stalled interval, run BullMQ's stalled check for each queue worked
         here: a job whose lock lapsed goes back to wait (or fails, past
         MAX_STALLED_COUNT). BullMQ's script runs it once an interval per queue, however
-        many processes and instances ask."""
+        many processes and instances ask. `resume`: first find the queues with jobs
+        active."""
+        if resume:
+            self.resume()
         while not self.stopping.wait(self.stalled_interval_ms / 1000):
             with self.lock:
                 queues = list(self.worked)
@@ -610,12 +615,6 @@ def stop_all() -> None:
     """End every claim waiting in this process within a second (it is stopping)."""
     for life in list(LIVES):
         life.stop()
-
-
-def resume_all() -> None:
-    """Resume the stalled check of every queue with jobs active (a worker has started)."""
-    for life in list(LIVES):
-        life.resume()
 
 
 @functools.lru_cache(maxsize=1024)

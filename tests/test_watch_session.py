@@ -63,8 +63,11 @@ def test_a_page_exchanges_its_link_for_a_cookie_that_opens_its_job_only(make_app
     client.set_cookie("bullmq_watch", session, path="/queues/orders/jobs/2/")
     refused = client.get("/queues/orders/jobs/2/logs.txt")
     assert (refused.status_code, refused.text) == (401, "the watch token is not valid for this job")
-    # Nor an API route: reading a page of logs takes an API token.
-    assert client.get("/queues/orders/jobs/1/logs").status_code == 401
+    # A page of its job's lines, as the page reads earlier ones; but no other API route:
+    # reading the progress takes an API token.
+    page = client.get("/queues/orders/jobs/1/logs?start=1&length=1")
+    assert (page.status_code, page.json) == (200, {"count": 2, "logs": ["second <b>"]})
+    assert client.get("/queues/orders/jobs/1/progress").status_code == 401
     # A session is no link (?token=), and a link's token is no session (the cookie).
     assert client.get(f"/queues/orders/jobs/1/logs.txt?token={session}").status_code == 401
     fresh = make_app(WATCH_TOKEN_SECRET=WATCH_SECRET).test_client()

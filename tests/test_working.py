@@ -457,8 +457,9 @@ def test_a_job_whose_worker_vanished_is_taken_back_and_claimed_anew(worker, r, r
 
 def test_after_a_restart_a_vanished_workers_job_is_taken_back_unasked(serve, r, redis_url):
     """The service restarts while a job's HTTP worker has vanished, and no worker asks
-    for a job of that queue again: the new process finds the queue's active jobs itself
-    and runs the stalled check for them (STALLED_INTERVAL_MS=200 after the restart)."""
+    for a job of that queue again, only of another: the new process finds the queues
+    with active jobs itself and runs the stalled check for them (STALLED_INTERVAL_MS=200
+    after the restart)."""
     job_id = add(redis_url, "orders")
     before = serve(STALLED_INTERVAL_MS="60000")
     claimed = http_call(before.connect(), "POST", "/queues/orders/claim",
@@ -466,7 +467,9 @@ def test_after_a_restart_a_vanished_workers_job_is_taken_back_unasked(serve, r, 
     assert json.loads(claimed.body)["id"] == job_id
     before.stop()  # and the worker that claimed it is gone too
     assert r.lrange("bull:orders:active", 0, -1) == [job_id]
-    serve(STALLED_INTERVAL_MS="200")
+    after = serve(STALLED_INTERVAL_MS="200")
+    other = http_call(after.connect(), "POST", "/queues/emails/claim", token=API_TOKEN)
+    assert other.status == 204
     wait_until(lambda: r.lrange("bull:orders:wait", 0, -1) == [job_id], 10, "the job back")
     stalled = [f for _, f in r.xrange("bull:orders:events") if f.get("event") == "stalled"]
     assert stalled == [{"event": "stalled", "jobId": job_id}]
