@@ -52,11 +52,23 @@ return extended
     "written",
 )
 
-# What the scripts below read of a job's own options, as bullmq's Job reads them:
+# What the scripts below share: arrange (the KEYS and ARGV of the BullMQ script they
+# run next), and what they read of a job's own options, as bullmq's Job reads them:
 # jobOptions(the job's stored `opts`) is a table, empty when it is not JSON, and
 # keepJobs(removeOnComplete or removeOnFail) is Scripts.moveToFinishedArgs's getKeepJobs
 # (a number keeps that many, an object says how, true none, false or unset all).
 JOB_OPTIONS = """
+-- Give the one of BullMQ's scripts about to run its own KEYS and ARGV: KEYS[i] becomes
+-- the given KEYS[order[i]], and ARGV becomes args.
+local function arrange(order, args)
+  local given = {unpack(KEYS)}
+  for i = 1, #given do
+    KEYS[i] = given[order[i]]
+  end
+  for i = 1, math.max(#ARGV, #args) do
+    ARGV[i] = args[i]
+  end
+end
 local function jobOptions(stored)
   local read, opts = pcall(cjson.decode, stored or "{}")
   return read and type(opts) == "table" and opts or {}
@@ -111,18 +123,7 @@ local finished = moveToCompleted()
 if finished ~= 0 then
   return {finished}
 end
-local given = {unpack(KEYS)}
-for i, from in ipairs({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 14}) do
-  KEYS[i] = given[from]
-end
-for i = 12, #given do
-  KEYS[i] = nil
-end
-local prefix, timestamp = ARGV[7], ARGV[2]
-for i = #ARGV, 4, -1 do
-  ARGV[i] = nil
-end
-ARGV[1], ARGV[2], ARGV[3] = prefix, timestamp, claimOptions
+arrange({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 14}, {ARGV[7], ARGV[2], claimOptions})
 return {0, moveToActive()}
 """,
     "written",
@@ -205,16 +206,7 @@ end
 local packed = cmsgpack.unpack(ARGV[8])
 local token, jobId, timestamp, prefix = packed["token"], ARGV[1], ARGV[2], ARGV[7]
 
--- Give the script picked its own KEYS and ARGV, taken from moveToFinished's.
-local given = {unpack(KEYS)}
-local function arrange(order, args)
-  for i = 1, #given do
-    KEYS[i] = given[order[i]]
-  end
-  for i = 1, math.max(#ARGV, #args) do
-    ARGV[i] = args[i]
-  end
-end
+-- The script picked gets its own KEYS and ARGV, taken from moveToFinished's.
 if delay > 0 then
   arrange({14, 2, 3, 7, 12, 4, 9, 5, 1, 6, 10},
     {prefix, timestamp, jobId, token, string.format("%d", delay), "0", fields, "0"})
@@ -376,10 +368,7 @@ class JobLife:
         next job for it, as claim() does, in one round trip; nothing is claimed when
         the completion is refused (it raises as complete() does)."""
         lock_ms = lock_ms or self.lock_ms
-        scripts = queue_scripts(self.store.prefix, queue)
-        job = upstream.bullmq_job(self.store.prefix, queue, job_id, {}, self.worker_opts())
-        keys, args = scripts.moveToCompletedArgs(job, None, False, token, fetchNext=False)
-        args[3] = returnvalue
+        keys, args = self.completion(queue, job_id, token, returnvalue)
         new_token = secrets.token_hex(16)
         args += ["", claim_options(new_token, lock_ms)]  # no fields to update; the claim
         reply = self.store.run_script(COMPLETE_THEN_CLAIM, keys, args)
@@ -468,14 +457,21 @@ class JobLife:
         """Move a job the caller holds to completed as BullMQ's worker does, with its
         return value (JSON as JSON.stringify writes it, as BullMQ's Node worker stores
         it); the job's own removeOnComplete applies, and a flow parent learns of it."""
+        keys, args = self.completion(queue, job_id, token, returnvalue)
+        check_moved(self.store.run_script(MOVE_TO_COMPLETED, keys, args), queue, job_id)
+        JOB_OUTCOMES.labels("completed").inc()
+
+    def completion(
+        self, queue: str, job_id: str, token: str, returnvalue: str
+    ) -> tuple[list[str], list[Any]]:
+        """Return the KEYS and ARGV of moveToCompleted for a job the caller holds: packed
+        by bullmq's own code for a job of no options of its own (the script sets
+        keepJobs from the job's), with the return value as the caller gave it."""
         scripts = queue_scripts(self.store.prefix, queue)
-        # Packed by bullmq's own code for a job of no options of its own; the script
-        # sets keepJobs from the job's (MOVE_TO_COMPLETED).
         job = upstream.bullmq_job(self.store.prefix, queue, job_id, {}, self.worker_opts())
         keys, args = scripts.moveToCompletedArgs(job, None, False, token, fetchNext=False)
         args[3] = returnvalue
-        check_moved(self.store.run_script(MOVE_TO_COMPLETED, keys, args), queue, job_id)
-        JOB_OUTCOMES.labels("completed").inc()
+        return keys, args
 
     def fail(
         self,
