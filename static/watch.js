@@ -25,6 +25,11 @@
   // eslint-disable-next-line no-control-regex
   const ESCAPE = /\x1b(?:\[([0-?]*)[ -/]*([@-~])|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])/g;
   const CUBE = [0, 95, 135, 175, 215, 255]; // the 256-colour palette's 6x6x6 cube
+  // The 16 basic ANSI colours (and bright ones): mid-tones legible in light and dark.
+  const BASIC = [
+    "#5c5c5c", "#cd3131", "#14a05e", "#b58900", "#2472c8", "#bc3fbc", "#11a8cd", "#8a8a8a",
+    "#767676", "#f14c4c", "#23d18b", "#d5a500", "#3b8eea", "#d670d6", "#29b8db", "#a0a0a0",
+  ];
   // Where a section of the log begins or ends, as CI logs write it: Buildkite's
   // "--- title" (open), "+++ title" (open) and "~~~ title" (folded), GitHub Actions'
   // "::group::title" ... "::endgroup::".
@@ -235,7 +240,7 @@
   function extendedColour(params) {
     if (params[0] === 5) {
       const n = params[1] ?? 0;
-      if (n < 16) return [{ index: n }, 2];
+      if (n < 16) return [BASIC[n], 2];
       if (n < 232) {
         const c = n - 16;
         return [`rgb(${CUBE[Math.floor(c / 36)]}, ${CUBE[Math.floor(c / 6) % 6]}, ${CUBE[c % 6]})`, 2];
@@ -267,11 +272,11 @@
         if (p === 0) style = {};
         else if (p === 1) style.bold = true;
         else if (p === 22) delete style.bold;
-        else if (p >= 30 && p <= 37) style.fg = { index: p - 30 };
-        else if (p >= 90 && p <= 97) style.fg = { index: p - 90 + 8 };
+        else if (p >= 30 && p <= 37) style.fg = BASIC[p - 30];
+        else if (p >= 90 && p <= 97) style.fg = BASIC[p - 90 + 8];
         else if (p === 39) delete style.fg;
-        else if (p >= 40 && p <= 47) style.bg = { index: p - 40 };
-        else if (p >= 100 && p <= 107) style.bg = { index: p - 100 + 8 };
+        else if (p >= 40 && p <= 47) style.bg = BASIC[p - 40];
+        else if (p >= 100 && p <= 107) style.bg = BASIC[p - 100 + 8];
         else if (p === 49) delete style.bg;
         else if (p === 38 || p === 48) {
           const [colour, took] = extendedColour(params.slice(i + 1));
@@ -295,11 +300,9 @@
       const span = document.createElement("span");
       span.textContent = part;
       if (style.bold) span.classList.add("ansi-bold");
-      for (const [layer, colour] of [["fg", style.fg], ["bg", style.bg]]) {
-        if (colour === undefined) continue;
-        if (typeof colour === "object") span.classList.add(`ansi-${layer}-${colour.index}`);
-        else span.style[layer === "fg" ? "color" : "backgroundColor"] = colour; // CSSOM: CSP allows it
-      }
+      // Through the CSSOM, which the page's CSP allows (a style attribute it refuses).
+      if (style.fg) span.style.color = style.fg;
+      if (style.bg) span.style.backgroundColor = style.bg;
       text.append(span);
     }
     return text;
