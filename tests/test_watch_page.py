@@ -319,23 +319,36 @@ def test_an_open_page_renews_its_session_and_a_reload_uses_it(short_sessions, pa
     until_shown(page, lambda: the_jobs_logs(site, job), lambda: shown_lines(page))
 
 
-def test_a_job_worked_over_http_shows_from_claim_to_completion(site, page, redis_url):
+def waiting_job(redis_url: str, name: str, **opts: Any) -> tuple[str, str]:
+    """Add a job to a queue of its own with BullMQ's Python library; return the queue's
+    name and the job's id."""
     queue_name = f"page-{uuid.uuid4().hex[:8]}"
 
     async def adding() -> str:
         queue = Queue(queue_name, {"connection": redis_url})
         try:
-            return str((await queue.add("resize", {"n": 1})).id)
+            return str((await queue.add(name, {"n": 1}, opts)).id)
         finally:
             await queue.close()
 
     # In a thread of its own: Playwright's loop runs in this one.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        job_id = pool.submit(asyncio.run, adding()).result(30)
+        return queue_name, pool.submit(asyncio.run, adding()).result(30)
+
+
+def claim_over_http(site: Site, queue_name: str, job_id: str) -> dict[str, Any]:
+    """Claim the queue's next job through the proxy, as an HTTP worker does; it must be
+    job_id. Return the claim's answer."""
     conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=10)
     answer = http_call(conn, "POST", f"/bullmq/queues/{queue_name}/claim", token=API_TOKEN)
-    claimed = json.loads(answer.body)
+    claimed: dict[str, Any] = json.loads(answer.body)
     assert claimed["id"] == job_id
+    return claimed
+
+
+def test_a_job_worked_over_http_shows_from_claim_to_completion(site, page, redis_url):
+    queue_name, job_id = waiting_job(redis_url, "resize")
+    claimed = claim_over_http(site, queue_name, job_id)
     page.goto(site.link(queue_name, job_id))
     page.wait_for_selector("#connection[data-state=live]", timeout=SECONDS * 1000)
     assert text_of(page, "#status") == "active"
@@ -354,24 +367,10 @@ def test_a_retried_job_shows_its_attempts_and_where_each_began(site, page, redis
     """Attempts of 3: the first fails over HTTP and is retried; the page, open all the
     while, marks where the second began, with why the first failed, and its badge
     counts them."""
-    queue_name = f"page-{uuid.uuid4().hex[:8]}"
-
-    async def adding() -> str:
-        queue = Queue(queue_name, {"connection": redis_url})
-        try:
-            return str((await queue.add("charge", {"n": 1}, {"attempts": 3})).id)
-        finally:
-            await queue.close()
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        job_id = pool.submit(asyncio.run, adding()).result(30)
+    queue_name, job_id = waiting_job(redis_url, "charge", attempts=3)
 
     def claim() -> str:
-        conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=10)
-        answer = http_call(conn, "POST", f"/bullmq/queues/{queue_name}/claim", token=API_TOKEN)
-        claimed = json.loads(answer.body)
-        assert claimed["id"] == job_id
-        return str(claimed["token"])
+        return str(claim_over_http(site, queue_name, job_id)["token"])
 
     first = claim()
     page.goto(site.link(queue_name, job_id))
