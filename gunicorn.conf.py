@@ -22,7 +22,7 @@ from typing import Any
 
 from gunicorn import glogging
 
-from bullmq_http.settings import ConfigError, server_settings
+from bullmq_http.settings import ConfigError, binds, server_settings
 from bullmq_http.upstream import master_signals, skip_caller_lookup
 
 try:
@@ -69,7 +69,7 @@ if "bullmq_http.metrics" not in sys.modules:
         _stale.unlink()
 
 wsgi_app = "app:create_app()"
-bind = list(SETTINGS["BIND"]) or [f"127.0.0.1:{SETTINGS['PORT']}"]
+bind = binds(SETTINGS)
 workers = SETTINGS["WEB_CONCURRENCY"] or os.cpu_count() or 1
 
 worker_connections = SETTINGS["WORKER_CONNECTIONS"]

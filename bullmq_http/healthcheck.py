@@ -10,7 +10,7 @@ import os
 import socket
 import sys
 
-from .settings import ConfigError, server_settings
+from .settings import ConfigError, binds, server_settings
 
 # Where a server listening on every address is reached from inside its own container.
 EVERY_ADDRESS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}  # noqa: S104
@@ -45,7 +45,7 @@ def main() -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 1
-    bind = (list(settings["BIND"]) or [f"127.0.0.1:{settings['PORT']}"])[0]
+    bind = binds(settings)[0]
     conn = connection(bind, 2.0)
     try:
         conn.request("GET", "/healthz")

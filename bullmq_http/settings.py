@@ -230,6 +230,12 @@ def settings_from_env(
     return settings
 
 
+def binds(settings: Mapping[str, Any]) -> list[str]:
+    """Return where gunicorn listens, as server_settings say: BIND, else loopback's
+    PORT."""
+    return list(settings["BIND"]) or [f"127.0.0.1:{settings['PORT']}"]
+
+
 def server_settings(environ: Mapping[str, str]) -> dict[str, Any]:
     """Return gunicorn's settings from the environment, over their defaults; raise
     ConfigError on a bad one."""

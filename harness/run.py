@@ -19,25 +19,20 @@ from collections.abc import Mapping
 
 import redis
 
+from bullmq_http.healthcheck import EVERY_ADDRESS
+from bullmq_http.settings import ConfigError, binds, server_settings
 from bullmq_http.tokens import watch_token
 from harness.clients import add_active_job
 from harness.servers import GUNICORN, ROOT, RedisServer, dying_with_this_process
 
 
-def binds() -> list[str]:
-    """Return where gunicorn.conf.py binds: BIND, else 127.0.0.1:PORT."""
-    if os.environ.get("BIND"):
-        return [bind.strip() for bind in os.environ["BIND"].split(",")]
-    return [f"127.0.0.1:{os.environ.get('PORT', '8080')}"]
-
-
-def taken_port() -> str | None:
+def taken_port(binds: list[str]) -> str | None:
     """Return why gunicorn cannot listen where it binds, in one line naming the setting
     to change; None when it can."""
     setting, example = (
         ("BIND", "BIND=127.0.0.1:8081") if os.environ.get("BIND") else ("PORT", "PORT=8081")
     )
-    for bind in binds():
+    for bind in binds:
         host, _, port = bind.rpartition(":")
         if bind.startswith("unix:") or not port.isdigit():
             continue
@@ -53,13 +48,15 @@ def taken_port() -> str | None:
     return None
 
 
-def address() -> tuple[str, str]:
-    """Return (base URL, extra curl options) for where gunicorn.conf.py binds."""
-    bind = binds()[0]
+def address(binds: list[str]) -> tuple[str, str]:
+    """Return (base URL, extra curl options) for where gunicorn binds first."""
+    bind = binds[0]
     if bind.startswith("unix:"):
         return "http://localhost", f"--unix-socket {bind.removeprefix('unix:')} "
-    # A server listening on every interface is reached on loopback.
-    return f"http://{bind.replace('0.0.0.0', '127.0.0.1')}", ""  # noqa: S104
+    # A server listening on every address is reached on loopback.
+    host, _, port = bind.rpartition(":")
+    host = EVERY_ADDRESS.get(host.strip("[]"), host.strip("[]"))
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}", ""
 
 
 def seed_demo_job(url: str) -> tuple[str, str, str]:
@@ -94,11 +91,11 @@ def made_up_secrets(env: dict[str, str]) -> str | None:
     return env["AUTH_TOKENS"].split(",")[0]
 
 
-def your_redis(env: dict[str, str]) -> None:
+def your_redis(env: dict[str, str], where: list[str]) -> None:
     """Print, for the Redis of REDIS_URL, what to paste, and how to watch any of its
     jobs; write nothing to it."""
     api = made_up_secrets(env)
-    base, curl = address()
+    base, curl = address(where)
     api_auth = f"-H 'Authorization: Bearer {api if api else '<an API token of the file>'}'"
     exports = f"  export API_TOKEN='{api}'\n" if api else ""
     secret = f"  export WATCH_TOKEN_SECRET='{env['WATCH_TOKEN_SECRET']}'\n"
@@ -115,14 +112,14 @@ def your_redis(env: dict[str, str]) -> None:
     )
 
 
-def throwaway_redis(env: dict[str, str]) -> RedisServer:
+def throwaway_redis(env: dict[str, str], where: list[str]) -> RedisServer:
     """Start a Redis server holding the README's job, point env at it, and print what
     to paste for the README's examples, and curl lines that work as printed."""
     server = RedisServer().start()
     env["REDIS_URL"] = server.url
     api = made_up_secrets(env) or "<an API token of the file>"
     queue, job_id, job_token = seed_demo_job(server.url)
-    base, curl = address()
+    base, curl = address(where)
     job_url = f"{base}/queues/{queue}/jobs/{job_id}"
     job_auth, api_auth = (
         f"-H 'Authorization: Bearer {job_token}'",
@@ -147,20 +144,26 @@ def throwaway_redis(env: dict[str, str]) -> RedisServer:
 
 def main() -> int:
     """Serve the app under gunicorn; without REDIS_URL, with a throwaway Redis too; not
-    at all, in one line saying which setting to change, when the port is taken.
+    at all, in one line saying which setting to change, when a server setting is bad or
+    the port is taken.
     Stop both, leaving nothing behind, on SIGINT, SIGTERM or SIGHUP."""
     env = dict(os.environ)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
-    if taken := taken_port():
+    try:
+        where = binds(server_settings(env))  # as gunicorn.conf.py reads them
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 1
+    if taken := taken_port(where):
         print(taken, file=sys.stderr)
         return 1
     server = None
     try:
         if env.get("REDIS_URL"):
-            your_redis(env)
+            your_redis(env, where)
         else:
-            server = throwaway_redis(env)
+            server = throwaway_redis(env, where)
         # In a session of its own: Ctrl-C reaches gunicorn's master once, from here, and
         # it stops its workers; they are not signalled twice. It dies with this process.
         command = dying_with_this_process(GUNICORN)
