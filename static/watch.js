@@ -172,19 +172,23 @@
     if (!frame) frame = requestAnimationFrame(draw);
   }
 
-  // Ask what the job holds again: it started, or started again, or finished, since the
-  // page last asked.
-  async function refreshJob() {
+  // Ask what the job holds again, by the page's session, which the answer renews: as the
+  // session nears its end, and when the job starts, starts again or finishes.
+  async function askAgain() {
     try {
       const url = `${base}watch/session`;
       const response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
-      if (!response.ok) return;
-      const job = await response.json();
-      keepTimes(job);
-      keepAttempts(job);
+      if (response.status === 401 || response.status === 404) return; // over
+      if (response.ok) {
+        const job = await response.json();
+        keepTimes(job);
+        keepAttempts(job);
+        return keepSession(job.session_seconds);
+      }
     } catch {
-      // out of reach: what is shown stays as it was
+      // out of reach: try again shortly
     }
+    keepSession(10);
   }
 
   // --------------------------------------------------------------- progress
@@ -555,7 +559,7 @@
     ended = true;
     closeStream();
     clearInterval(ticker);
-    if (kind !== "removed") refreshJob(); // when it finished
+    if (kind !== "removed") askAgain(); // when it finished
     setStatus(kind);
     setConnection("ended");
     settleBar(kind);
@@ -634,19 +638,7 @@
   // through what it has left; the service never renews it past the link's end.
   function keepSession(seconds) {
     clearTimeout(sessionTimer);
-    if (seconds) sessionTimer = setTimeout(renewSession, seconds * 500);
-  }
-
-  async function renewSession() {
-    try {
-      const url = `${base}watch/session`;
-      const response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
-      if (response.status === 401 || response.status === 404) return; // over
-      if (response.ok) return keepSession((await response.json()).session_seconds);
-    } catch {
-      // out of reach: try again shortly
-    }
-    keepSession(10);
+    if (seconds) sessionTimer = setTimeout(askAgain, seconds * 500);
   }
 
   // ---------------------------------------------------------------- the stream
@@ -667,7 +659,7 @@
       lastEventId = event.lastEventId || lastEventId;
       if (ui.status.dataset.state === "waiting") {
         setStatus("active");
-        refreshJob(); // when it started
+        askAgain(); // when it started
       }
       showProgress(JSON.parse(event.data));
     });
@@ -680,7 +672,7 @@
       lastEventId = event.lastEventId || lastEventId;
       setStatus("active");
       attemptBegan();
-      refreshJob(); // which attempt, and why the one before failed
+      askAgain(); // which attempt, and why the one before failed
     });
     for (const kind of FINAL) {
       source.addEventListener(kind, (event) => {
