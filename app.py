@@ -711,6 +711,14 @@ def json_options(body: bytes, known: dict[str, Callable[[str], int]]) -> dict[st
     if not isinstance(options, dict) or not options.keys() <= known.keys():
         names = ", ".join(f'"{name}"' for name in known)
         abort(400, f"the body must be a JSON object with at most {names}")
+    return whole_numbers(options, known)
+
+
+def whole_numbers(
+    options: dict[str, Any], known: dict[str, Callable[[str], int]]
+) -> dict[str, int]:
+    """Return options of a JSON body, each a whole number its parser accepts; stop with
+    a 400 saying which is wrong."""
     parsed = {}
     for name, value in options.items():
         try:
@@ -729,12 +737,8 @@ def claim_request(body: bytes) -> tuple[int | None, tuple[str, str, str] | None]
     asked = parse_json(body, "the body")
     if not isinstance(asked, dict) or not asked.keys() <= {"lockDuration", "complete"}:
         abort(400, 'the body must be a JSON object with at most "lockDuration" and "complete"')
-    lock_ms = None
-    if "lockDuration" in asked:
-        try:
-            lock_ms = parse_lock_ms(js_json.stringify(asked["lockDuration"]))
-        except ValueError as error:
-            abort(400, f"lockDuration {error}")
+    numbers = {name: value for name, value in asked.items() if name != "complete"}
+    lock_ms = whole_numbers(numbers, {"lockDuration": parse_lock_ms}).get("lockDuration")
     done = asked.get("complete")
     if done is None:
         return lock_ms, None
