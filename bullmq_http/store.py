@@ -9,7 +9,6 @@ NotLockHolder, NoSuchJob or CrossSlot, what Redis did as a RedisError.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import threading
 import time
@@ -187,7 +186,8 @@ JOB_STATE = """
            the newest id in the event stream, the oldest ("0-0" for none),
            the job's name, 1 if a worker holds its lock else 0,
            its timestamp, processedOn and finishedOn ("" for none),
-           its attempts made and started, its opts, and its failedReason ("" for none)}
+           its attempts made, started and allowed (its `attempts` option), and its
+           failedReason ("" for none)}
           -2 no such job
 ]]
 if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
@@ -202,10 +202,12 @@ local newest = redis.call("XREVRANGE", KEYS[3], "+", "-", "COUNT", 1)[1]
 local oldest = redis.call("XRANGE", KEYS[3], "-", "+", "COUNT", 1)[1]
 local held = redis.call("HMGET", KEYS[1], "name", "timestamp", "processedOn", "finishedOn",
                         "atm", "ats", "opts", "failedReason")
+local read, opts = pcall(cjson.decode, held[7] or "{}")
+local allowed = read and type(opts) == "table" and tonumber(opts["attempts"]) or ""
 return {progress or "", progress and 1 or 0, finished, outcome,
         redis.call("LLEN", KEYS[2]), newest and newest[1] or "0-0", oldest and oldest[1] or "0-0",
         held[1] or "", redis.call("EXISTS", KEYS[6]), held[2] or "", held[3] or "", held[4] or "",
-        held[5] or "", held[6] or "", held[7] or "", held[8] or ""}
+        held[5] or "", held[6] or "", allowed, held[8] or ""}
 """
 
 JOB_EVENTS = """
@@ -249,16 +251,6 @@ NOT_LOCK_HOLDER = -1
 NO_SUCH_JOB = -2
 NOT_BULLMQ_LAYOUT = -3  # with the index of the key, in KEYS, that is not
 TOO_MANY_BYTES = -4
-
-
-def attempts_allowed(opts: str) -> int:
-    """Return how many attempts a job's stored options give it (BullMQ's `attempts`,
-    1 when unset or unreadable)."""
-    try:
-        attempts = json.loads(opts or "{}").get("attempts")
-    except (ValueError, AttributeError, RecursionError):
-        return 1
-    return attempts if isinstance(attempts, int) and attempts > 0 else 1
 
 
 def line_stamp(seconds: float) -> str:
@@ -442,7 +434,7 @@ class JobStore:
             locked=bool(locked),
             times=JobTimes(added, processed, ended),
             attempts=JobAttempts(
-                made or 0, started or 0, attempts_allowed(text(held[5])), text(held[6]) or None
+                made or 0, started or 0, max(1, int(held[5] or 1)), text(held[6]) or None
             ),
         )
 
