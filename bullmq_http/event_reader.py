@@ -11,6 +11,11 @@ the process's pool:
   pipeline of each watched job's new log lines;
 - on a cluster, whose queues live on different nodes, one pipeline per node every
   POLL_SECONDS for both.
+
+On one server it also holds a subscriber connection to the channel of each watched
+job's lines, named as its logs key, where the service publishes each line it stores
+(store.py's ADD_LOG): such a line reaches the streams at once. Lines that BullMQ's own
+`job.log()` writes, which it publishes nowhere, arrive by the poll.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from redis.client import PubSub
 from redis.cluster import RedisCluster
 from redis.typing import KeyT, StreamIdT
 
@@ -36,6 +42,7 @@ from .metrics import READER_ERRORS
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25  # the longest a new log line waits to be seen
+LISTEN_SECONDS = 0.05  # the longest a new stream's job waits to be listened to
 # How far a stream may fall behind before it is ended (the client resumes from its
 # cursor): in events, and in bytes of their data, so that a reader that stops reading
 # while large progress values pour in holds at most this much of the worker's memory.
@@ -108,7 +115,7 @@ class Subscription:
                 self.ended = BEHIND
                 return
             self.inbox_bytes += len(event.data)
-        self.inbox.put_nowait(event)  # only the event reader's thread puts: there is room
+            self.inbox.put_nowait(event)  # only a putter holding `counting`: there is room
 
     def get(self, timeout: float) -> Event:
         """Return the next event handed on; raise queue.Empty after `timeout` seconds."""
@@ -150,7 +157,9 @@ class EventReader:
         self.queues: dict[str, StreamId] = {}  # queue -> position in its event stream
         self.jobs: dict[tuple[str, str], WatchedJob] = {}
         self.stopping = threading.Event()
+        self.jobs_changed = threading.Event()  # a job to listen to, or to stop listening to
         self.thread: threading.Thread | None = None
+        self.listener: threading.Thread | None = None
         self.failure: str | None = None  # the last turn's unexpected error, if it failed
         READERS.add(self)
 
@@ -163,11 +172,19 @@ class EventReader:
         subscription = Subscription(queue_name, job_id)
         with self.lock:
             position = self.queues.setdefault(queue_name, stream_top)
-            job = self.jobs.setdefault((queue_name, job_id), WatchedJob(set(), log_count))
+            if (queue_name, job_id) not in self.jobs:
+                self.jobs[queue_name, job_id] = WatchedJob(set(), log_count)
+                self.jobs_changed.set()
+            job = self.jobs[queue_name, job_id]
             job.subscriptions.add(subscription)
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self.run, name="event-reader", daemon=True)
                 self.thread.start()
+            if self.listener is None or not self.listener.is_alive():
+                self.listener = threading.Thread(
+                    target=self.listen, name="line-listener", daemon=True
+                )
+                self.listener.start()
             return subscription, position, job.log_next
 
     def unsubscribe(self, subscription: Subscription) -> None:
@@ -180,6 +197,7 @@ class EventReader:
             job.subscriptions.discard(subscription)
             if not job.subscriptions:
                 del self.jobs[key]
+                self.jobs_changed.set()
                 if not any(queue_name == subscription.queue_name for queue_name, _ in self.jobs):
                     # Gone already where the event reader found the queue unreadable.
                     self.queues.pop(subscription.queue_name, None)
@@ -315,13 +333,73 @@ class EventReader:
             if not exists:
                 self.deliver(name, job_id, Event("removed", START, ""))
                 continue
-            with self.lock:
-                job = self.jobs.get((name, job_id))
-                if job is None or job.log_next != start:
-                    continue
-                job.log_next = start + len(lines)
+            self.deliver_lines(name, job_id, start, lines)
+
+    def deliver_lines(self, queue_name: str, job_id: str, start: int, lines: list[bytes]) -> None:
+        """Hand on a job's lines read from index `start`, in order, unless lines were
+        handed on since they were read (by the poll, or as published): each line once."""
+        with self.lock:
+            job = self.jobs.get((queue_name, job_id))
+            if job is None or job.log_next != start:
+                return
+            job.log_next = start + len(lines)
             for index, line in enumerate(lines, start):
-                self.deliver(name, job_id, Event("log", index, log_data(index, line)))
+                event = Event("log", index, log_data(index, line))
+                for subscription in job.subscriptions:
+                    subscription.put(event)
+
+    def listen(self) -> None:
+        """Hand on each line published for a watched job as it comes (one server or
+        Sentinel's master only), until stopped; outlive Redis outages. A line that is
+        not the next one a job's streams expect (a line of BullMQ's own came between)
+        waits for the poll, as do all lines while this cannot listen."""
+        client: redis.Redis | RedisCluster | None = None
+        pubsub: PubSub | None = None
+        channels: dict[bytes, tuple[str, str]] = {}  # channel -> (queue, job id)
+        while not self.stopping.is_set():
+            try:
+                if client is None:
+                    client = self.connect()
+                    if isinstance(client, RedisCluster):
+                        break  # the nodes of a cluster would all relay every line
+                    pubsub = client.pubsub(ignore_subscribe_messages=True)
+                    channels = {}
+                    self.jobs_changed.set()
+                assert pubsub is not None
+                if self.jobs_changed.is_set():
+                    self.jobs_changed.clear()
+                    channels = self.follow(pubsub, channels)
+                if not channels:
+                    self.jobs_changed.wait(POLL_SECONDS)
+                    continue
+                message = pubsub.get_message(timeout=LISTEN_SECONDS)
+                while message is not None:
+                    index, _, line = message["data"].partition(b" ")
+                    # Anyone may publish: what is not a line's index is passed over.
+                    if message["channel"] in channels and index.isdigit():
+                        self.deliver_lines(*channels[message["channel"]], int(index), [line])
+                    message = pubsub.get_message(timeout=0)
+            except redis.exceptions.RedisError as error:
+                # Lost, or refused (an ACL user without the channels): the poll goes on.
+                log.warning("the event reader cannot listen for lines, retrying: %s", error)
+                self.disconnect(client)
+                client = None
+                refused = isinstance(error, redis.exceptions.ResponseError)
+                self.stopping.wait(RESTART_SECONDS[-1] if refused else 1.0)
+        self.disconnect(client)
+
+    def follow(
+        self, pubsub: PubSub, channels: dict[bytes, tuple[str, str]]
+    ) -> dict[bytes, tuple[str, str]]:
+        """Listen to the channel of every watched job, and to no other; return them."""
+        with self.lock:
+            wanted = {self.key(name, job_id, "logs").encode(): (name, job_id)
+                      for name, job_id in self.jobs}  # fmt: skip
+        if added := wanted.keys() - channels.keys():
+            pubsub.subscribe(*added)
+        if gone := channels.keys() - wanted.keys():
+            pubsub.unsubscribe(*gone)
+        return wanted
 
     def stream_names(self, queues: Iterable[str]) -> dict[bytes, str]:
         """Return the queues by the keys of their event streams, as XREAD names them."""
@@ -358,8 +436,9 @@ class EventReader:
 
     def join(self, timeout: float) -> None:
         """Wait up to `timeout` seconds for a stopped event reader's thread to end."""
-        if self.thread is not None:
-            self.thread.join(timeout)
+        for thread in (self.thread, self.listener):
+            if thread is not None:
+                thread.join(timeout)
 
 
 # Every event reader of the process, for stop_all.

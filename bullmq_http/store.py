@@ -98,6 +98,8 @@ ADD_LOG = """
   ARGV[1] job token (must equal the lock's value)
   ARGV[2] the log line
   ARGV[3] the most lines a job keeps (MAX_LOGS_PER_JOB), or "" for no cap
+  ARGV[4] the channel to publish "<index> <line>" on for the streams watching the job
+          (the logs key's name), or "" for none (a cluster, whose nodes would all relay it)
 
   Returns >0 the number of lines the job keeps, this one included
           -1 the token is not the job's current lock token (nothing written)
@@ -117,6 +119,11 @@ end
 if keep and count > keep then
   redis.call("LTRIM", KEYS[3], -keep, -1)
   count = keep
+end
+if ARGV[4] ~= "" then
+  -- The line is stored whatever this answers: refused (an ACL user without the
+  -- channel), the streams read it at their next poll instead.
+  redis.pcall("PUBLISH", ARGV[4], (count - 1) .. " " .. ARGV[2])
 end
 return count
 """
@@ -374,7 +381,8 @@ class JobStore:
 
     def append_log(self, queue: str, job_id: str, token: bytes, line: str) -> int:
         """Append a line to a job's logs, after the time it came (line_stamp) when lines
-        are stamped; return how many lines the job keeps."""
+        are stamped, and publish it to the streams watching the job (event_reader.py);
+        return how many lines the job keeps."""
         if self.stamp_lines:
             line = f"{line_stamp(time.time())} {line}"
         keys = (
@@ -382,7 +390,7 @@ class JobStore:
             self.key(queue, job_id, "lock"),
             self.key(queue, job_id, "logs"),
         )
-        args = (token, line, self.max_logs)
+        args = (token, line, self.max_logs, b"" if self.one_slot else keys[2])
         count: int = self._run(self.add_log_script, queue, job_id, keys, args)
         return count
 

@@ -143,6 +143,25 @@ def test_writes_through_the_service_arrive_as_they_happen_and_finishing_ends(ser
     assert cursors == sorted(cursors)
 
 
+def test_lines_of_bullmq_and_of_the_service_arrive_once_each_and_in_order(service, job_id):
+    """The service's lines come as published, BullMQ's own (job.log) by the poll."""
+    path, logs = f"/queues/orders/jobs/{job_id}", f"bull:orders:{job_id}:logs"
+    written = []
+    with service.events(f"{path}/events") as stream:
+        events, _ = read_in_background(stream)
+        for n in range(60):
+            if n % 4 == 0:
+                service.data.rpush(logs, f"bullmq {n}")  # as BullMQ's job.log() writes
+            else:
+                assert service.post(f"{path}/logs", f"service {n}".encode()) == 200
+            written.append(log(n, f"{'bullmq' if n % 4 == 0 else 'service'} {n}"))
+        # A last line: whatever came twice would have come before it.
+        assert service.post(f"{path}/logs", b"last") == 200
+        wait_until(lambda: events and events[-1].data.endswith('"last"}'), 10, "the last line")
+    assert kinds(events) == [*written, log(60, "last")]
+    assert service.data.llen(logs) == 61
+
+
 def test_a_reconnecting_client_gets_exactly_what_it_missed(service, job_id):
     path = f"/queues/orders/jobs/{job_id}"
     service.post(f"{path}/progress", b"1")
@@ -383,8 +402,9 @@ def test_a_thousand_subscribers_share_a_bounded_number_of_connections(tmp_path):
 
         answers, clients = asyncio.run(crowd())
     assert answers == [b"HTTP/1.1 200 OK event: progress\ndata: 99"] * subscribers
-    # The pool (at most REDIS_MAX_CONNECTIONS) and the event reader's one: never one each.
-    assert clients <= 10 + 1
+    # The pool (at most REDIS_MAX_CONNECTIONS) and the event reader's two (its reads, and
+    # its listening for lines): never one each.
+    assert clients <= 10 + 2
 
 
 def test_sigterm_ends_open_streams(tmp_path, redis_url, r):

@@ -456,6 +456,49 @@ def test_resuming_at_line_0_reads_pages_within_max_page_bytes(
 # ------------------------------------------------------------- the event reader
 
 
+def listening(r: redis.Redis, job_id: str = "1") -> bool:
+    """Whether an event reader listens for the lines of a job of queue orders."""
+    channel = f"bull:orders:{job_id}:logs"
+    return r.pubsub_numsub(channel) == [(channel, 1)]
+
+
+def test_a_line_written_through_the_service_reaches_its_streams_before_any_poll(
+    make_app, job, r, opened, monkeypatch
+):
+    monkeypatch.setattr(event_reader, "POLL_SECONDS", 60.0)  # it polls once, as it starts
+    job()
+    client = make_app().test_client()
+    _, stream = opened(client, **api())
+    wait_until(lambda: listening(r), 10, "the event reader to listen for the job's lines")
+    written = client.post("/queues/orders/jobs/1/logs", data=b"at once", headers=bearer(JOB_TOKEN))
+    assert written.status_code == 200
+    event = stream.next()
+    assert (event.event, json.loads(event.data)) == ("log", {"index": 0, "line": "at once"})
+    assert r.lrange("bull:orders:1:logs", 0, -1) == ["at once"]
+
+
+def test_what_others_publish_on_a_jobs_channel_is_passed_over(make_app, job, r, opened):
+    job()
+    client = make_app().test_client()
+    _, stream = opened(client, **api())
+    wait_until(lambda: listening(r), 10, "the event reader to listen for the job's lines")
+    for message in ("not a line", "", "-1 before the first", "5 not the next line", "\xff"):
+        r.publish("bull:orders:1:logs", message)
+    for line in (b"first", b"second"):
+        assert (
+            client.post(
+                "/queues/orders/jobs/1/logs", data=line, headers=bearer(JOB_TOKEN)
+            ).status_code
+            == 200
+        )
+    got = [stream.next(), stream.next()]
+    assert [(e.event, json.loads(e.data)) for e in got] == [
+        ("log", {"index": 0, "line": "first"}),
+        ("log", {"index": 1, "line": "second"}),
+    ]
+    assert client.get("/readyz").status_code == 200
+
+
 def test_bytes_that_are_not_utf8_in_any_queue_leave_every_stream_alive(
     make_app, job, redis_url, opened
 ):
