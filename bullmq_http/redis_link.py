@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import gevent
+import gevent.event
 import gevent.lock
 import redis
 from gevent import monkey
@@ -136,6 +138,115 @@ class Connections:
         self.connection_pool.disconnect()
 
 
+class PipelinedConnections(Connections):
+    """The process's link to one Redis server under gevent: one connection, down which
+    the commands of every greenlet go together.
+
+    A command is queued; the commands queued while the greenlets that run now run (the
+    next turn of gevent's hub) are written at once, then their replies read in order,
+    while the next commands queue. Redis reads many commands a system call instead of
+    one: what a request costs Redis (bench/results.md).
+
+    A command is sent once, as Connections sends it. A batch that could not be sent
+    whole fails whole, unless it is one command, sent once more on a new connection: of
+    several, Redis may have run the first. A timeout or a connection cut mid-reply fails
+    the calls of that batch alone (503), and the next batch connects anew. A caller that
+    waits past its bound withdraws its command, if it was not sent yet.
+    """
+
+    def __init__(self, pool: redis.ConnectionPool, timeout: float) -> None:
+        super().__init__(pool, 1, timeout)
+        self.queued: list[Call] = []
+        self.flushing = False
+        self.connection: ConnectionInterface | None = None
+
+    def execute_command(self, *args: Any) -> Any:
+        """Queue one command; return Redis's reply once it comes."""
+        call = Call(args)
+        self.queued.append(call)
+        if not self.flushing:
+            self.flushing = True
+            gevent.spawn(self.flush)
+        # A batch ahead of it may take a timeout, and its own a connect and a timeout.
+        if not call.done.wait(3 * self.timeout):
+            call.withdrawn = True
+            raise redis.exceptions.TimeoutError(
+                f"Redis did not answer within {3 * self.timeout:g} s (REDIS_TIMEOUT)"
+            )
+        if call.error is not None:
+            raise call.error
+        return call.reply
+
+    def flush(self) -> None:
+        """Send what is queued and read the replies, a batch at a time, until nothing is
+        queued."""
+        try:
+            while batch := [call for call in self.queued if not call.withdrawn]:
+                self.queued = []
+                self.run(batch)
+        finally:
+            self.queued = [call for call in self.queued if not call.withdrawn]
+            self.flushing = False
+
+    def run(self, batch: list[Call]) -> None:
+        """Send one batch of commands and hand each caller its reply or error."""
+        if self.connection is None:
+            self.connection = self.connection_pool.make_connection()
+        connection = self.connection
+        try:
+            if len(batch) == 1:
+                self.send(connection, batch[0].args)
+            else:
+                if closed_while_idle(connection):
+                    connection.disconnect()
+                connection.connect()
+                connection.send_packed_command(connection.pack_commands([c.args for c in batch]))
+        except redis.exceptions.RedisError as error:
+            connection.disconnect()
+            for call in batch:
+                call.fail(error)
+            return
+        for at, call in enumerate(batch):
+            try:
+                call.answer(connection.read_response())
+            except redis.exceptions.ResponseError as error:
+                call.fail(error)  # the command's own error: the replies stay in step
+            except Exception as error:
+                # Cut, timed out or garbled: what was sent may have run, and is never
+                # sent again.
+                connection.disconnect()
+                lost = error if isinstance(error, redis.exceptions.RedisError) else (
+                    redis.exceptions.ConnectionError(f"Redis's reply could not be read: {error}")
+                )  # fmt: skip
+                for unanswered in batch[at:]:
+                    unanswered.fail(lost)
+                return
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.disconnect()
+        super().close()
+
+
+class Call:
+    """One command queued on PipelinedConnections, and what came of it."""
+
+    def __init__(self, args: tuple[Any, ...]) -> None:
+        self.args = args
+        self.done = gevent.event.Event()
+        self.reply: Any = None
+        self.error: redis.exceptions.RedisError | None = None
+        self.withdrawn = False  # its caller stopped waiting before it was sent
+
+    def answer(self, reply: Any) -> None:
+        self.reply = reply
+        self.done.set()
+
+    def fail(self, error: redis.exceptions.RedisError) -> None:
+        self.error = error
+        self.done.set()
+
+
 # The standard library's poll, not gevent's: a look at one socket that never waits needs
 # no trip through the hub.
 POLL = monkey.get_original("select", "poll")
@@ -209,6 +320,8 @@ def redis_client(config: Mapping[str, Any]) -> RedisCommands:
             connection_class=redis.SSLConnection if redis_tls(config) else redis.Connection,
             **options,
         )
+    if monkey.is_module_patched("socket"):
+        return PipelinedConnections(pool, config["REDIS_TIMEOUT"])
     return Connections(pool, config["REDIS_MAX_CONNECTIONS"], config["REDIS_TIMEOUT"])
 
 
