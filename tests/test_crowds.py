@@ -176,14 +176,19 @@ def test_hundreds_of_concurrent_writes_at_a_healthy_redis_all_succeed(serve, r, 
     started = time.monotonic()
     server = serve(REDIS_MAX_CONNECTIONS=str(pool), WEB_CONCURRENCY="2")
     server.wait_for_workers(workers)
+    reads = r.info("stats")["total_reads_processed"]
     answers = burst(server, clients=400, requests=3, body=b"7")
+    reads = r.info("stats")["total_reads_processed"] - reads
     service_connections = connections_since(r, started)
 
     assert sorted({answer.status for answer in answers}) == [200]
     assert len(answers) == 1200
     assert r.hget(key, "progress") == "7"
     assert r.xlen("bull:orders:events") == 1200
-    assert service_connections <= pool * workers
+    # Under gevent each worker sends its requests' scripts down one connection
+    # together: Redis reads many a system call.
+    assert service_connections <= workers
+    assert reads < len(answers) / 2
 
 
 def test_a_stalled_redis_answers_503_at_the_timeout_or_200_after_never_at_once(
