@@ -113,6 +113,7 @@ class Row:
     round_trips: float | None = None
     script_calls: float | None = None
     ceiling_share: float | None = None
+    redis_us: float | None = None  # Redis's own CPU per request, every master's together
 
 
 def wrk(bind: str, route: Route, connections: int) -> Run:
@@ -225,14 +226,25 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {model}"
 
 
-def measure(server: Gunicorn, route: Route, connections: int, client: redis.Redis | None) -> Row:
-    """Run wrk against a server; add what its workers (and one Redis) did per request."""
+def measure(
+    server: Gunicorn,
+    route: Route,
+    connections: int,
+    client: redis.Redis | None,
+    masters: list[redis.Redis] | None = None,
+) -> Row:
+    """Run wrk against a server; add what its workers (and one Redis, or the masters of
+    a cluster) did per request."""
     workers = server.worker_pids()
     reads, calls = redis_stats(client) if client else (0, 0)
+    masters = masters or ([client] if client else [])
+    redis_seconds = sum(map(redis_cpu, masters))
     cpu = cpu_seconds(workers)
     run = wrk(server.bind, route, connections)
     cpu = cpu_seconds(workers) - cpu
     row = Row(route.name, connections, run, cpu / run.requests)
+    if masters:
+        row.redis_us = (sum(map(redis_cpu, masters)) - redis_seconds) * 1e6 / run.requests
     if client:
         reads_after, calls_after = redis_stats(client)
         # The stats calls are one socket read each, and neither script nor transaction.
@@ -304,14 +316,17 @@ def cluster_rows(workdir: Path, best: float) -> list[Row]:
         directory = workdir / "cluster-service"
         directory.mkdir()
         service = start(Gunicorn(directory, env, bind=f"127.0.0.1:{free_port()}"))
+        masters = [redis.Redis(host="127.0.0.1", port=node.port) for node in cluster.masters]
         try:
             for route in ROUTES:
                 spread = replace(route, name=f"cluster: {route.name}", spread=queues)
-                row = measure(service, spread, CONNECTIONS[-1], None)
+                row = measure(service, spread, CONNECTIONS[-1], None, masters)
                 row.ceiling_share = row.run.rate / best
                 rows.append(row)
         finally:
             service.stop()
+            for master in masters:
+                master.close()
     return rows
 
 
@@ -740,13 +755,16 @@ def render(
         "Redis share the cores; the service's API tokens come from a file of 500 scoped "
         "tokens. *÷ best bare*: the route's requests/s over the best bare "
         "gunicorn's at the same connection count. *CPU/req*: CPU time of gunicorn's "
-        "workers per request. *Redis/req*: socket reads Redis served (round trips), and "
-        "EVALSHA or EXEC calls, per request. *cluster*: the same routes at 32 connections "
+        "workers per request. *Redis/req*: socket reads Redis served (round trips: fewer "
+        "than one where requests' commands share a read), and EVALSHA or EXEC calls, per "
+        "request. *Redis CPU/req*: Redis's own CPU time (`INFO cpu`) per request, every "
+        "master's together on a cluster. *cluster*: the same routes at 32 connections "
         "on a 3-master Redis Cluster (a replica each, all on the same cores), the load "
         "spread over one queue on each master.",
         "",
-        "| route | conns | req/s | p50 ms | p99 ms | non-2xx | ÷ best bare | CPU/req | Redis/req |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| route | conns | req/s | p50 ms | p99 ms | non-2xx | ÷ best bare | CPU/req "
+        "| Redis/req | Redis CPU/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for row in rows:
         run = row.run
@@ -759,7 +777,8 @@ def render(
         lines.append(
             f"| {row.name} | {row.connections} | {run.rate:,.0f} | {run.p50_ms:.2f} "
             f"| {run.p99_ms:.2f} | {run.non2xx + run.socket_errors} | {share} "
-            f"| {row.cpu_per_request * 1e6:,.0f} µs | {redis_note} |"
+            f"| {row.cpu_per_request * 1e6:,.0f} µs | {redis_note} "
+            f"| {f'{row.redis_us:.1f} µs' if row.redis_us is not None and share else ''} |"
         )
     lines += ["", "Targets, each route at 32 connections:", ""]
     lines += ["| route | ≥ 0.5 of best bare | ≤ 250 µs CPU/req | p99 ≤ 10 ms | one round trip |"]
