@@ -3,19 +3,18 @@ lines and hands each to the streams that watch that job (event_stream.py).
 
 It reads BullMQ's `<prefix>:<queue>:events` stream, where BullMQ and this service note
 progress, completion and failure, and each watched job's `:logs` list. However many
-streams are open, it holds one Redis connection (one per node of a cluster) besides
-the process's pool:
+streams are open, it holds two Redis connections (one per node of a cluster) besides
+the process's own:
 
 - on one server (or Sentinel's master), one blocking XREAD over all the watched
   queues' streams, woken by the next event, then at most every POLL_SECONDS one
-  pipeline of each watched job's new log lines;
+  pipeline of each watched job's new log lines; and a subscription to the channel of
+  each watched job's lines, named as its logs key, where the service publishes each
+  line it stores (store.py's ADD_LOG), so that such a line reaches the streams at once.
+  Lines that BullMQ's own `job.log()` writes, which it publishes nowhere, come by the
+  poll;
 - on a cluster, whose queues live on different nodes, one pipeline per node every
   POLL_SECONDS for both.
-
-On one server it also holds a subscriber connection to the channel of each watched
-job's lines, named as its logs key, where the service publishes each line it stores
-(store.py's ADD_LOG): such a line reaches the streams at once. Lines that BullMQ's own
-`job.log()` writes, which it publishes nowhere, arrive by the poll.
 """
 
 from __future__ import annotations
@@ -160,6 +159,7 @@ class EventReader:
         self.jobs_changed = threading.Event()  # a job to listen to, or to stop listening to
         self.thread: threading.Thread | None = None
         self.listener: threading.Thread | None = None
+        self.on_cluster = False  # found by the listener, which then stops for good
         self.failure: str | None = None  # the last turn's unexpected error, if it failed
         READERS.add(self)
 
@@ -180,7 +180,7 @@ class EventReader:
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self.run, name="event-reader", daemon=True)
                 self.thread.start()
-            if self.listener is None or not self.listener.is_alive():
+            if not self.on_cluster and (self.listener is None or not self.listener.is_alive()):
                 self.listener = threading.Thread(
                     target=self.listen, name="line-listener", daemon=True
                 )
@@ -361,14 +361,15 @@ class EventReader:
                 if client is None:
                     client = self.connect()
                     if isinstance(client, RedisCluster):
-                        break  # the nodes of a cluster would all relay every line
+                        self.on_cluster = True  # its nodes would all relay every line
+                        break
                     pubsub = client.pubsub(ignore_subscribe_messages=True)
                     channels = {}
                     self.jobs_changed.set()
                 assert pubsub is not None
                 if self.jobs_changed.is_set():
                     self.jobs_changed.clear()
-                    channels = self.follow(pubsub, channels)
+                    channels = self.listen_to(pubsub, channels)
                 if not channels:
                     self.jobs_changed.wait(POLL_SECONDS)
                     continue
@@ -388,7 +389,7 @@ class EventReader:
                 self.stopping.wait(RESTART_SECONDS[-1] if refused else 1.0)
         self.disconnect(client)
 
-    def follow(
+    def listen_to(
         self, pubsub: PubSub, channels: dict[bytes, tuple[str, str]]
     ) -> dict[bytes, tuple[str, str]]:
         """Listen to the channel of every watched job, and to no other; return them."""

@@ -197,10 +197,7 @@ class PipelinedConnections(Connections):
             if len(batch) == 1:
                 self.send(connection, batch[0].args)
             else:
-                if closed_while_idle(connection):
-                    connection.disconnect()
-                connection.connect()
-                connection.send_packed_command(connection.pack_commands([c.args for c in batch]))
+                batch = self.send_together(connection, batch)
         except redis.exceptions.RedisError as error:
             connection.disconnect()
             for call in batch:
@@ -221,6 +218,25 @@ class PipelinedConnections(Connections):
                 for unanswered in batch[at:]:
                     unanswered.fail(lost)
                 return
+
+    @staticmethod
+    def send_together(connection: ConnectionInterface, batch: list[Call]) -> list[Call]:
+        """Send a batch's commands in one write, connecting first if need be; return the
+        calls sent. Each is packed on its own: arguments Redis cannot take fail their
+        call alone."""
+        packed: list[bytes | memoryview] = []
+        sent = []
+        for call in batch:
+            try:
+                packed += connection.pack_command(*call.args)
+                sent.append(call)
+            except redis.exceptions.DataError as error:
+                call.fail(error)
+        if closed_while_idle(connection):
+            connection.disconnect()
+        connection.connect()
+        connection.send_packed_command([b"".join(packed)])
+        return sent
 
     def close(self) -> None:
         if self.connection is not None:
