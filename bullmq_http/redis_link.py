@@ -120,10 +120,8 @@ class Connections:
         connection of Sentinel's asks the sentinels where the master is); once more on a
         new connection where Redis closed this one, or it broke before the command went
         out whole."""
-        if closed_while_idle(connection):
-            connection.disconnect()
         try:
-            connection.connect()
+            connect(connection)
             connection.send_command(*args)
         except redis.exceptions.ConnectionError:
             connection.disconnect()
@@ -185,8 +183,7 @@ class PipelinedConnections(Connections):
                 self.queued = []
                 self.run(batch)
         finally:
-            self.queued = [call for call in self.queued if not call.withdrawn]
-            self.flushing = False
+            self.flushing = False  # what is left queued, the next call's flush sends
 
     def run(self, batch: list[Call]) -> None:
         """Send one batch of commands and hand each caller its reply or error."""
@@ -232,9 +229,7 @@ class PipelinedConnections(Connections):
                 sent.append(call)
             except redis.exceptions.DataError as error:
                 call.fail(error)
-        if closed_while_idle(connection):
-            connection.disconnect()
-        connection.connect()
+        connect(connection)
         connection.send_packed_command([b"".join(packed)])
         return sent
 
@@ -266,6 +261,14 @@ class Call:
 # The standard library's poll, not gevent's: a look at one socket that never waits needs
 # no trip through the hub.
 POLL = monkey.get_original("select", "poll")
+
+
+def connect(connection: ConnectionInterface) -> None:
+    """Connect a connection if it is not, and anew where Redis closed it while it was
+    idle (a restart, a failover that demoted its server, a client kill)."""
+    if closed_while_idle(connection):
+        connection.disconnect()
+    connection.connect()
 
 
 def closed_while_idle(connection: ConnectionInterface) -> bool:
