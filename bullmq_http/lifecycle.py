@@ -467,6 +467,7 @@ class JobLife:
         """Return the KEYS and ARGV of moveToCompleted for a job the caller holds: packed
         by bullmq's own code for a job of no options of its own (the script sets
         keepJobs from the job's), with the return value as the caller gave it."""
+        refuse_no_lock(token)
         scripts = queue_scripts(self.store.prefix, queue)
         job = upstream.bullmq_job(self.store.prefix, queue, job_id, {}, self.worker_opts())
         keys, args = scripts.moveToCompletedArgs(job, None, False, token, fetchNext=False)
@@ -488,6 +489,7 @@ class JobLife:
         its backoff (or `delay_ms`, where its backoff is one of the user's own), else it
         fails for good. Return what happened. One round trip: the script reads the
         job's attempts, backoff and stack trace (FAIL_AS_THE_WORKER_DECIDES)."""
+        refuse_no_lock(token)
         scripts = queue_scripts(self.store.prefix, queue)
         job = upstream.bullmq_job(self.store.prefix, queue, job_id, {}, self.worker_opts())
         keys, args = scripts.moveToFailedArgs(job, reason, False, token, False)
@@ -595,6 +597,17 @@ def claimed(reply: Any, token: str, lock_ms: int) -> Claim | None:
     return Claim(
         as_text(job_id), {as_text(k): as_text(v) for k, v in fields.items()}, token, lock_ms
     )
+
+
+NO_LOCK = "0"  # BullMQ's token for "moved with no lock"
+
+
+def refuse_no_lock(token: str) -> None:
+    """Raise NotLockHolder for the token "0": BullMQ's move scripts take it to mean a
+    job moved with no lock, and move the job without checking one. No caller's lock
+    token is that, so a caller who sends it holds nothing."""
+    if token == NO_LOCK:
+        raise NotLockHolder
 
 
 def check_moved(result: Any, queue: str, job_id: str) -> None:

@@ -215,6 +215,22 @@ def test_complete_stores_the_return_value_as_bullmq_does_once(worker, r, redis_u
     assert r.hget(f"bull:orders:{job_id}", "returnvalue") == '{"sum":3,"at":1.5}'
 
 
+def test_the_token_bullmq_takes_for_no_lock_moves_nothing(worker, r, redis_url):
+    """BullMQ's move scripts skip the lock check for the token "0"; over HTTP it is
+    a token like any other wrong one."""
+    job_id = add(redis_url, "orders")
+    held = claim(worker).json
+    before = snapshot(r)
+    for route, body in (("complete", b'"done"'), ("fail", b"boom")):
+        refused = as_holder(worker, job_id, route, "0", body)
+        assert refused.status_code == 401, route
+        assert "not this job's lock token" in refused.text
+    refused = claim(worker, body={"complete": {"id": job_id, "token": "0"}})
+    assert refused.status_code == 401
+    assert snapshot(r) == before
+    assert r.get(f"bull:orders:{job_id}:lock") == held["token"]
+
+
 def test_complete_with_no_body_is_null_and_remove_on_complete_is_honoured(worker, r, redis_url):
     job_id = add(redis_url, "orders", removeOnComplete=True)
     got = claim(worker).json
