@@ -88,12 +88,18 @@ end
 # BullMQ's moveToFinished, unchanged, after setting the keepJobs of its packed options
 # (ARGV[8]) from the job's own removeOnComplete, read here, as bullmq's worker computes
 # it from the job it holds. So a completion is one round trip with no read before it.
+# ARGV[8] comes packed with keepJobs {count = -1}, what a job without removeOnComplete
+# gets; so where the stored options cannot hold the key (it is not there as written,
+# and no \u escape could spell it), they are neither decoded nor packed again.
 KEEP_JOBS_OF_THE_JOB = """
 do
-  local packed = cmsgpack.unpack(ARGV[8])
-  local jobOpts = jobOptions(redis.call("HGET", KEYS[12], "opts"))
-  packed["keepJobs"] = keepJobs(jobOpts["removeOnComplete"])
-  ARGV[8] = cmsgpack.pack(packed)
+  local stored = redis.call("HGET", KEYS[12], "opts")
+  if stored and (string.find(stored, '"removeOnComplete"', 1, true)
+                 or string.find(stored, "\\\\u", 1, true)) then
+    local packed = cmsgpack.unpack(ARGV[8])
+    packed["keepJobs"] = keepJobs(jobOptions(stored)["removeOnComplete"])
+    ARGV[8] = cmsgpack.pack(packed)
+  end
 end
 """
 MOVE_TO_COMPLETED = Script(
@@ -102,29 +108,26 @@ MOVE_TO_COMPLETED = Script(
     "written",
 )
 
-# Complete a job and claim the next in one round trip, as BullMQ's worker fetches its
-# next job in the script that finishes one, but with a lock of its own for the next:
-# moveToCompleted (above), then, when it succeeded, BullMQ's moveToActive, unchanged.
-# KEYS and ARGV[1..9] as for moveToCompleted, then ARGV[10], the claim's packed options
-# (moveToActive's ARGV[3]). It answers {what moveToFinished answered} when that
-# refused, else {0, what moveToActive answered}.
+# Complete a job and claim the next in one round trip, as BullMQ's worker does it: its
+# moveToFinished with fetchNext, unchanged, which locks the next job with the finished
+# job's token. A claim's token is new, so the next job's lock is then handed to it, in
+# the same script: no one ever sees the next job locked with the finished one's token.
+# KEYS and ARGV[1..9] as for moveToCompleted with fetchNext, the packed options holding
+# the caller's token and the claim's lock duration; ARGV[10] the claim's token. It
+# answers what moveToFinished answered.
 COMPLETE_THEN_CLAIM = Script(
     "completeThenClaim",
     JOB_OPTIONS
     + "local function moveToCompleted()\n"
     + KEEP_JOBS_OF_THE_JOB
     + upstream.bullmq_script("moveToFinished-14")
-    + "\nend\nlocal function moveToActive()\n"
-    + upstream.bullmq_script("moveToActive-11")
     + """
 end
-local claimOptions = ARGV[10]
 local finished = moveToCompleted()
-if finished ~= 0 then
-  return {finished}
+if type(finished) == "table" and finished[1] ~= 0 then
+  redis.call("SET", ARGV[7] .. finished[2] .. ":lock", ARGV[10], "KEEPTTL")
 end
-arrange({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 14}, {ARGV[7], ARGV[2], claimOptions})
-return {0, moveToActive()}
+return finished
 """,
     "written",
 )
@@ -367,15 +370,15 @@ class JobLife:
         """Complete a job the caller holds, as complete() does, then claim the queue's
         next job for it, as claim() does, in one round trip; nothing is claimed when
         the completion is refused (it raises as complete() does)."""
+        refuse_no_lock(token)
         lock_ms = lock_ms or self.lock_ms
-        keys, args = self.completion(queue, job_id, token, returnvalue)
         new_token = secrets.token_hex(16)
-        args += ["", claim_options(new_token, lock_ms)]  # no fields to update; the claim
-        reply = self.store.run_script(COMPLETE_THEN_CLAIM, keys, args)
-        check_moved(reply[0], queue, job_id)
+        keys, args = self.completion(queue, job_id, token, returnvalue, lock_ms)
+        reply = self.store.run_script(COMPLETE_THEN_CLAIM, keys, [*args, "", new_token])
+        check_moved(reply, queue, job_id)
         JOB_OUTCOMES.labels("completed").inc()
         self.watch(queue)
-        return claimed(reply[1], new_token, lock_ms)
+        return claimed(reply, new_token, lock_ms)
 
     def claim_waiting(
         self,
@@ -457,20 +460,29 @@ class JobLife:
         """Move a job the caller holds to completed as BullMQ's worker does, with its
         return value (JSON as JSON.stringify writes it, as BullMQ's Node worker stores
         it); the job's own removeOnComplete applies, and a flow parent learns of it."""
+        refuse_no_lock(token)
         keys, args = self.completion(queue, job_id, token, returnvalue)
         check_moved(self.store.run_script(MOVE_TO_COMPLETED, keys, args), queue, job_id)
         JOB_OUTCOMES.labels("completed").inc()
 
     def completion(
-        self, queue: str, job_id: str, token: str, returnvalue: str
+        self,
+        queue: str,
+        job_id: str,
+        token: str,
+        returnvalue: str,
+        next_lock_ms: int | None = None,
     ) -> tuple[list[str], list[Any]]:
-        """Return the KEYS and ARGV of moveToCompleted for a job the caller holds: packed
-        by bullmq's own code for a job of no options of its own (the script sets
-        keepJobs from the job's), with the return value as the caller gave it."""
-        refuse_no_lock(token)
+        """Return the KEYS and ARGV of moveToFinished completing a job: packed by
+        bullmq's own code for a job of no options of its own (the script sets keepJobs
+        from the job's), with the return value as the caller gave it. With
+        `next_lock_ms`, the next job is fetched too, locked for that long, as BullMQ's
+        worker fetches its next."""
         scripts = queue_scripts(self.store.prefix, queue)
-        job = upstream.bullmq_job(self.store.prefix, queue, job_id, {}, self.worker_opts())
-        keys, args = scripts.moveToCompletedArgs(job, None, False, token, fetchNext=False)
+        worker = self.worker_opts(next_lock_ms or self.lock_ms)
+        job = upstream.bullmq_job(self.store.prefix, queue, job_id, {}, worker)
+        fetch_next = next_lock_ms is not None
+        keys, args = scripts.moveToCompletedArgs(job, None, False, token, fetchNext=fetch_next)
         args[3] = returnvalue
         return keys, args
 
@@ -505,9 +517,9 @@ class JobLife:
         JOB_OUTCOMES.labels(OUTCOME_OF_FAILURE[failure.state]).inc()
         return failure
 
-    def worker_opts(self) -> dict[str, Any]:
+    def worker_opts(self, lock_ms: int | None = None) -> dict[str, Any]:
         """Return the options of the BullMQ worker the service is to BullMQ's code."""
-        return {"lockDuration": self.lock_ms, "limiter": None}
+        return {"lockDuration": lock_ms or self.lock_ms, "limiter": None}
 
     # ------------------------------------------------------------- stalled check
 

@@ -250,6 +250,18 @@ def test_complete_with_no_body_is_null_and_remove_on_complete_is_honoured(worker
     assert not r.exists(f"bull:orders:{kept}") and not r.exists(f"bull:orders:{newest[0]}")
 
 
+def test_remove_on_complete_is_read_however_its_json_spells_it(worker, r, redis_url):
+    """The key spelled with a JSON escape is the same key to BullMQ's JSON.parse."""
+    escaped, other = add(redis_url, "orders"), add(redis_url, "orders")
+    r.hset(f"bull:orders:{escaped}", "opts", '{"removeOn\\u0043omplete":true}')
+    r.hset(f"bull:orders:{other}", "opts", '{"attempts":1,"removeOnFail":true}')
+    held = claim(worker).json
+    body = {"complete": {"id": escaped, "token": held["token"]}}
+    assert claim(worker, body=body).json["id"] == other
+    assert not r.exists(f"bull:orders:{escaped}")
+    assert r.zrange("bull:orders:completed", 0, -1) == []
+
+
 def test_a_claim_completes_the_job_before_it_in_the_same_round_trip(worker, r, redis_url):
     """`complete` in a claim's body: the finished job is completed as the complete route
     completes it, and the next is claimed with a lock of its own."""

@@ -209,9 +209,10 @@ test('a lock that BullMQ extends keeps the token valid past its first duration',
   assert.equal((await postProgress(name, lapsed.job.id, lapsed.token, 75)).status, 401);
 });
 
-// An HTTP worker: claim the queue's next job, or null when none is ready.
-async function claim(queue) {
-  const response = await call('POST', `/queues/${queue}/claim`, apiToken);
+// An HTTP worker: claim the queue's next job, or null when none is ready; `body` may
+// complete the job claimed before.
+async function claim(queue, body) {
+  const response = await call('POST', `/queues/${queue}/claim`, apiToken, body);
   if (response.status === 204) return null;
   assert.equal(response.status, 200, response.text);
   return JSON.parse(response.text);
@@ -244,7 +245,17 @@ test('HTTP workers beside a native Worker complete every job exactly once', boun
       assert.deepEqual(done, { status: 200, text: 'OK' });
     }
   };
-  await Promise.all([overHttp(), overHttp(), overHttp()]);
+  // Each completion in the next claim: BullMQ's own fetch of the next job.
+  const overHttpTogether = async () => {
+    let job = await claim(name);
+    while (job) {
+      const complete = { id: job.id, token: job.token, returnvalue: 'http' };
+      const next = await claim(name, JSON.stringify({ complete }));
+      assert.ok(next === null || next.token !== job.token, 'the next job took the finished token');
+      job = next;
+    }
+  };
+  await Promise.all([overHttp(), overHttp(), overHttpTogether(), overHttpTogether()]);
   await until(() => completedBy.size === total, 'every job completed', 15000);
   await sleep(200); // a second completion would be heard by now
   assert.ok([...completedBy.values()].every((values) => values.length === 1), 'completed twice');
