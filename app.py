@@ -120,27 +120,19 @@ def with_job_token(view: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Let the request through only with an API token that may read the route's queue."""
+def api_token_required(right: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Let the request through only with an API token that has the right (READ, or
+    WORK: claim the queue's jobs, as a BullMQ worker does) on the route's queue."""
 
-    @functools.wraps(view)
-    def wrapper(**kwargs: Any) -> Any:
-        check_api_token(kwargs.get("queue"))
-        return view(**kwargs)
+    def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def wrapper(**kwargs: Any) -> Any:
+            check_api_token(kwargs.get("queue"), right)
+            return view(**kwargs)
 
-    return wrapper
+        return wrapper
 
-
-def work_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Let the request through only with an API token that may work the route's queue's
-    jobs (claim them, as a BullMQ worker does)."""
-
-    @functools.wraps(view)
-    def wrapper(**kwargs: Any) -> Any:
-        check_api_token(kwargs["queue"], WORK)
-        return view(**kwargs)
-
-    return wrapper
+    return decorator
 
 
 def watch_or_api_token_required(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -275,7 +267,7 @@ def read_logs(queue: str, job_id: str) -> Response:
 
 
 @reporting.get("/progress")
-@api_token_required
+@api_token_required(READ)
 def read_progress(queue: str, job_id: str) -> Response:
     """Return a job's progress as stored, or 0 when it was never set, as BullMQ reads it."""
     no_query_parameters_but(())
@@ -287,7 +279,7 @@ def read_progress(queue: str, job_id: str) -> Response:
 
 
 @working.post("/queues/<queue>/claim")
-@work_token_required
+@api_token_required(WORK)
 def claim_job(queue: str) -> Response:
     """Move the queue's next job to active for the caller, as a BullMQ worker takes one,
     and answer it with its lock token; 204 when no job is ready."""
@@ -547,7 +539,7 @@ def logs_as_text(queue: str, job_id: str) -> Response:
 
 
 @watching.post("/events/token")
-@api_token_required
+@api_token_required(READ)
 def mint_watch_token(queue: str, job_id: str) -> Response:
     """Return a token that opens this job's events and nothing else, for `seconds`
     (by default WATCH_TOKEN_SECONDS, at most WATCH_TOKEN_MAX_SECONDS)."""
