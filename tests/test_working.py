@@ -119,6 +119,17 @@ def test_delayed_and_paused_jobs_are_not_claimed(worker, r, redis_url):
     assert r.llen("bull:orders:active") == 0
 
 
+def test_a_completion_in_a_claim_on_a_paused_queue_claims_nothing(worker, r, redis_url):
+    held_id, waiting = add(redis_url, "orders"), add(redis_url, "orders")
+    held = claim(worker).json
+    r.hset("bull:orders:meta", "paused", 1)
+    answer = claim(worker, body={"complete": {"id": held_id, "token": held["token"]}})
+    assert answer.status_code == 204
+    assert r.zrange("bull:orders:completed", 0, -1) == [held_id]
+    assert r.lrange("bull:orders:wait", 0, -1) == [waiting]
+    assert r.llen("bull:orders:active") == 0 and not r.exists(f"bull:orders:{waiting}:lock")
+
+
 @pytest.mark.parametrize(
     ("queue", "token", "status", "message"),
     [
@@ -267,10 +278,15 @@ def test_a_claim_completes_the_job_before_it_in_the_same_round_trip(worker, r, r
     completes it, and the next is claimed with a lock of its own."""
     first, second = add(redis_url, "orders"), add(redis_url, "orders")
     held = claim(worker).json
-    body = {"complete": {"id": first, "token": held["token"], "returnvalue": {"n": 1}}}
+    body = {
+        "complete": {"id": first, "token": held["token"], "returnvalue": {"n": 1}},
+        "lockDuration": 5000,
+    }
     next_job = claim(worker, body=body)
     assert next_job.status_code == 200
     assert next_job.json["id"] == second and next_job.json["token"] != held["token"]
+    assert next_job.json["lockDuration"] == 5000
+    assert 4000 < r.pttl(f"bull:orders:{second}:lock") <= 5000
     job = r.hgetall(f"bull:orders:{first}")
     assert job["returnvalue"] == '{"n":1}' and "finishedOn" in job
     assert r.zrange("bull:orders:completed", 0, -1) == [first]
