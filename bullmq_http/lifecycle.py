@@ -370,7 +370,6 @@ class JobLife:
         """Complete a job the caller holds, as complete() does, then claim the queue's
         next job for it, as claim() does, in one round trip; nothing is claimed when
         the completion is refused (it raises as complete() does)."""
-        refuse_no_lock(token)
         lock_ms = lock_ms or self.lock_ms
         new_token = secrets.token_hex(16)
         keys, args = self.completion(queue, job_id, token, returnvalue, lock_ms)
@@ -460,7 +459,6 @@ class JobLife:
         """Move a job the caller holds to completed as BullMQ's worker does, with its
         return value (JSON as JSON.stringify writes it, as BullMQ's Node worker stores
         it); the job's own removeOnComplete applies, and a flow parent learns of it."""
-        refuse_no_lock(token)
         keys, args = self.completion(queue, job_id, token, returnvalue)
         check_moved(self.store.run_script(MOVE_TO_COMPLETED, keys, args), queue, job_id)
         JOB_OUTCOMES.labels("completed").inc()
@@ -477,10 +475,12 @@ class JobLife:
         bullmq's own code for a job of no options of its own (the script sets keepJobs
         from the job's), with the return value as the caller gave it. With
         `next_lock_ms`, the next job is fetched too, locked for that long, as BullMQ's
-        worker fetches its next."""
+        worker fetches its next. Raises NotLockHolder for BullMQ's no-lock token."""
+        refuse_no_lock(token)
         scripts = queue_scripts(self.store.prefix, queue)
-        worker = self.worker_opts(next_lock_ms or self.lock_ms)
-        job = upstream.bullmq_job(self.store.prefix, queue, job_id, {}, worker)
+        job = upstream.bullmq_job(
+            self.store.prefix, queue, job_id, {}, self.worker_opts(next_lock_ms)
+        )
         fetch_next = next_lock_ms is not None
         keys, args = scripts.moveToCompletedArgs(job, None, False, token, fetchNext=fetch_next)
         args[3] = returnvalue
