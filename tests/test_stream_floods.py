@@ -136,7 +136,8 @@ def test_refused_and_missing_streams_give_their_place_back(make_app, job, opened
 def test_a_watch_token_opened_in_many_tabs_holds_only_its_share(make_app, job, opened):
     job()
     client = make_app(WATCH_TOKEN_SECRET=SECRET, MAX_STREAMS_PER_WATCH_TOKEN=2).test_client()
-    token = watch_token(SECRET, "orders", "1", int(time.time()) + 300)
+    expires = int(time.time()) + 300
+    token = watch_token(SECRET, "orders", "1", expires)
     statuses = [opened(client, f"{EVENTS}?token={token}")[0] for _ in range(3)]
     assert statuses == [200, 200, 429]
     _, refused = opened(client, f"{EVENTS}?token={token}")
@@ -145,7 +146,7 @@ def test_a_watch_token_opened_in_many_tabs_holds_only_its_share(make_app, job, o
         "(MAX_STREAMS_PER_WATCH_TOKEN=2): close one, then retry"
     )
     # Another browser's token for the same job has its own share.
-    other = watch_token(SECRET, "orders", "1", int(time.time()) + 299)
+    other = watch_token(SECRET, "orders", "1", expires - 1)
     assert opened(client, f"{EVENTS}?token={other}")[0] == 200
     # A link exchanged for the page's cookie is the same token, and the same share.
     assert client.post("/queues/orders/jobs/1/watch/session", data=token).status_code == 200
