@@ -106,10 +106,15 @@ class Subscription:
     inbox_bytes: int = 0
     counting: threading.Lock = field(default_factory=threading.Lock)
     ended: str | None = None  # BEHIND or UNREADABLE: the event reader no longer serves it
+    # While the stream waits with nothing left to send, what may send an event for it
+    # at once, from the event reader (event_stream.DirectWrites); True: it went whole.
+    writer: Callable[[Event], bool] | None = None
 
     def put(self, event: Event) -> None:
         """Hand the stream an event, or end it when it is too far behind."""
         with self.counting:
+            if self.writer is not None and self.inbox.empty() and self.writer(event):
+                return
             if self.inbox_bytes + len(event.data) > INBOX_BYTES or self.inbox.full():
                 self.ended = BEHIND
                 return

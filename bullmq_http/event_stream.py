@@ -14,7 +14,7 @@ import re
 import select
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import redis
@@ -252,6 +252,10 @@ def follow(
     or is removed, the process stops, the client falls too far behind or hangs up, or
     `until`. A client that hangs up is seen within a second, not at the next write: its
     place under the stream limits is free for its next stream at once."""
+    # Under the service's gunicorn worker (gunicorn_worker.Client), the event reader
+    # sends what comes while this waits with nothing left to send.
+    send_now = getattr(client, "send_now", None)
+    direct = None if send_now is None else DirectWrites(cursor, send_now)
     beat = time.monotonic()
     while not reader.stopping.is_set() and subscription.ended is None:
         event = next(events, None)
@@ -260,9 +264,17 @@ def follow(
             if until is not None and now >= until:
                 yield comment("the watch token expired: open the stream with a new one")
                 return
+            subscription.writer = direct
             try:
                 event = subscription.get(timeout=min(1.0, until - now) if until else 1.0)
             except queue.Empty:
+                event = None
+            finally:
+                subscription.writer = None
+            if direct is not None and direct.backlog:
+                assert client is not None
+                client.sendall(direct.take_backlog())
+            if event is None:
                 if client is not None and hung_up(client):
                     return
                 if time.monotonic() - beat >= HEARTBEAT_SECONDS:
@@ -295,6 +307,39 @@ def follow(
         if (sent := cursor.frame_if_new(event)) is not None:
             yield sent
         return
+
+
+class DirectWrites:
+    """Sends a stream's events from the event reader as they come, while the stream's
+    own greenlet waits with nothing left to send: an event then costs the worker a frame
+    and a send, not a hand-over to the greenlet and a trip up through the WSGI server
+    (bench/results.md). Both run on one thread (gevent's greenlets), and the greenlet
+    takes its writer back before it sends anything itself.
+
+    What the socket's buffer cannot take at once is the backlog, which the greenlet
+    sends first when it wakes, within the send deadline; until then the reader queues
+    events to it as before. An event that ends the stream is the greenlet's to send.
+    """
+
+    def __init__(self, cursor: Cursor, send_now: Callable[[bytes], bytes]) -> None:
+        self.cursor = cursor
+        self.send_now = send_now  # sends what the socket takes; returns the rest
+        self.backlog = b""
+
+    def __call__(self, event: Event) -> bool:
+        """Send an event, unless the stream's greenlet must; return whether it went
+        whole. One that did not is queued, and wakes the greenlet, which sends the
+        backlog and then finds the event already sent."""
+        if event.kind in FINAL or event.kind == "removed":
+            return False
+        frame = self.cursor.frame_if_new(event)
+        if frame is not None:
+            self.backlog = self.send_now(frame)
+        return not self.backlog
+
+    def take_backlog(self) -> bytes:
+        backlog, self.backlog = self.backlog, b""
+        return backlog
 
 
 # The system's own poll: gevent's patched select module has none, and a poll that

@@ -59,6 +59,7 @@ STREAM_SEND_BUFFER = 32 * 1024
 STREAMS_STOP_SECONDS = 1.0
 # How a stream of events names itself in its response's head.
 EVENT_STREAM = b"content-type: text/event-stream"
+CHUNKED = b"transfer-encoding: chunked"
 
 
 def write_plain_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
@@ -87,6 +88,7 @@ class Client:
         self.first_write = False  # the next write is a response's head
         self.linger = False  # the client may still be sending when the connection closes
         self.streaming = False  # the response is a stream of events
+        self.chunked = False  # ... sent in chunks (HTTP/1.1), so send_now frames its bytes
         self.shut_here = False  # the worker ended the connection under its greenlet
 
     def __getattr__(self, name: str) -> Any:
@@ -164,8 +166,9 @@ class Client:
         of them for SEND_TIMEOUT seconds has its connection closed."""
         if self.first_write:
             self.first_write = False
-            if EVENT_STREAM in data.partition(b"\r\n\r\n")[0].lower():
-                self.start_stream()
+            head = data.partition(b"\r\n\r\n")[0].lower()
+            if EVENT_STREAM in head:
+                self.start_stream(chunked=CHUNKED in head)
         try:
             try:
                 # Most writes fit the socket's buffer whole: one send that never waits
@@ -191,10 +194,25 @@ class Client:
                 raise BrokenPipeError(errno.EPIPE, "the worker is stopping") from None
             raise
 
-    def start_stream(self) -> None:
+    def send_now(self, data: bytes) -> bytes:
+        """Send the bytes of a stream's event from whichever greenlet has them (the
+        event reader's), as far as the socket's buffer takes them without waiting, and
+        framed as gunicorn frames the response's bytes; return what it did not take, for
+        the stream's own greenlet to send with sendall, within the deadline. A socket
+        that fails takes nothing here: sendall finds out why."""
+        if self.chunked:
+            data = b"%X\r\n%s\r\n" % (len(data), data)
+        try:
+            sent = self.sock.send(data, 0, 0.0)  # type: ignore[call-arg]  # gevent's
+        except OSError:  # BlockingIOError among them
+            sent = 0
+        return data[sent:]
+
+    def start_stream(self, chunked: bool) -> None:
         """Send the response, a stream of events, through a small buffer, and let a
         stopping worker end it."""
         self.streaming = True
+        self.chunked = chunked
         self.worker.streams.add(self)
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)

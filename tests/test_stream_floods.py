@@ -779,6 +779,69 @@ def stall_a_stream(server: Gunicorn) -> Callable[[], None]:
     return sock.close
 
 
+def dechunk(body: bytes) -> bytes:
+    """Return a chunked body's bytes, failing on any framing that is not exact."""
+    data = b""
+    while (found := re.match(rb"([0-9A-Fa-f]+)\r\n", body)) is not None:
+        size, body = int(found[1], 16), body[found.end() :]
+        if size == 0:
+            assert body == b"\r\n", body[:80]
+            return data
+        assert body[size : size + 2] == b"\r\n", body[size : size + 80]
+        data, body = data + body[:size], body[size + 2 :]
+    raise AssertionError(f"not a chunk: {body[:80]!r}")
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/1.1", "HTTP/1.0"])
+def test_a_slow_reader_gets_every_event_once_whole_and_in_order(serve, r, job, protocol):
+    """Events written far faster than a stream's client reads them: what its socket
+    cannot take at once waits for it, and the client gets each event once, whole and in
+    order, framed as its HTTP version frames a body (chunks; or bytes up to the close),
+    then the end."""
+    job()
+    server = serve()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = server.bind.rsplit(":", 1)
+    sock.connect((host, int(port)))
+    sock.settimeout(20)
+    sock.sendall(
+        f"GET {EVENTS}?tail=0 {protocol}\r\nHost: test\r\n"
+        f"Authorization: Bearer {API_TOKEN}\r\n\r\n".encode()
+    )
+    wait_until(lambda: open_streams(server) == 1, 10, "the stream to open")
+    # 60 values of up to 12 KB, 360 KB in all: far more than the sockets' buffers hold,
+    # within what a stream may fall behind (INBOX_BYTES).
+    values = [json.dumps(f"{n}:" + "v" * (n * 397 % 12_000)) for n in range(60)]
+    for value in values:  # the client reads nothing meanwhile
+        assert (
+            server.send("POST", "/queues/orders/jobs/1/progress", value.encode(), JOB_TOKEN) == 200
+        )
+    assert server.send("POST", "/queues/orders/jobs/1/complete", b'"done"', JOB_TOKEN) == 200
+    received = b""
+    while not received.endswith(b"\r\n0\r\n\r\n") and (more := sock.recv(65536)):
+        received += more
+    sock.close()
+
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(f"{protocol} 200 OK".encode())
+    if protocol == "HTTP/1.1":
+        assert b"transfer-encoding: chunked" in head.lower()
+        body = dechunk(body)
+    fields = [dict(line.split(": ", 1) for line in block.split("\n"))
+              for block in body.decode().split("\n\n")[1:-1]]  # fmt: skip
+    assert [(event["event"], event["data"]) for event in fields] == [
+        *(("progress", value) for value in values),
+        ("completed", '{"returnvalue":"done"}'),
+    ]
+    ids = [event["id"] for event in fields]
+    assert ids == sorted(
+        set(ids), key=lambda cursor: [int(part) for part in re.split("[-/]", cursor)]
+    )
+    assert r.hget("bull:orders:1", "progress") == values[-1]
+    assert logged_no_error(server)
+
+
 def test_a_client_that_stops_reading_is_cut_off_at_the_send_deadline(serve, job):
     job()
     server = serve(SEND_TIMEOUT="1")
