@@ -146,17 +146,22 @@ READ_LOGS = """
 ]]
 if redis.call("TYPE", KEYS[1])["ok"] ~= "hash" then return -2 end
 
+-- The page is LRANGE's own table, turned and cut in place: a copy costs Redis more.
 local lines = redis.call("LRANGE", KEYS[2], ARGV[1], ARGV[2])
-local first, last, step = 1, #lines, 1
-if ARGV[3] == "desc" then first, last, step = #lines, 1, -1 end
-local page = {redis.call("LLEN", KEYS[2])}
-local room = tonumber(ARGV[4])
-for i = first, last, step do
-  room = room - #lines[i]
-  if room < 0 and #page > 1 then break end
-  page[#page + 1] = lines[i]
+local n = #lines
+if ARGV[3] == "desc" then
+  for i = 1, math.floor(n / 2) do lines[i], lines[n + 1 - i] = lines[n + 1 - i], lines[i] end
 end
-return page
+local room = tonumber(ARGV[4])
+for i = 1, n do
+  room = room - #lines[i]
+  if room < 0 and i > 1 then
+    for j = n, i, -1 do lines[j] = nil end
+    break
+  end
+end
+table.insert(lines, 1, redis.call("LLEN", KEYS[2]))
+return lines
 """
 
 READ_PROGRESS = """
