@@ -11,6 +11,7 @@ import queue
 import re
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -839,6 +840,27 @@ def test_a_slow_reader_gets_every_event_once_whole_and_in_order(serve, r, job, p
         set(ids), key=lambda cursor: [int(part) for part in re.split("[-/]", cursor)]
     )
     assert r.hget("bull:orders:1", "progress") == values[-1]
+    assert logged_no_error(server)
+
+
+def test_a_client_reset_while_events_pour_in_ends_its_stream_quietly(serve, r, job):
+    """The event reader's send to a client that is gone fails: the stream ends, frees its
+    place, and the worker logs no error; writes go on."""
+    job()
+    server = serve()
+    sock = socket.socket()
+    host, port = server.bind.rsplit(":", 1)
+    sock.connect((host, int(port)))
+    sock.sendall(request(f"{EVENTS}?tail=0"))
+    wait_until(lambda: open_streams(server) == 1, 10, "the stream to open")
+    # Closed with a reset (SO_LINGER 0): the next send to it fails at once.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    for n in range(20):
+        body = str(n).encode()
+        assert server.send("POST", "/queues/orders/jobs/1/progress", body, JOB_TOKEN) == 200
+    wait_until(lambda: open_streams(server) == 0, 10, "the stream to end")
+    assert r.hget("bull:orders:1", "progress") == "19"
     assert logged_no_error(server)
 
 
