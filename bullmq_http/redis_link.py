@@ -73,13 +73,9 @@ class RedisCommands(Protocol):
     def close(self) -> None: ...
 
 
-class Connections:
-    """The process's connections to one Redis server, each lent to one command at a time.
-
-    At most `size` are open; a command beyond them waits up to `timeout` for one to come
-    free, then fails (503). This is redis-py's BlockingConnectionPool and client call
-    less what costs more than the round trip itself (bench/results.md): a poll of each
-    connection through gevent's hub as it is lent, and telemetry.
+class OneServer:
+    """The process's link to one Redis server (or Sentinel's master), whose pool makes
+    the connections: address, credentials, TLS, the sentinels' word.
 
     A command is sent once. Before it is sent, a connection Redis closed while it was
     idle (a restart, a failover that demoted its server, a client kill) is found and
@@ -89,10 +85,41 @@ class Connections:
     run it: the caller answers 503, and the outcome is unknown.
     """
 
-    def __init__(self, pool: redis.ConnectionPool, size: int, timeout: float) -> None:
-        # The pool makes the connections: address, credentials, TLS, the sentinels' word.
+    def __init__(self, pool: redis.ConnectionPool, timeout: float) -> None:
         self.connection_pool = pool
         self.timeout = timeout
+
+    @staticmethod
+    def send(connection: ConnectionInterface, args: tuple[Any, ...]) -> None:
+        """Send a command whole on a connection, connecting first if need be (a
+        connection of Sentinel's asks the sentinels where the master is); once more on a
+        new connection where Redis closed this one, or it broke before the command went
+        out whole."""
+        try:
+            connect(connection)
+            connection.send_command(*args)
+        except redis.exceptions.ConnectionError:
+            connection.disconnect()
+            connection.connect()
+            connection.send_command(*args)
+
+    def close(self) -> None:
+        """Close the connections the pool holds itself (a Sentinel pool's, to the
+        sentinels); a closed one connects again when next used."""
+        self.connection_pool.disconnect()
+
+
+class Connections(OneServer):
+    """The process's connections to one Redis server, each lent to one command at a time.
+
+    At most `size` are open; a command beyond them waits up to `timeout` for one to come
+    free, then fails (503). This is redis-py's BlockingConnectionPool and client call
+    less what costs more than the round trip itself (bench/results.md): a poll of each
+    connection through gevent's hub as it is lent, and telemetry.
+    """
+
+    def __init__(self, pool: redis.ConnectionPool, size: int, timeout: float) -> None:
+        super().__init__(pool, timeout)
         self.idle: list[ConnectionInterface] = []  # the most recently used last
         self.free = bounded_semaphore(size)
 
@@ -114,29 +141,14 @@ class Connections:
             self.idle.append(connection)
             self.free.release()
 
-    @staticmethod
-    def send(connection: ConnectionInterface, args: tuple[Any, ...]) -> None:
-        """Send a command whole on a connection, connecting first if need be (a
-        connection of Sentinel's asks the sentinels where the master is); once more on a
-        new connection where Redis closed this one, or it broke before the command went
-        out whole."""
-        try:
-            connect(connection)
-            connection.send_command(*args)
-        except redis.exceptions.ConnectionError:
-            connection.disconnect()
-            connection.connect()
-            connection.send_command(*args)
-
     def close(self) -> None:
-        """Close the idle connections, and any the pool holds itself (a Sentinel pool's,
-        to the sentinels); a closed one connects again when next used."""
+        """Close the idle connections, and any the pool holds itself."""
         for connection in self.idle:
             connection.disconnect()
-        self.connection_pool.disconnect()
+        super().close()
 
 
-class PipelinedConnections(Connections):
+class PipelinedConnections(OneServer):
     """The process's link to one Redis server under gevent: one connection, down which
     the commands of every greenlet go together.
 
@@ -145,7 +157,7 @@ class PipelinedConnections(Connections):
     while the next commands queue. Redis reads many commands a system call instead of
     one: what a request costs Redis (bench/results.md).
 
-    A command is sent once, as Connections sends it. A batch that could not be sent
+    A command is sent once, as OneServer sends it. A batch that could not be sent
     whole fails whole, unless it is one command, sent once more on a new connection: of
     several, Redis may have run the first. A timeout or a connection cut mid-reply fails
     the calls of that batch alone (503), and the next batch connects anew. A caller that
@@ -153,7 +165,7 @@ class PipelinedConnections(Connections):
     """
 
     def __init__(self, pool: redis.ConnectionPool, timeout: float) -> None:
-        super().__init__(pool, 1, timeout)
+        super().__init__(pool, timeout)
         self.queued: list[Call] = []
         self.flushing = False
         self.connection: ConnectionInterface | None = None
@@ -347,7 +359,7 @@ def redis_client(config: Mapping[str, Any]) -> RedisCommands:
 def event_reader_client(config: Mapping[str, Any]) -> redis.Redis | RedisCluster:
     """Make the event reader's own client: one connection (one per node of a cluster)."""
     client = redis_client({**config, "REDIS_MAX_CONNECTIONS": 1})
-    if isinstance(client, Connections):
+    if isinstance(client, OneServer):
         return redis.Redis.from_pool(client.connection_pool)  # closed with the client
     assert isinstance(client, RedisCluster)
     return client
