@@ -843,6 +843,33 @@ def test_a_slow_reader_gets_every_event_once_whole_and_in_order(serve, r, job, p
     assert logged_no_error(server)
 
 
+def test_head_of_a_stream_is_its_head_alone_and_the_connection_goes_on(serve, job):
+    """HEAD answers the head a stream's GET gets, and nothing after it, however the
+    job's events come (werkzeug never runs a HEAD's stream, so the event reader has no
+    stream to send to); the keep-alive connection then serves the next request."""
+    job()
+    server = serve()
+    host, port = server.bind.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        sock.sendall(request(f"{EVENTS}?tail=0", "HEAD"))
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(4096)
+        assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"content-type: text/event-stream" in received.lower()
+        assert server.send("POST", "/queues/orders/jobs/1/progress", b"1", JOB_TOKEN) == 200
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        while not received.endswith(b"\r\n\r\nOK"):
+            received += sock.recv(4096)
+    finally:
+        sock.close()
+    healthz = received.split(b"\r\n\r\n", 1)[1]
+    assert healthz.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert open_streams(server) == 0
+    assert logged_no_error(server)
+
+
 def test_a_client_reset_while_events_pour_in_ends_its_stream_quietly(serve, r, job):
     """The event reader's send to a client that is gone fails: the stream ends, frees its
     place, and the worker logs no error; writes go on."""
