@@ -765,15 +765,26 @@ def test_many_idle_clients_are_closed_quietly_to_make_room(serve):
     assert logged_no_error(server)
 
 
+def open_stream_socket(
+    server: Gunicorn, raw: bytes | None = None, **socket_options: int
+) -> socket.socket:
+    """Open a stream of job 1's events on a plain socket, with SO_* options set before
+    it connects, by the raw request given (a GET with the API token by default); return
+    the socket once the worker counts the stream open."""
+    sock = socket.socket()
+    for name, value in socket_options.items():
+        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, name), value)
+    host, port = server.bind.rsplit(":", 1)
+    sock.connect((host, int(port)))
+    sock.sendall(raw or request(f"{EVENTS}?tail=0"))
+    wait_until(lambda: open_streams(server) == 1, 10, "the stream to open")
+    return sock
+
+
 def stall_a_stream(server: Gunicorn) -> Callable[[], None]:
     """Open a stream of job 1's events whose client reads nothing, and write progress
     until its buffers are full; return the function that closes the client."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    host, port = server.bind.rsplit(":", 1)
-    sock.connect((host, int(port)))
-    sock.sendall(request(f"{EVENTS}?tail=0"))
-    wait_until(lambda: open_streams(server) == 1, 10, "the stream to open")
+    sock = open_stream_socket(server, SO_RCVBUF=4096)
     big = b'"' + b"p" * 60_000 + b'"'
     for _ in range(40):  # 2.4 MB of events to a client that reads none
         assert server.send("POST", "/queues/orders/jobs/1/progress", big, JOB_TOKEN) == 200
@@ -801,16 +812,11 @@ def test_a_slow_reader_gets_every_event_once_whole_and_in_order(serve, r, job, p
     then the end."""
     job()
     server = serve()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    host, port = server.bind.rsplit(":", 1)
-    sock.connect((host, int(port)))
-    sock.settimeout(20)
-    sock.sendall(
-        f"GET {EVENTS}?tail=0 {protocol}\r\nHost: test\r\n"
-        f"Authorization: Bearer {API_TOKEN}\r\n\r\n".encode()
+    raw = (
+        f"GET {EVENTS}?tail=0 {protocol}\r\nHost: test\r\nAuthorization: Bearer {API_TOKEN}\r\n\r\n"
     )
-    wait_until(lambda: open_streams(server) == 1, 10, "the stream to open")
+    sock = open_stream_socket(server, raw.encode(), SO_RCVBUF=4096)
+    sock.settimeout(20)
     # 60 values of up to 12 KB, 360 KB in all: far more than the sockets' buffers hold,
     # within what a stream may fall behind (INBOX_BYTES).
     values = [json.dumps(f"{n}:" + "v" * (n * 397 % 12_000)) for n in range(60)]
@@ -875,11 +881,7 @@ def test_a_client_reset_while_events_pour_in_ends_its_stream_quietly(serve, r, j
     place, and the worker logs no error; writes go on."""
     job()
     server = serve()
-    sock = socket.socket()
-    host, port = server.bind.rsplit(":", 1)
-    sock.connect((host, int(port)))
-    sock.sendall(request(f"{EVENTS}?tail=0"))
-    wait_until(lambda: open_streams(server) == 1, 10, "the stream to open")
+    sock = open_stream_socket(server)
     # Closed with a reset (SO_LINGER 0): the next send to it fails at once.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
