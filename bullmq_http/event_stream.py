@@ -14,7 +14,7 @@ import re
 import select
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Protocol
 
 import redis
@@ -254,8 +254,9 @@ def follow(
     place under the stream limits is free for its next stream at once."""
     # Under the service's gunicorn worker (gunicorn_worker.Client), the event reader
     # sends what comes while this waits with nothing left to send.
-    send_now = getattr(client, "send_now", None)
-    direct = None if send_now is None else DirectWrites(cursor, send_now)
+    direct = (
+        DirectWrites(cursor, client) if client is not None and hasattr(client, "send_now") else None
+    )
     beat = time.monotonic()
     while not reader.stopping.is_set() and subscription.ended is None:
         event = next(events, None)
@@ -271,9 +272,8 @@ def follow(
                 event = None
             finally:
                 subscription.writer = None
-            if direct is not None and direct.backlog:
-                assert client is not None
-                client.sendall(direct.take_backlog())
+            if direct is not None:
+                direct.send_backlog()
             if event is None:
                 if client is not None and hung_up(client):
                     return
@@ -309,6 +309,16 @@ def follow(
         return
 
 
+class StreamSocket(Protocol):
+    """A stream's socket, as the event reader sends to it (gunicorn_worker.Client)."""
+
+    def send_now(self, data: bytes) -> bytes:
+        """Send what the socket's buffer takes at once; return the rest, framed."""
+        ...
+
+    def sendall(self, data: bytes) -> None: ...
+
+
 class DirectWrites:
     """Sends a stream's events from the event reader as they come, while the stream's
     own greenlet waits with nothing left to send: an event then costs the worker a frame
@@ -321,9 +331,9 @@ class DirectWrites:
     events to it as before. An event that ends the stream is the greenlet's to send.
     """
 
-    def __init__(self, cursor: Cursor, send_now: Callable[[bytes], bytes]) -> None:
+    def __init__(self, cursor: Cursor, client: StreamSocket) -> None:
         self.cursor = cursor
-        self.send_now = send_now  # sends what the socket takes; returns the rest
+        self.client = client
         self.backlog = b""
 
     def __call__(self, event: Event) -> bool:
@@ -334,12 +344,15 @@ class DirectWrites:
             return False
         frame = self.cursor.frame_if_new(event)
         if frame is not None:
-            self.backlog = self.send_now(frame)
+            self.backlog = self.client.send_now(frame)
         return not self.backlog
 
-    def take_backlog(self) -> bytes:
-        backlog, self.backlog = self.backlog, b""
-        return backlog
+    def send_backlog(self) -> None:
+        """Send what the socket did not take, within the send deadline: the stream's
+        greenlet does, before it sends anything itself."""
+        if self.backlog:
+            backlog, self.backlog = self.backlog, b""
+            self.client.sendall(backlog)
 
 
 # The system's own poll: gevent's patched select module has none, and a poll that
